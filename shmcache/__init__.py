@@ -1,0 +1,53 @@
+"""shmcache: a node-local prefix-cache index in POSIX shared memory.
+
+One ``Writer`` process owns a segment; any number of ``Reader`` processes
+attach and match prompts against it lock-free. See ``shmcache.layout`` for
+the format and ``shmcache.matcher`` for the reader protocol.
+"""
+
+import sys
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian host to test on
+    raise ImportError("shmcache needs a little-endian host: the segment format is little-endian words")
+
+from .errors import (  # noqa: E402
+    CacheFullError,
+    ClosedError,
+    IncompatibleSegmentError,
+    InvalidInputError,
+    InvalidNameError,
+    SegmentCorruptError,
+    SegmentExistsError,
+    SegmentNotFoundError,
+    SegmentPermissionError,
+    SegmentSpaceError,
+    ShmCacheError,
+    WriterBusyError,
+)
+from .keys import PrefixMatch, block_keys  # noqa: E402
+from .reader import Reader  # noqa: E402
+from .segment import exists, unlink  # noqa: E402
+from .writer import Writer  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Writer",
+    "Reader",
+    "PrefixMatch",
+    "block_keys",
+    "exists",
+    "unlink",
+    "ShmCacheError",
+    "InvalidInputError",
+    "InvalidNameError",
+    "SegmentNotFoundError",
+    "SegmentExistsError",
+    "WriterBusyError",
+    "IncompatibleSegmentError",
+    "SegmentCorruptError",
+    "SegmentPermissionError",
+    "SegmentSpaceError",
+    "CacheFullError",
+    "ClosedError",
+]

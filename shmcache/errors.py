@@ -1,0 +1,69 @@
+"""The exceptions shmcache raises; ``ShmCacheError`` is the root of all of them.
+
+Each also derives from the builtin a caller would naturally catch (a bad
+argument is a ``ValueError``, a missing segment a ``FileNotFoundError``), so
+code that does not know shmcache still handles them sensibly. Every message
+says what to do next. No error leaves a segment half-changed: input is
+validated before the writer mutates anything.
+"""
+
+from __future__ import annotations
+
+
+class ShmCacheError(Exception):
+    """Root of every exception shmcache raises."""
+
+
+class InvalidInputError(ShmCacheError, ValueError):
+    """An argument has the wrong type, shape, dtype or range."""
+
+
+class InvalidNameError(InvalidInputError):
+    """A segment name is not 1-200 characters of ``[A-Za-z0-9_.-]``."""
+
+
+class SegmentNotFoundError(ShmCacheError, FileNotFoundError):
+    """No segment exists under that name."""
+
+
+class SegmentExistsError(ShmCacheError, FileExistsError):
+    """``Writer.create`` found the name already taken."""
+
+
+class WriterBusyError(ShmCacheError):
+    """A live process already holds the segment's writer lock.
+
+    ``pid`` is that process's id.
+    """
+
+    def __init__(self, message: str, pid: int) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class IncompatibleSegmentError(ShmCacheError):
+    """The object is not a shmcache segment of this layout version, or its size is wrong."""
+
+
+class SegmentCorruptError(ShmCacheError):
+    """A structural invariant does not hold. ``violations`` lists each one."""
+
+    def __init__(self, message: str, violations: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.violations = list(violations or [])
+
+
+class SegmentPermissionError(ShmCacheError, PermissionError):
+    """The segment belongs to another user or is open to other users."""
+
+
+class SegmentSpaceError(ShmCacheError, OSError):
+    """``/dev/shm`` cannot hold a segment of the requested capacity."""
+
+
+class CacheFullError(ShmCacheError):
+    """An insert needs more room than eviction can free (the rest is pinned)."""
+
+
+class ClosedError(ShmCacheError):
+    """The Writer or Reader was closed."""

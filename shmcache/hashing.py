@@ -1,0 +1,327 @@
+"""Chained 128-bit block keys: XXH3-128 in Numba, and the key chain over tokens.
+
+A prompt of ``n`` full blocks has keys ``k_0 .. k_{n-1}``::
+
+    root  = XXH3_128(seed_lo || seed_hi || tag || namespace bytes)
+    k_i   = XXH3_128(k_{i-1} || token[i*B] || ... || token[i*B + B - 1])     (k_{-1} = root)
+
+Every integer is serialised little-endian: a 128-bit key as its low 64 bits
+then its high 64 bits (16 bytes), each token as 4 bytes (token ids are in
+``[0, 2**32)``), the seed as two 64-bit words. ``tag`` is one byte saying
+what the namespace was (0 none, 1 bytes, 2 str as UTF-8, 3 int as 8 bytes),
+so ``"7"``, ``b"7"`` and ``7`` name different namespaces. XXH3_128 is the
+published XXH3 128-bit hash with seed 0 and the default secret, so any
+language with an xxHash binding computes the same keys; the tests prove
+this implementation bit-exact against the ``xxhash`` package.
+
+Keys are returned as ``(n, 2)`` uint64 arrays: column 0 the low word,
+column 1 the high word.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .atomics import load_u64_unaligned, mul128
+
+# --- XXH3 constants (xxhash.h, XXH3 specification) -------------------------
+_P32_1 = np.uint64(0x9E3779B1)
+_P32_2 = np.uint64(0x85EBCA77)
+_P32_3 = np.uint64(0xC2B2AE3D)
+_P64_1 = np.uint64(0x9E3779B185EBCA87)
+_P64_2 = np.uint64(0xC2B2AE3D27D4EB4F)
+_P64_3 = np.uint64(0x165667B19E3779F9)
+_P64_4 = np.uint64(0x85EBCA77C2B2AE63)
+_P64_5 = np.uint64(0x27D4EB2F165667C5)
+_PMX_1 = np.uint64(0x165667919E3779F9)
+_PMX_2 = np.uint64(0x9FB21C651E98DF25)
+
+_SECRET = np.frombuffer(
+    bytes.fromhex(
+        "b8fe6c3923a44bbe7c01812cf721ad1cded46de9839097db7240a4a4b7b3671f"
+        "cb79e64eccc0e578825ad07dccff7221b8084674f743248ee03590e6813a264c"
+        "3c2852bb91c300cb88d0658b1b532ea371644897a20df94e3819ef46a9deacd8"
+        "a8fa763fe39c343ff9dcbbc7c70b4f1d8a51e04bcdb45931c89f7ec9d9787364"
+        "eac5ac8334d3ebc3c581a0fffa1363eb170ddd51b7f0da49d316552629d4689e"
+        "2b16be587d47a1fc8ff8b8d17ad031ce45cb3a8f95160428afd7fbcabb4b407e"
+    ),
+    dtype=np.uint8,
+).copy()
+_SECRET_SIZE = 192
+_SECRET_SIZE_MIN = 136
+_STRIPE = 64
+_STRIPES_PER_BLOCK = (_SECRET_SIZE - _STRIPE) // 8
+_BLOCK_LEN = _STRIPE * _STRIPES_PER_BLOCK
+
+_U64_0 = np.uint64(0)
+_U64_1 = np.uint64(1)
+_MASK32 = np.uint64(0xFFFFFFFF)
+MAX_TOKEN = 0xFFFFFFFF
+
+NS_NONE, NS_BYTES, NS_STR, NS_INT = 0, 1, 2, 3
+
+
+@njit(inline="always")
+def _sec(off):
+    return load_u64_unaligned(_SECRET, off)
+
+
+@njit(inline="always")
+def _sec32(off):
+    return load_u64_unaligned(_SECRET, off) & _MASK32
+
+
+@njit(inline="always")
+def _rd(data, off):
+    return load_u64_unaligned(data, off)
+
+
+@njit(inline="always")
+def _rd32(data, off):
+    return load_u64_unaligned(data, off) & _MASK32
+
+
+@njit(inline="always")
+def _rd8(data, off):
+    return load_u64_unaligned(data, off) & np.uint64(0xFF)
+
+
+@njit(inline="always")
+def _xorshift(h, s):
+    return h ^ (h >> np.uint64(s))
+
+
+@njit(inline="always")
+def _avalanche3(h):
+    h = _xorshift(h, 37) * _PMX_1
+    return _xorshift(h, 32)
+
+
+@njit(inline="always")
+def _avalanche64(h):
+    h = _xorshift(h, 33) * _P64_2
+    h = _xorshift(h, 29) * _P64_3
+    return _xorshift(h, 32)
+
+
+@njit(inline="always")
+def _fold64(a, b):
+    lo, hi = mul128(a, b)
+    return lo ^ hi
+
+
+@njit(inline="always")
+def _swap32(x):
+    return (
+        ((x << np.uint64(24)) & np.uint64(0xFF000000))
+        | ((x << np.uint64(8)) & np.uint64(0x00FF0000))
+        | ((x >> np.uint64(8)) & np.uint64(0x0000FF00))
+        | ((x >> np.uint64(24)) & np.uint64(0x000000FF))
+    )
+
+
+@njit(inline="always")
+def _swap64(x):
+    return (_swap32(x & _MASK32) << np.uint64(32)) | _swap32(x >> np.uint64(32))
+
+
+@njit(inline="always")
+def _rotl32(x, r):
+    return ((x << np.uint64(r)) | (x >> np.uint64(32 - r))) & _MASK32
+
+
+@njit(inline="always")
+def _mix16(data, off, soff):
+    return _fold64(_rd(data, off) ^ _sec(soff), _rd(data, off + 8) ^ _sec(soff + 8))
+
+
+@njit(inline="always")
+def _mix32(lo, hi, data, off1, off2, soff):
+    lo += _mix16(data, off1, soff)
+    lo ^= _rd(data, off2) + _rd(data, off2 + 8)
+    hi += _mix16(data, off2, soff + 16)
+    hi ^= _rd(data, off1) + _rd(data, off1 + 8)
+    return lo, hi
+
+
+@njit(inline="always")
+def _finish_mid(lo, hi, length):
+    n = np.uint64(length)
+    h_lo = _avalanche3(lo + hi)
+    h_hi = _U64_0 - _avalanche3(lo * _P64_1 + hi * _P64_4 + n * _P64_2)
+    return h_lo, h_hi
+
+
+@njit
+def _len_0to16(data, length):
+    n = np.uint64(length)
+    if length > 8:
+        flip_lo = _sec(32) ^ _sec(40)
+        flip_hi = _sec(48) ^ _sec(56)
+        in_lo = _rd(data, 0)
+        in_hi = _rd(data, length - 8)
+        m_lo, m_hi = mul128(in_lo ^ in_hi ^ flip_lo, _P64_1)
+        m_lo += (n - _U64_1) << np.uint64(54)
+        in_hi ^= flip_hi
+        m_hi += in_hi + (in_hi & _MASK32) * (_P32_2 - _U64_1)
+        m_lo ^= _swap64(m_hi)
+        h_lo, h_hi = mul128(m_lo, _P64_2)
+        h_hi += m_hi * _P64_2
+        return _avalanche3(h_lo), _avalanche3(h_hi)
+    if length >= 4:
+        in_lo = _rd32(data, 0)
+        in_hi = _rd32(data, length - 4)
+        in64 = in_lo + (in_hi << np.uint64(32))
+        keyed = in64 ^ (_sec(16) ^ _sec(24))
+        m_lo, m_hi = mul128(keyed, _P64_1 + (n << np.uint64(2)))
+        m_hi += m_lo << _U64_1
+        m_lo ^= m_hi >> np.uint64(3)
+        m_lo = _xorshift(m_lo, 35) * _PMX_2
+        m_lo = _xorshift(m_lo, 28)
+        return m_lo, _avalanche3(m_hi)
+    if length > 0:
+        c1 = _rd8(data, 0)
+        c2 = _rd8(data, length >> 1)
+        c3 = _rd8(data, length - 1)
+        comb_lo = (c1 << np.uint64(16)) | (c2 << np.uint64(24)) | c3 | (n << np.uint64(8))
+        comb_hi = _rotl32(_swap32(comb_lo), 13)
+        flip_lo = _sec32(0) ^ _sec32(4)
+        flip_hi = _sec32(8) ^ _sec32(12)
+        return _avalanche64(comb_lo ^ flip_lo), _avalanche64(comb_hi ^ flip_hi)
+    return _avalanche64(_sec(64) ^ _sec(72)), _avalanche64(_sec(80) ^ _sec(88))
+
+
+@njit(inline="always")
+def _len_17to128(data, length):
+    lo = np.uint64(length) * _P64_1
+    hi = _U64_0
+    if length > 32:
+        if length > 64:
+            if length > 96:
+                lo, hi = _mix32(lo, hi, data, 48, length - 64, 96)
+            lo, hi = _mix32(lo, hi, data, 32, length - 48, 64)
+        lo, hi = _mix32(lo, hi, data, 16, length - 32, 32)
+    lo, hi = _mix32(lo, hi, data, 0, length - 16, 0)
+    return _finish_mid(lo, hi, length)
+
+
+@njit
+def _len_129to240(data, length):
+    lo = np.uint64(length) * _P64_1
+    hi = _U64_0
+    for i in range(4):
+        lo, hi = _mix32(lo, hi, data, 32 * i, 32 * i + 16, 32 * i)
+    lo = _avalanche3(lo)
+    hi = _avalanche3(hi)
+    for i in range(4, length // 32):
+        lo, hi = _mix32(lo, hi, data, 32 * i, 32 * i + 16, 3 + 32 * (i - 4))
+    lo, hi = _mix32(lo, hi, data, length - 16, length - 32, _SECRET_SIZE_MIN - 17 - 16)
+    return _finish_mid(lo, hi, length)
+
+
+@njit(inline="always")
+def _accumulate_512(acc, data, off, soff):
+    for i in range(8):
+        v = _rd(data, off + 8 * i)
+        k = v ^ _sec(soff + 8 * i)
+        acc[i ^ 1] += v
+        acc[i] += (k & _MASK32) * (k >> np.uint64(32))
+
+
+@njit
+def _hash_long(data, length):
+    acc = np.empty(8, dtype=np.uint64)
+    acc[0] = _P32_3
+    acc[1] = _P64_1
+    acc[2] = _P64_2
+    acc[3] = _P64_3
+    acc[4] = _P64_4
+    acc[5] = _P32_2
+    acc[6] = _P64_5
+    acc[7] = _P32_1
+    n_blocks = (length - 1) // _BLOCK_LEN
+    for b in range(n_blocks):
+        for s in range(_STRIPES_PER_BLOCK):
+            _accumulate_512(acc, data, b * _BLOCK_LEN + s * _STRIPE, s * 8)
+        for i in range(8):
+            a = _xorshift(acc[i], 47) ^ _sec(_SECRET_SIZE - _STRIPE + 8 * i)
+            acc[i] = a * _P32_1
+    n_stripes = ((length - 1) - _BLOCK_LEN * n_blocks) // _STRIPE
+    for s in range(n_stripes):
+        _accumulate_512(acc, data, n_blocks * _BLOCK_LEN + s * _STRIPE, s * 8)
+    _accumulate_512(acc, data, length - _STRIPE, _SECRET_SIZE - _STRIPE - 7)
+    n = np.uint64(length)
+    lo = n * _P64_1
+    hi = ~(n * _P64_2)
+    for i in range(4):
+        lo += _fold64(acc[2 * i] ^ _sec(11 + 16 * i), acc[2 * i + 1] ^ _sec(19 + 16 * i))
+        hi += _fold64(
+            acc[2 * i] ^ _sec(_SECRET_SIZE - _STRIPE - 11 + 16 * i),
+            acc[2 * i + 1] ^ _sec(_SECRET_SIZE - _STRIPE - 3 + 16 * i),
+        )
+    return _avalanche3(lo), _avalanche3(hi)
+
+
+@njit
+def xxh3_128(data, length):
+    """XXH3-128 (seed 0, default secret) of the first ``length`` bytes of ``data``.
+
+    ``data`` is any C-contiguous array; it is read as raw bytes. Returns
+    ``(low64, high64)`` as uint64.
+    """
+    if length <= 16:
+        return _len_0to16(data, length)
+    if length <= 128:
+        return _len_17to128(data, length)
+    if length <= 240:
+        return _len_129to240(data, length)
+    return _hash_long(data, length)
+
+
+@njit(inline="always")
+def hash_block(prev_lo, prev_hi, tokens, start, block_size, buf):
+    """Key of the block ``tokens[start:start+block_size]`` chained on ``prev``.
+
+    ``buf`` is caller-owned uint32 scratch of at least ``4 + block_size``
+    words. Returns ``(ok, low, high)``; ``ok`` is False when a token is
+    outside ``[0, 2**32)``, and the key is then meaningless.
+    """
+    buf[0] = np.uint32(prev_lo & _MASK32)
+    buf[1] = np.uint32(prev_lo >> np.uint64(32))
+    buf[2] = np.uint32(prev_hi & _MASK32)
+    buf[3] = np.uint32(prev_hi >> np.uint64(32))
+    ok = True
+    for j in range(block_size):
+        t = np.int64(tokens[start + j])
+        ok &= (t >= 0) & (t <= MAX_TOKEN)
+        buf[4 + j] = np.uint32(t & MAX_TOKEN)
+    lo, hi = xxh3_128(buf, 16 + 4 * block_size)
+    return ok, lo, hi
+
+
+@njit(cache=True, nogil=True)
+def chain_keys(tokens, n_blocks, block_size, root_lo, root_hi, buf, out):
+    """Write the chained keys of the first ``n_blocks`` blocks into ``out``.
+
+    Returns -1 on success, else the index of the first token outside
+    ``[0, 2**32)`` (``out`` is then partly written and must not be used).
+    """
+    lo = root_lo
+    hi = root_hi
+    for b in range(n_blocks):
+        ok, lo, hi = hash_block(lo, hi, tokens, b * block_size, block_size, buf)
+        if not ok:
+            for j in range(block_size):
+                t = np.int64(tokens[b * block_size + j])
+                if t < 0 or t > MAX_TOKEN:
+                    return b * block_size + j
+        out[b, 0] = lo
+        out[b, 1] = hi
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def xxh3_128_bytes(data):
+    """XXH3-128 of a whole uint8 array; ``(low64, high64)``."""
+    return xxh3_128(data, data.shape[0])

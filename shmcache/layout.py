@@ -1,0 +1,265 @@
+"""The shmcache segment format: every constant, offset and field, defined once.
+
+A segment is one POSIX shared-memory object, ``/dev/shm/shmcache.<name>``,
+made of two parts mapped separately:
+
+* the **data part** ``[0, wregion_offset)``: header, state table and
+  transition index. Only the writer maps it writable; readers map it
+  read-only, so a stray write in a worker process cannot damage the cache.
+* the **writable part** ``[wregion_offset, total_bytes)``: what readers
+  write: the reader table and per-state hit stamps. Nothing in it can make a
+  reader return a wrong answer; at worst it skews LRU order or statistics.
+
+Everything is little-endian uint64 words; offsets below are word indices
+into the part they belong to, unless named ``*_BYTES``/``*_OFFSET``.
+
+Header (data part, words 0..511, one 4 KiB page)
+------------------------------------------------
+Identity and geometry are written once at create, before ``H_MAGIC``, and
+never change. Attach trusts none of them until ``validate_header`` has
+recomputed the geometry from ``capacity``/``block_size`` and compared it
+with what is recorded and with the object's real size.
+
+============  ====  ==========================================================
+field         word  meaning
+============  ====  ==========================================================
+MAGIC            0  ``b"SHMCACHE"``; written last at create (release store)
+VERSION          1  ``LAYOUT_VERSION``; a reader refuses any other
+BLOCK_SIZE       2  tokens per block
+CAPACITY         3  number of state records (blocks)
+INDEX_SLOTS      4  slots in the transition index (``2 * capacity``)
+READER_SLOTS     5  records in the reader table
+STATES_OFFSET    6  byte offset of the state table
+INDEX_OFFSET     7  byte offset of the transition index
+WREGION_OFFSET   8  byte offset of the writable part (mmap-aligned)
+TOTAL_BYTES      9  size of the shared-memory object
+SEED_LO/HI   10,11  per-segment key seed (see ``shmcache.hashing``)
+INCARNATION     12  random id of this creation of the name
+CREATED_NS      13  creation time, ns since the epoch
+WRITER_PID      16  pid of the writer holding the segment, 0 when none
+WRITER_START    17  that process's start time (psutil), microseconds
+WRITER_EPOCH    18  number of writers that have held the segment
+MUTATIONS       24  seqlock word: odd while the writer mutates, +2 per op
+CLOCK           25  logical time: +2 per writer operation; reader hits stamp CLOCK+1
+MAX_PROBE       26  longest index probe distance ever stored (bounds lookups)
+LIVE            32  states in use
+PINNED          33  states with ``pins > 0``
+INSERTED..      34+ lifetime counters (see ``H_*`` below)
+============  ====  ==========================================================
+
+MUTATIONS/CLOCK/MAX_PROBE share one cache line that the writer writes every
+operation and every reader reads twice a match; the identity words sit on
+their own line so a reader's fast path never touches them.
+
+State record (data part, ``RECORD_WORDS`` = 8 words = one 64-byte line)
+-----------------------------------------------------------------------
+A reader touching a state touches exactly one cache line.
+
+=======  ====  ===============================================================
+field    word  meaning
+=======  ====  ===============================================================
+VERSION     0  even: stable; odd: being written. +1 before and +1 after every
+               change, never reset, so a reused record never repeats a value
+KEY_LO      1  low 64 bits of the chained 128-bit block key
+KEY_HI      2  high 64 bits
+VALUE       3  the engine's int64 (KV block id, host slot, ...)
+LINK        4  low 32: ``LINK_FREE`` (0), ``LINK_ROOT`` (1) or parent+2;
+               high 32: owner id (0 for the embedded writer)
+RECENCY     5  CLOCK of the writer's last use (LRU); writer-only
+PINS        6  low 32: pin count (a pinned state is never evicted);
+               high 32: reserved flags, 0
+RESERVED    7  0; room for per-owner presence
+=======  ====  ===============================================================
+
+Invariants (checked by ``Writer.check``): a live record's parent is live or
+the root; pins of a parent >= the sum of its children's pins; every live
+record is found through the index under its key, and every index slot points
+at a live record whose key carries the slot's tag; LIVE and PINNED match.
+
+Transition index (data part, ``INDEX_SLOTS`` words)
+---------------------------------------------------
+Open addressing, linear probing, backward-shift deletion, load <= 1/2. A slot
+is 0 (empty) or ``(key_lo & TAG_MASK) | (state + 1)``; the home slot of a
+key is ``(key_hi * INDEX_SLOTS) >> 64``. The tag lets a probe skip foreign
+slots without touching their records. The index is derived data: recovery
+rebuilds it from the state table.
+
+Writable part
+-------------
+``READER_SLOTS`` reader records of ``READER_WORDS`` words (pid, start time,
+counters), then ``CAPACITY`` hit stamps: the CLOCK at which a reader last
+matched through that state.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = int.from_bytes(b"SHMCACHE", "little")
+LAYOUT_VERSION = 1
+
+HEADER_WORDS = 512
+HEADER_BYTES = HEADER_WORDS * 8
+#: mmap offsets must be multiples of the allocation granularity; 64 KiB
+#: covers every page size Linux uses on x86-64 and AArch64.
+REGION_ALIGN = max(65536, mmap.ALLOCATIONGRANULARITY)
+
+# --- header words ---------------------------------------------------------
+H_MAGIC = 0
+H_VERSION = 1
+H_BLOCK_SIZE = 2
+H_CAPACITY = 3
+H_INDEX_SLOTS = 4
+H_READER_SLOTS = 5
+H_STATES_OFFSET = 6
+H_INDEX_OFFSET = 7
+H_WREGION_OFFSET = 8
+H_TOTAL_BYTES = 9
+H_SEED_LO = 10
+H_SEED_HI = 11
+H_INCARNATION = 12
+H_CREATED_NS = 13
+H_WRITER_PID = 16
+H_WRITER_START = 17
+H_WRITER_EPOCH = 18
+H_MUTATIONS = 24
+H_CLOCK = 25
+H_MAX_PROBE = 26
+H_LIVE = 32
+H_PINNED = 33
+H_INSERTED = 34
+H_EVICTED = 35
+H_REMOVED = 36
+H_CLEARS = 37
+H_RECOVERED = 38
+H_WRITER_MATCHES = 39
+H_WRITER_QUERY_BLOCKS = 40
+H_WRITER_HIT_BLOCKS = 41
+
+# --- state record ----------------------------------------------------------
+RECORD_WORDS = 8
+RECORD_BYTES = RECORD_WORDS * 8
+R_VERSION = 0
+R_KEY_LO = 1
+R_KEY_HI = 2
+R_VALUE = 3
+R_LINK = 4
+R_RECENCY = 5
+R_PINS = 6
+R_RESERVED = 7
+
+LINK_FREE = 0
+LINK_ROOT = 1
+LINK_PARENT_BIAS = 2
+LOW32 = 0xFFFFFFFF
+
+# --- transition index ------------------------------------------------------
+INDEX_LOAD_INVERSE = 2
+TAG_MASK = 0xFFFFFFFF00000000
+SLOT_STATE_MASK = 0xFFFFFFFF
+
+# --- writable part -----------------------------------------------------------
+READER_SLOTS = 256
+READER_WORDS = 8
+RD_PID = 0
+RD_START = 1
+RD_QUERIES = 2
+RD_QUERY_BLOCKS = 3
+RD_HIT_BLOCKS = 4
+
+# --- limits ------------------------------------------------------------------
+MAX_CAPACITY = (1 << 31) - 1
+MAX_BLOCK_SIZE = 1 << 16
+
+# --- geometry vector handed to kernels (trusted, built at attach) -----------
+G_CAPACITY = 0
+G_BLOCK_SIZE = 1
+G_STATES = 2  # word offset of the state table in the data part
+G_INDEX = 3  # word offset of the index in the data part
+G_SLOTS = 4
+G_HITS = 5  # word offset of the hit stamps in the writable part
+G_READER_SLOTS = 6
+G_WORDS = 8
+
+
+def _round_up(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes and offsets of one segment, all derived from capacity and block size."""
+
+    capacity: int
+    block_size: int
+    index_slots: int
+    reader_slots: int
+    states_offset: int
+    index_offset: int
+    wregion_offset: int
+    hits_offset: int
+    total_bytes: int
+
+    @classmethod
+    def for_capacity(cls, capacity: int, block_size: int) -> "Geometry":
+        """The one geometry a segment of this capacity and block size has."""
+        index_slots = max(16, INDEX_LOAD_INVERSE * capacity)
+        states_offset = HEADER_BYTES
+        index_offset = states_offset + capacity * RECORD_BYTES
+        wregion_offset = _round_up(index_offset + index_slots * 8, REGION_ALIGN)
+        hits_offset = READER_SLOTS * READER_WORDS * 8
+        total = _round_up(wregion_offset + hits_offset + capacity * 8, REGION_ALIGN)
+        return cls(
+            capacity=capacity,
+            block_size=block_size,
+            index_slots=index_slots,
+            reader_slots=READER_SLOTS,
+            states_offset=states_offset,
+            index_offset=index_offset,
+            wregion_offset=wregion_offset,
+            hits_offset=hits_offset,
+            total_bytes=total,
+        )
+
+    def header_fields(self) -> dict[int, int]:
+        """The header words that record this geometry."""
+        return {
+            H_BLOCK_SIZE: self.block_size,
+            H_CAPACITY: self.capacity,
+            H_INDEX_SLOTS: self.index_slots,
+            H_READER_SLOTS: self.reader_slots,
+            H_STATES_OFFSET: self.states_offset,
+            H_INDEX_OFFSET: self.index_offset,
+            H_WREGION_OFFSET: self.wregion_offset,
+            H_TOTAL_BYTES: self.total_bytes,
+        }
+
+    def vector(self) -> np.ndarray:
+        """The ``G_*`` vector kernels take: offsets in words, per part."""
+        g = np.zeros(G_WORDS, dtype=np.int64)
+        g[G_CAPACITY] = self.capacity
+        g[G_BLOCK_SIZE] = self.block_size
+        g[G_STATES] = self.states_offset // 8
+        g[G_INDEX] = self.index_offset // 8
+        g[G_SLOTS] = self.index_slots
+        g[G_HITS] = self.hits_offset // 8
+        g[G_READER_SLOTS] = self.reader_slots
+        return g
+
+    @property
+    def bytes_per_block(self) -> float:
+        return self.total_bytes / self.capacity
+
+
+def check_geometry_args(capacity: object, block_size: object) -> None:
+    """Raise ``InvalidInputError`` unless capacity and block size are usable."""
+    from .errors import InvalidInputError
+
+    for name, v, hi in (("capacity", capacity, MAX_CAPACITY), ("block_size", block_size, MAX_BLOCK_SIZE)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise InvalidInputError(f"{name} must be an int, got {type(v).__name__}")
+        if not 1 <= int(v) <= hi:
+            raise InvalidInputError(f"{name} must be between 1 and {hi}, got {int(v)}")

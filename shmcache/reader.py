@@ -1,0 +1,231 @@
+"""``Reader``: a read-only, lock-free view of a segment, for any process.
+
+A Reader maps the data part of the segment read-only and its writable part
+read-write, registers itself in the reader table, and answers matches with
+the Numba matcher of ``shmcache.matcher``. It never takes a lock, never
+blocks the writer, and never unlinks anything, so a worker process may
+attach, detach and die freely.
+
+A Reader is not thread-safe: give each thread its own (they are cheap), or
+serialise calls. Matching releases the GIL (the kernels are ``nogil``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import segment
+from .atomics import publish_word, read_word, swap_word
+from .errors import ClosedError, SegmentCorruptError
+from .identity import is_alive, me
+from .keys import KeyChain, Namespace, PrefixMatch, as_keys, as_tokens, bad_token_error
+from .layout import (
+    G_READER_SLOTS,
+    H_CLOCK,
+    H_EVICTED,
+    H_INCARNATION,
+    H_INSERTED,
+    H_LIVE,
+    H_MUTATIONS,
+    H_PINNED,
+    H_REMOVED,
+    H_SEED_HI,
+    H_SEED_LO,
+    H_WRITER_EPOCH,
+    H_WRITER_HIT_BLOCKS,
+    H_WRITER_PID,
+    H_WRITER_QUERY_BLOCKS,
+    H_WRITER_MATCHES,
+    H_WRITER_START,
+    H_CLEARS,
+    H_RECOVERED,
+    RD_HIT_BLOCKS,
+    RD_PID,
+    RD_QUERIES,
+    RD_QUERY_BLOCKS,
+    RD_START,
+    READER_WORDS,
+)
+from .matcher import match_keys_kernel, match_tokens_kernel
+from .mutate import check_segment
+
+__all__ = ["Reader", "PrefixMatch"]
+
+
+class _Scratch:
+    """Per-Reader buffers the matcher writes into, grown on demand."""
+
+    def __init__(self, block_size: int, n: int) -> None:
+        self.buf = np.zeros(4 + block_size, dtype=np.uint32)
+        self.grow(n)
+
+    def grow(self, n: int) -> None:
+        self.n = n
+        self.keys = np.empty((n, 2), dtype=np.uint64)
+        self.path = np.empty(n, dtype=np.int64)
+        self.versions = np.empty(n, dtype=np.uint64)
+        self.values = np.empty(n, dtype=np.int64)
+
+
+def header_stats(data: np.ndarray, geometry) -> dict:
+    """The segment-wide figures of a header, as a plain dict."""
+    h = lambda i: int(data[i])  # noqa: E731
+    live = h(H_LIVE)
+    return {
+        "capacity": geometry.capacity,
+        "block_size": geometry.block_size,
+        "live_blocks": live,
+        "free_blocks": geometry.capacity - live,
+        "occupancy": live / geometry.capacity,
+        "pinned_blocks": h(H_PINNED),
+        "inserted_blocks": h(H_INSERTED),
+        "evicted_blocks": h(H_EVICTED),
+        "removed_blocks": h(H_REMOVED),
+        "clears": h(H_CLEARS),
+        "recovered_drops": h(H_RECOVERED),
+        "operations": h(H_MUTATIONS) // 2,
+        "clock": h(H_CLOCK),
+        "writer_pid": h(H_WRITER_PID),
+        "writer_alive": is_alive(h(H_WRITER_PID), h(H_WRITER_START)),
+        "writer_epoch": h(H_WRITER_EPOCH),
+        "writer_matches": h(H_WRITER_MATCHES),
+        "writer_query_blocks": h(H_WRITER_QUERY_BLOCKS),
+        "writer_hit_blocks": h(H_WRITER_HIT_BLOCKS),
+        "segment_bytes": geometry.total_bytes,
+        "bytes_per_block": geometry.bytes_per_block,
+    }
+
+
+class Reader:
+    """A lock-free, read-only handle on a segment. Create with ``Reader.attach``."""
+
+    def __init__(self, mapping: segment.Mapping) -> None:
+        self._map = mapping
+        self._geom = mapping.geometry.vector()
+        self.name = mapping.name
+        self.block_size = mapping.geometry.block_size
+        self.capacity = mapping.geometry.capacity
+        self.seed = int(mapping.data[H_SEED_LO]) | (int(mapping.data[H_SEED_HI]) << 64)
+        self.incarnation = int(mapping.data[H_INCARNATION])
+        self._chain = KeyChain(self.block_size, self.seed)
+        self._scratch = _Scratch(self.block_size, 256)
+        self._slot = self._register()
+
+    @classmethod
+    def attach(cls, name: str, *, allow_other_owner: bool = False) -> "Reader":
+        """Attach to the segment ``name`` from any process; takes no lock.
+
+        Raises SegmentNotFoundError, IncompatibleSegmentError or
+        SegmentPermissionError if it cannot be used.
+        """
+        return cls(segment.attach(name, writable=False, allow_other_owner=allow_other_owner))
+
+    # --- reader table -------------------------------------------------------
+
+    def _register(self) -> int:
+        """Claim a reader-table slot (reusing one of a dead process); -1 if all are live."""
+        pid, start = me()
+        w = self._map.wdata
+        for slot in range(int(self._geom[G_READER_SLOTS])):
+            base = slot * READER_WORDS
+            holder = int(read_word(w, base + RD_PID))
+            if holder != 0 and is_alive(holder, int(w[base + RD_START])):
+                continue
+            if swap_word(w, base + RD_PID, np.uint64(holder), np.uint64(pid)):
+                w[base + RD_START] = start
+                for word in (RD_QUERIES, RD_QUERY_BLOCKS, RD_HIT_BLOCKS):
+                    w[base + word] = 0
+                return slot
+        return -1
+
+    # --- matching ---------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._map.data is None:
+            raise ClosedError(f"Reader for {self.name!r} is closed: attach a new one with Reader.attach")
+
+    def match_prefix(self, tokens: object, namespace: Namespace = None) -> PrefixMatch:
+        """The longest cached prefix of ``tokens``, as one consistent snapshot.
+
+        ``tokens``: 1-D integer array or list of ids in ``[0, 2**32)``; a
+        trailing partial block is ignored. Every returned block was present,
+        with the returned value, at one instant during the call; under
+        concurrent writes the answer may be shorter, never wrong.
+        """
+        self._check_open()
+        toks = as_tokens(tokens)
+        n = toks.shape[0] // self.block_size
+        sc = self._scratch
+        if n > sc.n:
+            sc.grow(max(n, 2 * sc.n))
+        root_lo, root_hi = self._chain.root(namespace)
+        k = match_tokens_kernel(
+            self._map.data, self._map.wdata, self._geom, self._slot, toks, n, self.block_size,
+            root_lo, root_hi, sc.buf, sc.keys, sc.path, sc.versions, sc.values,
+        )
+        if k < 0:
+            raise bad_token_error(toks, -k - 1)
+        return PrefixMatch(k * self.block_size, sc.values[:k].copy())
+
+    def match_keys(self, keys: np.ndarray) -> PrefixMatch:
+        """Like ``match_prefix`` for precomputed ``(n, 2)`` uint64 keys
+        (from ``block_keys`` with this segment's seed, or ``self.block_keys``)."""
+        self._check_open()
+        keys = as_keys(keys)
+        n = keys.shape[0]
+        sc = self._scratch
+        if n > sc.n:
+            sc.grow(max(n, 2 * sc.n))
+        k = match_keys_kernel(self._map.data, self._map.wdata, self._geom, self._slot, keys, n, sc.path, sc.versions, sc.values)
+        return PrefixMatch(k * self.block_size, sc.values[:k].copy())
+
+    def block_keys(self, tokens: object, namespace: Namespace = None) -> np.ndarray:
+        """Chained keys of ``tokens`` under this segment's block size and seed."""
+        self._check_open()
+        return self._chain.keys(as_tokens(tokens), namespace)
+
+    # --- inspection -----------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Segment-wide figures plus this reader's own query counters."""
+        self._check_open()
+        out = header_stats(self._map.data, self._map.geometry)
+        w = self._map.wdata
+        base = self._slot * READER_WORDS
+        mine = (int(w[base + RD_QUERIES]), int(w[base + RD_QUERY_BLOCKS]), int(w[base + RD_HIT_BLOCKS])) if self._slot >= 0 else (0, 0, 0)
+        out.update(reader_slot=self._slot, queries=mine[0], query_blocks=mine[1], hit_blocks=mine[2],
+                   block_hit_rate=mine[2] / mine[1] if mine[1] else 0.0)
+        return out
+
+    def check(self) -> None:
+        """Verify the segment's structural invariants from this read-only view.
+
+        Raises SegmentCorruptError listing each violation. Meaningful when the
+        writer is idle; during writes it may report transient states.
+        """
+        self._check_open()
+        from .writer import describe_violations
+
+        rows = check_segment(self._map.data, self._geom)
+        if len(rows):
+            raise SegmentCorruptError(f"segment {self.name!r} fails its invariant check", describe_violations(rows))
+
+    # --- lifetime -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the reader table and unmap. Never unlinks anything. Idempotent."""
+        if self._map.data is None:
+            return
+        if self._slot >= 0:
+            publish_word(self._map.wdata, self._slot * READER_WORDS + RD_PID, np.uint64(0))
+        self._map.close()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._map.data is None else f"capacity={self.capacity} block_size={self.block_size}"
+        return f"<shmcache.Reader {self.name!r} {state}>"

@@ -1,0 +1,278 @@
+"""POSIX shared-memory objects: naming, exclusive creation, validated attach, mapping.
+
+This module owns the operating-system side of a segment; ``shmcache.layout``
+owns what is inside it. It uses posix_ipc rather than
+``multiprocessing.shared_memory`` because, before Python 3.13, the latter's
+resource tracker unlinks segments that other processes still use
+(CPython gh-82300): a reader here never unlinks anything.
+
+Platform caveats: Linux (``/dev/shm`` is tmpfs). Creation reserves every
+byte up front with ``posix_fallocate``, so a full ``/dev/shm`` fails at
+create with ``SegmentSpaceError`` rather than with SIGBUS on a later write.
+Objects are created with ``O_CREAT | O_EXCL`` (never adopted) and mode 0600
+unless the creator asks for another; attach checks the owner uid, the mode
+and the size before it trusts a byte of the header.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import secrets
+import stat
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import posix_ipc
+
+from .atomics import publish_word
+from .errors import (
+    IncompatibleSegmentError,
+    InvalidInputError,
+    InvalidNameError,
+    SegmentExistsError,
+    SegmentNotFoundError,
+    SegmentPermissionError,
+    SegmentSpaceError,
+)
+from .layout import (
+    H_CAPACITY,
+    H_BLOCK_SIZE,
+    H_CREATED_NS,
+    H_INCARNATION,
+    H_MAGIC,
+    H_SEED_HI,
+    H_SEED_LO,
+    H_VERSION,
+    HEADER_BYTES,
+    HEADER_WORDS,
+    LAYOUT_VERSION,
+    MAGIC,
+    MAX_BLOCK_SIZE,
+    MAX_CAPACITY,
+    Geometry,
+)
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+PREFIX = "shmcache."
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a valid segment name, else raise InvalidNameError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidNameError(
+            f"invalid segment name {name!r}: use 1-200 characters of letters, digits, '_', '.', '-', "
+            "starting with a letter or digit (it becomes /dev/shm/shmcache.<name>)"
+        )
+    return name
+
+
+def shm_path(name: str) -> str:
+    """The POSIX name of the segment's shared-memory object."""
+    return "/" + PREFIX + name
+
+
+def sem_path(name: str) -> str:
+    """The POSIX name of the segment's writer semaphore."""
+    return "/" + PREFIX + name + ".writer"
+
+
+@dataclass
+class Mapping:
+    """A segment mapped into this process.
+
+    ``data`` views the data part (read-only unless mapped by the writer),
+    ``wdata`` the writable part. ``close`` drops the views and unmaps; the
+    arrays must not be used after it.
+    """
+
+    name: str
+    geometry: Geometry
+    data: np.ndarray
+    wdata: np.ndarray
+    maps: list[mmap.mmap] = field(repr=False)
+
+    def close(self) -> None:
+        self.data = self.wdata = None  # type: ignore[assignment]
+        for m in self.maps:
+            m.close()
+        self.maps = []
+
+
+def _map(fd: int, length: int, offset: int, writable: bool) -> mmap.mmap:
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+
+
+def _words(m: mmap.mmap) -> np.ndarray:
+    return np.frombuffer(m, dtype=np.uint64)
+
+
+def _open_object(name: str) -> posix_ipc.SharedMemory:
+    try:
+        return posix_ipc.SharedMemory(shm_path(name))
+    except posix_ipc.ExistentialError:
+        raise SegmentNotFoundError(
+            f"no shmcache segment named {name!r} (/dev/shm{shm_path(name)}): "
+            "start its writer first (Writer.create or `shmcache serve`)"
+        ) from None
+
+
+def create(name: str, geometry: Geometry, mode: int, seed: tuple[int, int]) -> Mapping:
+    """Create, reserve, initialise and map a new segment, writable.
+
+    The header's identity and geometry are written, then MAGIC last with a
+    release store, so an attacher that sees MAGIC sees a complete header.
+    Raises SegmentExistsError if the name is taken, SegmentSpaceError if
+    ``/dev/shm`` cannot hold it (nothing is left behind then).
+    """
+    try:
+        shm = posix_ipc.SharedMemory(shm_path(name), posix_ipc.O_CREX, mode=mode)
+    except posix_ipc.ExistentialError:
+        raise SegmentExistsError(
+            f"segment {name!r} already exists: Writer.open({name!r}) takes it over, "
+            f"or shmcache.unlink({name!r}) removes it"
+        ) from None
+    try:
+        os.fchmod(shm.fd, mode)
+        try:
+            os.posix_fallocate(shm.fd, 0, geometry.total_bytes)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+                raise SegmentSpaceError(
+                    e.errno,
+                    f"/dev/shm cannot hold segment {name!r} ({geometry.total_bytes / 2**20:.1f} MiB for "
+                    f"capacity {geometry.capacity}): free space there or ask for a smaller capacity",
+                ) from None
+            raise
+        m = _map(shm.fd, geometry.total_bytes, 0, writable=True)
+    except BaseException:
+        shm.close_fd()
+        posix_ipc.unlink_shared_memory(shm_path(name))
+        raise
+    shm.close_fd()
+    words = _words(m)
+    for word, value in geometry.header_fields().items():
+        words[word] = value
+    words[H_VERSION] = LAYOUT_VERSION
+    words[H_SEED_LO], words[H_SEED_HI] = seed
+    words[H_INCARNATION] = secrets.randbits(64)
+    words[H_CREATED_NS] = time.time_ns()
+    publish_word(words, H_MAGIC, np.uint64(MAGIC))
+    woff = geometry.wregion_offset // 8
+    return Mapping(name, geometry, words[:woff], words[woff:], [m])
+
+
+def validate_header(words: np.ndarray, size: int, name: str) -> Geometry:
+    """Recompute the geometry from the header and check it against the object.
+
+    ``words`` is a private copy of the header. Raises IncompatibleSegmentError
+    on a wrong magic, layout version, geometry or size.
+    """
+    if int(words[H_MAGIC]) != MAGIC:
+        raise IncompatibleSegmentError(
+            f"/dev/shm{shm_path(name)} is not an initialised shmcache segment (bad magic): "
+            "if its creator crashed, remove it with shmcache.unlink(name) and create it again"
+        )
+    version = int(words[H_VERSION])
+    if version != LAYOUT_VERSION:
+        raise IncompatibleSegmentError(
+            f"segment {name!r} has layout version {version}, this shmcache reads version "
+            f"{LAYOUT_VERSION}: attach with the shmcache release that created it, or recreate it"
+        )
+    capacity, block_size = int(words[H_CAPACITY]), int(words[H_BLOCK_SIZE])
+    if not (1 <= capacity <= MAX_CAPACITY and 1 <= block_size <= MAX_BLOCK_SIZE):
+        raise IncompatibleSegmentError(
+            f"segment {name!r} has an impossible capacity {capacity} or block size {block_size}: "
+            "it is damaged; remove it with shmcache.unlink(name) and create it again"
+        )
+    geometry = Geometry.for_capacity(capacity, block_size)
+    for word, expected in geometry.header_fields().items():
+        if int(words[word]) != expected:
+            raise IncompatibleSegmentError(
+                f"segment {name!r}: header word {word} is {int(words[word])}, expected {expected} for "
+                f"capacity {capacity}: it is damaged; remove it with shmcache.unlink(name) and create it again"
+            )
+    if size != geometry.total_bytes:
+        raise IncompatibleSegmentError(
+            f"segment {name!r} is {size} bytes, its header says {geometry.total_bytes}: it was "
+            "truncated or resized; remove it with shmcache.unlink(name) and create it again"
+        )
+    return geometry
+
+
+def attach(name: str, writable: bool, allow_other_owner: bool = False) -> Mapping:
+    """Map an existing segment after checking owner, mode, size and header.
+
+    ``writable=False`` maps the data part read-only (readers);
+    ``writable=True`` maps everything read-write (the writer).
+    """
+    validate_name(name)
+    shm = _open_object(name)
+    try:
+        st = os.fstat(shm.fd)
+        if st.st_uid != os.geteuid() and not allow_other_owner:
+            raise SegmentPermissionError(
+                f"segment {name!r} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}): "
+                "attach as its owner, or pass allow_other_owner=True if you trust that user"
+            )
+        if stat.S_IMODE(st.st_mode) & 0o022:
+            raise SegmentPermissionError(
+                f"segment {name!r} has mode {stat.S_IMODE(st.st_mode):04o}, writable by other users, "
+                "who could corrupt it: remove it with shmcache.unlink(name) and recreate it with a safe mode"
+            )
+        if st.st_size < HEADER_BYTES:
+            raise IncompatibleSegmentError(
+                f"/dev/shm{shm_path(name)} is {st.st_size} bytes, too small for a shmcache header: "
+                "remove it with shmcache.unlink(name) and create it again"
+            )
+        head = _map(shm.fd, HEADER_BYTES, 0, writable=False)
+        try:
+            header = _words(head)[:HEADER_WORDS].copy()
+        finally:
+            head.close()
+        geometry = validate_header(header, st.st_size, name)
+        woff = geometry.wregion_offset
+        if writable:
+            m = _map(shm.fd, geometry.total_bytes, 0, writable=True)
+            words = _words(m)
+            return Mapping(name, geometry, words[: woff // 8], words[woff // 8 :], [m])
+        ro = _map(shm.fd, woff, 0, writable=False)
+        rw = _map(shm.fd, geometry.total_bytes - woff, woff, writable=True)
+        return Mapping(name, geometry, _words(ro), _words(rw), [ro, rw])
+    finally:
+        shm.close_fd()
+
+
+def exists(name: str) -> bool:
+    """Whether a segment object exists under ``name``."""
+    return os.path.exists("/dev/shm/" + PREFIX + validate_name(name))
+
+
+def unlink(name: str) -> bool:
+    """Remove the segment and its writer semaphore; True if anything was removed.
+
+    Processes that have it mapped keep their mapping until they close it.
+    Use it to clean up after a crashed creator, never under a live writer.
+    """
+    validate_name(name)
+    removed = False
+    for fn, path in ((posix_ipc.unlink_shared_memory, shm_path(name)), (posix_ipc.unlink_semaphore, sem_path(name))):
+        try:
+            fn(path)
+            removed = True
+        except posix_ipc.ExistentialError:
+            pass
+    return removed
+
+
+def check_mode(mode: object) -> int:
+    """Validate a creation mode: owner read-write, nobody else may write."""
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode & ~0o777 or (mode & 0o600) != 0o600 or mode & 0o022:
+        raise InvalidInputError(
+            f"mode must give the owner read-write and nobody else write access (e.g. 0o600, 0o640), got {mode!r}"
+        )
+    return mode

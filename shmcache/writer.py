@@ -1,0 +1,376 @@
+"""``Writer``: the one process that changes a segment.
+
+Exactly one Writer holds a segment at a time, across processes. The lock is
+the POSIX named semaphore ``/shmcache.<name>.writer`` together with the
+header's writer identity (pid and process start time). A semaphore is not
+released when its holder dies, so a Writer that finds it taken reads the
+recorded identity: a live holder is refused with ``WriterBusyError``; a dead
+one is taken over with a compare-and-swap on the identity word (so of two
+processes racing to take over, exactly one wins) and the segment is
+repaired by ``mutate.rebuild``.
+
+A Writer is not thread-safe; in the daemon a single thread owns it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import time
+from typing import Callable
+
+import numpy as np
+import posix_ipc
+
+from . import segment
+from .atomics import publish_word, read_word, swap_word
+from .errors import CacheFullError, ClosedError, InvalidInputError, SegmentCorruptError, SegmentExistsError, WriterBusyError
+from .identity import is_alive, me
+from .keys import KeyChain, Namespace, PrefixMatch, as_int64_array, as_tokens, as_values, check_seed
+from .layout import (
+    H_SEED_HI,
+    H_SEED_LO,
+    H_WRITER_EPOCH,
+    H_WRITER_PID,
+    H_WRITER_START,
+    Geometry,
+    check_geometry_args,
+)
+from . import mutate
+from .mutate import WriterCrashed
+from .reader import header_stats
+
+__all__ = ["Writer"]
+
+EvictCallback = Callable[[np.ndarray], None]
+
+#: How long ``Writer.open`` waits for a holder that has taken the semaphore
+#: but not yet recorded its identity (a window of microseconds in a live
+#: process) before deciding it died there.
+CLAIM_GRACE_S = 1.0
+
+_VIOLATIONS = {
+    mutate.V_ODD_VERSION: "state {a} has an odd version (a write was interrupted)",
+    mutate.V_BAD_PARENT: "state {a} links to parent {b}, which is not a live state",
+    mutate.V_UNREACHABLE: "state {a} does not reach the root through live states (cycle or dead ancestor)",
+    mutate.V_NOT_INDEXED: "state {a} is not found through the index under its key (found {b})",
+    mutate.V_SLOT_BAD_STATE: "index slot {a} points at state {b}, which is out of range or free",
+    mutate.V_SLOT_BAD_TAG: "index slot {a} has a tag that does not match state {b}'s key",
+    mutate.V_SLOT_TOO_FAR: "index slot {a} (state {b}) lies beyond the recorded maximum probe distance",
+    mutate.V_SLOT_COUNT: "index holds {a} entries for {b} live states",
+    mutate.V_LIVE_COUNT: "header says {a} live states, the table holds {b}",
+    mutate.V_PINNED_COUNT: "header says {a} pinned states, the table holds {b}",
+    mutate.V_PINS_ORDER: "state {a} has fewer pins than its children together ({b})",
+    mutate.V_MUTATING: "the mutation counter is odd ({a}): a write is in progress or was interrupted",
+    mutate.V_FREE_LIST: "free list entry {a} (state {b}) is wrong",
+    mutate.V_CHILD_LIST: "children list of {a} is inconsistent ({b})",
+    mutate.V_VALUE_MAP: "state {a} is not found through the value map (found {b})",
+    mutate.V_HEAP_MISSING: "evictable leaf {a} is missing from the LRU heap",
+}
+
+
+def describe_violations(rows: np.ndarray) -> list[str]:
+    """Human-readable lines for ``(code, a, b)`` violation rows."""
+    return [_VIOLATIONS.get(int(c), "violation {c}: {a} {b}").format(c=int(c), a=int(a), b=int(b)) for c, a, b in rows]
+
+
+def _holder(data: np.ndarray) -> tuple[int, int]:
+    return int(read_word(data, H_WRITER_PID)), int(data[H_WRITER_START])
+
+
+class Writer:
+    """The single writer of a segment. Create with ``Writer.create`` or ``Writer.open``.
+
+    ``on_evict`` (optional) is called after an ``insert`` that had to evict,
+    with the evicted values (an int64 array the callee owns), so the engine
+    can free that KV. Explicit ``evict``/``remove``/``clear`` return their
+    values instead.
+    """
+
+    def __init__(self, mapping: segment.Mapping, sem: posix_ipc.Semaphore, on_evict: EvictCallback | None) -> None:
+        self._map = mapping
+        self._sem = sem
+        self.name = mapping.name
+        self.block_size = mapping.geometry.block_size
+        self.capacity = mapping.geometry.capacity
+        self.geometry: Geometry = mapping.geometry
+        self.seed = int(mapping.data[H_SEED_LO]) | (int(mapping.data[H_SEED_HI]) << 64)
+        self.on_evict = on_evict
+        self._chain = KeyChain(self.block_size, self.seed)
+        self._A = mutate.new_arrays(mapping.data, mapping.wdata, mapping.geometry.vector())
+        #: States dropped by the repair when this Writer took the segment over.
+        self.recovered = int(self._run(mutate.rebuild, self._A))
+
+    # --- acquiring the segment ---------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        capacity: int,
+        block_size: int = 16,
+        *,
+        seed: int | None = None,
+        mode: int = 0o600,
+        on_evict: EvictCallback | None = None,
+    ) -> "Writer":
+        """Create segment ``name`` holding up to ``capacity`` blocks, and hold it.
+
+        ``seed`` keys the hash chain (default: a random 128-bit secret, so
+        prompts from outside cannot be crafted to collide; readers use the
+        segment's seed automatically). ``mode`` is the object's permission
+        bits. Raises SegmentExistsError if the name is taken (WriterBusyError
+        if by a live writer), SegmentSpaceError if ``/dev/shm`` is too small.
+        """
+        segment.validate_name(name)
+        check_geometry_args(capacity, block_size)
+        mode = segment.check_mode(mode)
+        seed = secrets.randbits(128) if seed is None else check_seed(seed)
+        geometry = Geometry.for_capacity(int(capacity), int(block_size))
+        try:
+            sem = posix_ipc.Semaphore(segment.sem_path(name), posix_ipc.O_CREX, mode=mode, initial_value=0)
+        except posix_ipc.ExistentialError:
+            cls._refuse_taken(name)
+        try:
+            mapping = segment.create(name, geometry, mode, (seed & (2**64 - 1), seed >> 64))
+        except BaseException:
+            sem.unlink()
+            sem.close()
+            raise
+        pid, start = me()
+        mapping.data[H_WRITER_START] = start
+        mapping.data[H_WRITER_EPOCH] = 1
+        publish_word(mapping.data, H_WRITER_PID, np.uint64(pid))
+        return cls(mapping, sem, on_evict)
+
+    @staticmethod
+    def _refuse_taken(name: str) -> None:
+        if segment.exists(name):
+            try:
+                m = segment.attach(name, writable=False)
+            except Exception:
+                m = None
+            if m is not None:
+                pid, start = _holder(m.data)
+                m.close()
+                if is_alive(pid, start):
+                    raise WriterBusyError(f"segment {name!r} is held by a live writer, pid {pid}", pid)
+        raise SegmentExistsError(
+            f"segment {name!r} already exists: Writer.open({name!r}) takes it over, "
+            f"or shmcache.unlink({name!r}) removes it"
+        )
+
+    @classmethod
+    def open(cls, name: str, *, on_evict: EvictCallback | None = None) -> "Writer":
+        """Take over the existing segment ``name`` and repair it.
+
+        Succeeds if no writer holds it or its holder has died (SIGKILL
+        included): the half-written states the dead writer left are dropped
+        with their descendants, and the index is rebuilt (``recovered``
+        says how many states were dropped). Raises WriterBusyError naming
+        the pid of a live holder.
+        """
+        mapping = segment.attach(name, writable=True)
+        try:
+            sem = cls._claim(name, mapping.data)
+        except BaseException:
+            mapping.close()
+            raise
+        return cls(mapping, sem, on_evict)
+
+    @staticmethod
+    def _claim(name: str, data: np.ndarray) -> posix_ipc.Semaphore:
+        try:
+            sem = posix_ipc.Semaphore(segment.sem_path(name))
+        except posix_ipc.ExistentialError:
+            sem = posix_ipc.Semaphore(segment.sem_path(name), posix_ipc.O_CREAT, mode=0o600, initial_value=0)
+        pid, start = me()
+        deadline = time.monotonic() + CLAIM_GRACE_S
+        while True:
+            try:
+                sem.acquire(0)
+                acquired = True
+            except posix_ipc.BusyError:
+                acquired = False
+            holder, holder_start = _holder(data)
+            if acquired:
+                expected = 0
+            elif holder and is_alive(holder, holder_start):
+                sem.close()
+                raise WriterBusyError(
+                    f"segment {name!r} is held by a live writer, pid {holder}: stop it first "
+                    "(a segment has exactly one writer)",
+                    holder,
+                )
+            elif holder == 0 and time.monotonic() < deadline:
+                # Taken but no identity yet: a live writer is between its
+                # acquire and its swap. Wait on the semaphore itself.
+                try:
+                    sem.acquire(0.01)
+                    sem.release()
+                except posix_ipc.BusyError:
+                    pass
+                continue
+            else:
+                expected = holder
+            if swap_word(data, H_WRITER_PID, np.uint64(expected), np.uint64(pid)):
+                data[H_WRITER_START] = start
+                data[H_WRITER_EPOCH] = int(data[H_WRITER_EPOCH]) + 1
+                return sem
+            if acquired:
+                # Another process took the segment over while we acquired:
+                # it is the writer now; give the semaphore back.
+                sem.release()
+                sem.close()
+                holder, _ = _holder(data)
+                raise WriterBusyError(f"segment {name!r} was just taken over by pid {holder}", holder)
+
+    # --- running kernels -------------------------------------------------------------
+
+    def _run(self, kernel, *args):
+        """Run a mutation kernel; the crash test hook ends the process here."""
+        if self._A is None:
+            raise ClosedError(f"Writer for {self.name!r} is closed: open it again with Writer.open")
+        try:
+            return kernel(*args)
+        except WriterCrashed:
+            os.kill(os.getpid(), signal.SIGKILL)
+            raise
+
+    def _crash_at_step(self, step: int) -> None:
+        """Test hook: the ``step``-th numbered step of the coming mutations
+        SIGKILLs this process, with nothing after that step written."""
+        self._A.meta[mutate.M_CRASH] = step
+
+    def _keys(self, tokens: object, namespace: Namespace) -> tuple[np.ndarray, np.ndarray]:
+        self._check_open()
+        toks = as_tokens(tokens)
+        return toks, self._chain.keys(toks, namespace)
+
+    def _check_open(self) -> None:
+        if self._A is None:
+            raise ClosedError(f"Writer for {self.name!r} is closed: open it again with Writer.open")
+
+    # --- operations ----------------------------------------------------------------------
+
+    def insert(self, tokens: object, values: object, namespace: Namespace = None, *, owner: int = 0) -> int:
+        """Cache every full block of ``tokens``, block ``i`` holding ``values[i]``.
+
+        Returns how many leading tokens were already cached (those blocks
+        keep their old values; ``values`` for them are ignored). Evicts LRU
+        unpinned leaves when full and passes their values to ``on_evict``.
+        Raises InvalidInputError (bad tokens or values, or a new block's value
+        already cached for this owner: ``remove`` needs values unique) or
+        CacheFullError (not enough unpinned room); nothing changes then.
+        """
+        toks, keys = self._keys(tokens, namespace)
+        n = keys.shape[0]
+        vals = as_values(values, n, toks.shape[0], self.block_size)
+        status, info, cached, evicted = self._run(mutate.insert_kernel, self._A, keys, vals, n, owner)
+        if status == mutate.ERR_DUP_VALUE:
+            raise InvalidInputError(
+                f"value {int(vals[info])} of block {info} is already cached for another block: "
+                "values must be unique per owner (remove the old block first)"
+            )
+        if status == mutate.ERR_DUP_IN_CALL:
+            raise InvalidInputError(f"value {int(vals[info])} appears twice in this insert: give each block its own value")
+        if status == mutate.ERR_FULL:
+            raise CacheFullError(
+                f"insert needs {n - cached} free blocks but only {info} can be made free (capacity "
+                f"{self.capacity}, the rest is pinned or on this prompt's path): unpin blocks or create a larger segment"
+            )
+        if len(evicted) and self.on_evict is not None:
+            self.on_evict(evicted)
+        return int(cached) * self.block_size
+
+    def match_prefix(self, tokens: object, namespace: Namespace = None) -> PrefixMatch:
+        """The longest cached prefix of ``tokens``; counts as a use for LRU."""
+        _, keys = self._keys(tokens, namespace)
+        values = self._run(mutate.match_kernel, self._A, keys, keys.shape[0])
+        return PrefixMatch(len(values) * self.block_size, values)
+
+    def remove(self, values: object, *, owner: int = 0) -> np.ndarray:
+        """Drop the blocks holding ``values`` and their subtrees (pinned or not).
+
+        Values not cached are ignored. Returns every removed value, children
+        before parents.
+        """
+        self._check_open()
+        return self._run(mutate.remove_kernel, self._A, as_int64_array(values, "values"), owner)
+
+    def evict(self, n_blocks: int) -> np.ndarray:
+        """Evict up to ``n_blocks`` LRU unpinned leaves, cascading to parents
+        that become leaves. Returns the evicted values in eviction order."""
+        self._check_open()
+        if isinstance(n_blocks, bool) or not isinstance(n_blocks, (int, np.integer)) or n_blocks < 0:
+            raise InvalidInputError(f"n_blocks must be a non-negative int, got {n_blocks!r}")
+        return self._run(mutate.evict_kernel, self._A, int(n_blocks))
+
+    def _pin(self, tokens: object, namespace: Namespace, delta: int) -> int:
+        _, keys = self._keys(tokens, namespace)
+        status, info, k = self._run(mutate.pin_kernel, self._A, keys, keys.shape[0], delta)
+        if status == mutate.ERR_NOT_PINNED:
+            raise InvalidInputError(f"block {info} of this prompt is not pinned: unpin only what you pinned")
+        return int(k) * self.block_size
+
+    def pin(self, tokens: object, namespace: Namespace = None) -> int:
+        """Pin the cached blocks of ``tokens`` (and so their ancestors) against
+        eviction; returns how many tokens were pinned. Pins nest."""
+        return self._pin(tokens, namespace, 1)
+
+    def unpin(self, tokens: object, namespace: Namespace = None) -> int:
+        """Undo one ``pin`` of the cached blocks of ``tokens``; returns tokens unpinned."""
+        return self._pin(tokens, namespace, -1)
+
+    def clear(self) -> np.ndarray:
+        """Drop every block; returns their values, children before parents."""
+        self._check_open()
+        return self._run(mutate.clear_kernel, self._A)
+
+    def block_keys(self, tokens: object, namespace: Namespace = None) -> np.ndarray:
+        """Chained keys of ``tokens`` under this segment's block size and seed."""
+        return self._keys(tokens, namespace)[1]
+
+    # --- inspection -----------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Segment-wide figures (occupancy, counters, writer identity)."""
+        self._check_open()
+        return header_stats(self._map.data, self.geometry)
+
+    def check(self) -> None:
+        """Verify every structural invariant of the segment and of this
+        writer's private structures. Raises SegmentCorruptError listing each
+        violation."""
+        self._check_open()
+        rows = np.concatenate([mutate.check_segment(self._A.data, self._A.geom), mutate.check_private(self._A)])
+        if len(rows):
+            raise SegmentCorruptError(f"segment {self.name!r} fails its invariant check", describe_violations(rows))
+
+    # --- lifetime ----------------------------------------------------------------------------
+
+    def close(self, unlink: bool = False) -> None:
+        """Release the segment; with ``unlink=True`` also remove it (and its
+        semaphore) from the system. Attached readers keep their mapping
+        until they close. Idempotent."""
+        if self._A is None:
+            return
+        self._A = None
+        if unlink:
+            segment.unlink(self.name)
+        else:
+            swap_word(self._map.data, H_WRITER_PID, np.uint64(os.getpid()), np.uint64(0))
+            self._sem.release()
+        self._sem.close()
+        self._map.close()
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._A is None else f"capacity={self.capacity} block_size={self.block_size}"
+        return f"<shmcache.Writer {self.name!r} {state}>"

@@ -1,0 +1,163 @@
+"""Writer and Reader behaviour through the public API, in one process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import shmcache
+from shmcache import CacheFullError, ClosedError, InvalidInputError, PrefixMatch, Reader, Writer, block_keys
+
+
+def prompt(*blocks: int, bs: int = 4) -> np.ndarray:
+    """Tokens whose block i is filled with ``blocks[i]``: equal leading ids mean a shared prefix."""
+    return np.repeat(np.asarray(blocks, dtype=np.int64), bs)
+
+
+@pytest.fixture
+def w(shm_name):
+    with Writer.create(shm_name, capacity=32, block_size=4) as writer:
+        yield writer
+
+
+def test_insert_returns_cached_prefix_and_keeps_old_values(w):
+    assert w.insert(prompt(1, 2, 3), [10, 11, 12]) == 0
+    assert w.insert(prompt(1, 2, 4, 5), [90, 91, 13, 14]) == 8
+    m = w.match_prefix(prompt(1, 2, 4, 5, 6))
+    assert isinstance(m, PrefixMatch)
+    assert m.length == 16 and m.values.tolist() == [10, 11, 13, 14]
+    assert w.match_prefix(prompt(1, 2, 3)).values.tolist() == [10, 11, 12]
+    w.check()
+
+
+def test_trailing_partial_block_is_never_cached(w):
+    toks = np.arange(10)
+    assert w.insert(toks, [1, 2]) == 0
+    assert w.match_prefix(toks).length == 8
+    assert w.stats()["live_blocks"] == 2
+
+
+def test_reader_sees_writer_content_and_match_keys_agrees(shm_name, w):
+    w.insert(prompt(1, 2, 3), [10, 11, 12])
+    with Reader.attach(shm_name) as r:
+        for toks in (prompt(1, 2, 3, 9), prompt(1, 2, 3, 9).astype(np.int32), prompt(1, 2, 3, 9).tolist()):
+            m = r.match_prefix(toks)
+            assert (m.length, m.values.tolist()) == (12, [10, 11, 12])
+        keys = r.block_keys(prompt(1, 2, 3, 9))
+        assert r.match_keys(keys).values.tolist() == [10, 11, 12]
+        same = block_keys(prompt(1, 2, 3, 9), block_size=4, seed=r.seed)
+        assert np.array_equal(same, keys)
+        assert r.match_prefix(prompt(2, 2)).length == 0
+        s = r.stats()
+        assert s["queries"] == 5 and s["hit_blocks"] == 12 and s["live_blocks"] == 3
+
+
+def test_namespaces_never_share_blocks(w):
+    w.insert(prompt(1, 2), [1, 2], namespace="model-a")
+    assert w.match_prefix(prompt(1, 2), namespace="model-b").length == 0
+    assert w.match_prefix(prompt(1, 2)).length == 0
+    assert w.match_prefix(prompt(1, 2), namespace="model-a").length == 8
+
+
+def test_full_cache_evicts_lru_leaves_and_reports_them(shm_name):
+    got = []
+    with Writer.create(shm_name, capacity=4, block_size=4, on_evict=lambda v: got.extend(v.tolist())) as w:
+        w.insert(prompt(1, 2), [10, 11])
+        w.insert(prompt(3, 4), [30, 31])
+        w.match_prefix(prompt(1, 2))  # (1,2) is now more recent than (3,4)
+        w.insert(prompt(5), [50])
+        assert got == [31]
+        w.insert(prompt(6), [60])
+        assert got == [31, 30]  # cascade: 3 became a leaf once 4 was evicted
+        assert w.match_prefix(prompt(1, 2)).length == 8
+        w.check()
+
+
+def test_reader_hits_count_as_uses(shm_name):
+    with Writer.create(shm_name, capacity=4, block_size=4) as w, Reader.attach(shm_name) as r:
+        w.insert(prompt(1, 2), [10, 11])
+        w.insert(prompt(3, 4), [30, 31])
+        r.match_prefix(prompt(1, 2))
+        assert w.evict(2).tolist() == [31, 30]
+
+
+def test_insert_never_evicts_its_own_path(shm_name):
+    with Writer.create(shm_name, capacity=3, block_size=4) as w:
+        w.insert(prompt(1), [10])
+        w.insert(prompt(2, 3), [20, 21])
+        assert w.insert(prompt(1, 5), [99, 15]) == 4
+        assert w.match_prefix(prompt(1, 5)).values.tolist() == [10, 15]
+        w.check()
+
+
+def test_remove_drops_subtrees_children_first(w):
+    w.insert(prompt(1, 2, 3), [10, 11, 12])
+    w.insert(prompt(1, 2, 4), [10, 11, 14])
+    w.insert(prompt(1, 5), [10, 15])
+    removed = w.remove([11, 999])
+    assert sorted(removed.tolist()) == [11, 12, 14] and removed[-1] == 11
+    assert w.match_prefix(prompt(1, 2, 3)).values.tolist() == [10]
+    assert w.match_prefix(prompt(1, 5)).values.tolist() == [10, 15]
+    w.check()
+
+
+def test_pins_protect_blocks_and_their_ancestors(shm_name):
+    with Writer.create(shm_name, capacity=3, block_size=4) as w:
+        w.insert(prompt(1, 2), [10, 11])
+        assert w.pin(prompt(1, 2, 7)) == 8
+        w.insert(prompt(3), [30])
+        with pytest.raises(CacheFullError, match="pinned"):
+            w.insert(prompt(4, 5), [40, 41])
+        assert w.evict(5).tolist() == [30]
+        assert w.unpin(prompt(1, 2)) == 8
+        with pytest.raises(InvalidInputError, match="not pinned"):
+            w.unpin(prompt(1))
+        assert w.evict(5).tolist() == [11, 10]
+        w.check()
+
+
+def test_clear_returns_everything_and_frees_all(w):
+    w.insert(prompt(1, 2, 3), [10, 11, 12])
+    w.insert(prompt(4), [40])
+    assert sorted(w.clear().tolist()) == [10, 11, 12, 40]
+    assert w.stats()["live_blocks"] == 0
+    assert w.insert(prompt(1, 2, 3), [10, 11, 12]) == 0
+    w.check()
+
+
+def test_duplicate_values_are_refused_so_remove_stays_well_defined(w):
+    w.insert(prompt(1), [10])
+    with pytest.raises(InvalidInputError, match="already cached"):
+        w.insert(prompt(2), [10])
+    with pytest.raises(InvalidInputError, match="twice"):
+        w.insert(prompt(3, 4), [5, 5])
+    assert w.stats()["live_blocks"] == 1
+
+
+def test_closed_handles_raise(shm_name):
+    w = Writer.create(shm_name, capacity=8, block_size=4)
+    r = Reader.attach(shm_name)
+    r.close()
+    r.close()
+    with pytest.raises(ClosedError):
+        r.match_prefix(prompt(1))
+    w.close(unlink=True)
+    with pytest.raises(ClosedError):
+        w.insert(prompt(1), [1])
+    assert not shmcache.exists(shm_name)
+
+
+def test_writer_reopens_with_content_and_lru(shm_name):
+    with Writer.create(shm_name, capacity=8, block_size=4) as w:
+        w.insert(prompt(1, 2), [10, 11])
+        w.pin(prompt(1))
+    with Writer.open(shm_name) as w:
+        assert w.recovered == 0
+        assert w.match_prefix(prompt(1, 2)).values.tolist() == [10, 11]
+        assert w.stats()["pinned_blocks"] == 1 and w.stats()["writer_epoch"] == 2
+        w.check()
+
+
+def test_segment_bytes_per_block_within_budget(shm_name):
+    with Writer.create(shm_name, capacity=1_000_000, block_size=16) as w:
+        assert w.stats()["bytes_per_block"] <= 96
