@@ -43,7 +43,7 @@ MUTATIONS       24  seqlock word: odd while the writer mutates, +2 per op
 CLOCK           25  logical time: +2 per writer operation; reader hits stamp CLOCK+1
 MAX_PROBE       26  longest index probe distance ever stored (bounds lookups)
 LIVE            32  states in use
-PINNED          33  states with ``pins > 0``
+PINNED          33  protected states (pinned, or above a pinned state)
 INSERTED..      34+ lifetime counters (see ``H_*`` below)
 ============  ====  ==========================================================
 
@@ -66,13 +66,15 @@ VALUE       3  the engine's int64 (KV block id, host slot, ...)
 LINK        4  low 32: ``LINK_FREE`` (0), ``LINK_ROOT`` (1) or parent+2;
                high 32: owner id (0 for the embedded writer)
 RECENCY     5  CLOCK of the writer's last use (LRU); writer-only
-PINS        6  low 32: pin count (a pinned state is never evicted);
-               high 32: reserved flags, 0
+PINS        6  low 32: own pin count (per-block reference count);
+               high 32: pinned states in the subtree, itself included. A
+               state is *protected* (never evicted) while this is > 0;
+               writer-only, rebuilt by recovery
 RESERVED    7  0; room for per-owner presence
 =======  ====  ===============================================================
 
 Invariants (checked by ``Writer.check``): a live record's parent is live or
-the root; pins of a parent >= the sum of its children's pins; every live
+the root; every subtree pin count is exact; every live
 record is found through the index under its key, and every index slot points
 at a live record whose key carries the slot's tag; LIVE and PINNED match.
 

@@ -190,7 +190,30 @@ def owner_of(A, s):
 
 @njit(inline="always")
 def pins_of(A, s):
+    """The state's own pin count (pins taken on paths through it)."""
     return np.int64(field(A, s, R_PINS) & _LOW32)
+
+
+@njit(inline="always")
+def is_protected(A, s):
+    """Whether ``s`` or a descendant is pinned: then it is never evicted."""
+    return (field(A, s, R_PINS) >> np.uint64(32)) != 0
+
+
+@njit
+def adjust_protect(A, s, delta):
+    """Add ``delta`` to the pinned-descendant count of ``s`` and its ancestors,
+    keeping the header's PINNED (protected states) in step."""
+    while s >= 0:
+        word = field(A, s, R_PINS)
+        old = np.int64(word >> np.uint64(32))
+        new = old + delta
+        set_field(A, s, R_PINS, (np.uint64(new) << np.uint64(32)) | (word & _LOW32))
+        if old == 0 and new > 0:
+            bump(A, H_PINNED, 1)
+        elif old > 0 and new == 0:
+            bump(A, H_PINNED, -1)
+        s = parent_of(A, s)
 
 
 @njit(inline="always")
@@ -397,7 +420,7 @@ def heap_rebuild(A):
     """Refill the heap with exactly the evictable leaves (drops stale entries)."""
     n = 0
     for s in range(A.geom[G_CAPACITY]):
-        if is_live(A, s) and is_leaf(A, s) and pins_of(A, s) == 0:
+        if is_live(A, s) and is_leaf(A, s) and not is_protected(A, s):
             A.heap_key[n] = effective_recency(A, s)
             A.heap_state[n] = s
             n += 1
@@ -440,7 +463,7 @@ def heap_pop(A):
 
 @njit(inline="always")
 def push_if_evictable(A, s):
-    if s >= 0 and is_leaf(A, s) and pins_of(A, s) == 0:
+    if s >= 0 and is_leaf(A, s) and not is_protected(A, s):
         heap_push(A, effective_recency(A, s), s)
 
 
@@ -471,7 +494,7 @@ def drop_state(A, s):
     table_delete(A, K_VMAP, s)
     detach_child(A, parent_of(A, s), s)
     if pins_of(A, s) > 0:
-        bump(A, H_PINNED, -1)
+        adjust_protect(A, s, -1)
     publish(A, s, np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(LINK_FREE), np.uint64(0), np.uint64(0))
     A.free[A.meta[M_FREE_TOP]] = s
     A.meta[M_FREE_TOP] += 1
@@ -512,7 +535,7 @@ def evict_into(A, need, protect, out, n_out):
             rebuilt = True
             continue
         key, s = heap_pop(A)
-        if not is_live(A, s) or not is_leaf(A, s) or pins_of(A, s) > 0 or s == protect:
+        if not is_live(A, s) or not is_leaf(A, s) or is_protected(A, s) or s == protect:
             continue
         e = effective_recency(A, s)
         if e > key:
@@ -559,7 +582,7 @@ def insert_kernel(A, keys, values, n, owner):
     if need > 0:
         unpinned_on_path = 0
         for i in range(k):
-            if pins_of(A, path[i]) == 0:
+            if not is_protected(A, path[i]):
                 unpinned_on_path += 1
         evictable = np.int64(A.data[H_LIVE]) - np.int64(A.data[H_PINNED]) - unpinned_on_path
         if need > evictable:
@@ -648,10 +671,10 @@ def clear_kernel(A):
 def pin_kernel(A, keys, n, delta):
     """Add ``delta`` (+1 or -1) to the pin count of every cached block of the chain.
 
-    Pins go root-first and unpins leaf-first, so a crash in between never
-    leaves a parent with fewer pins than its children. Returns
-    ``(status, info, n_blocks)``; unpinning a block that is not pinned is
-    ERR_NOT_PINNED with nothing changed.
+    Pin counts are per-block reference counts, as an engine holds blocks
+    per request; a state is protected from eviction while it or any
+    descendant is pinned. Returns ``(status, info, n_blocks)``; unpinning a
+    block that is not pinned is ERR_NOT_PINNED with nothing changed.
     """
     path = np.empty(n, dtype=np.int64)
     versions = np.empty(n, dtype=np.uint64)
@@ -662,16 +685,25 @@ def pin_kernel(A, keys, n, delta):
             if pins_of(A, path[i]) == 0:
                 return ERR_NOT_PINNED, i, k
     begin(A)
-    for j in range(k):
-        i = j if delta > 0 else k - 1 - j
+    # Walking up from the deepest block, ``below`` counts the path states at
+    # or under the current one that became pinned (or unpinned): exactly what
+    # its pinned-descendant count changes by. The path starts at the root, so
+    # no state above it is affected.
+    below = 0
+    for i in range(k - 1, -1, -1):
         s = path[i]
-        old = pins_of(A, s)
-        new = old + delta
-        flags = field(A, s, R_PINS) & ~_LOW32
-        set_field(A, s, R_PINS, flags | np.uint64(new))
-        if old == 0:
+        word = field(A, s, R_PINS)
+        own = np.int64(word & _LOW32)
+        if own == 0 and own + delta > 0:
+            below += 1
+        elif own > 0 and own + delta == 0:
+            below -= 1
+        old_protect = np.int64(word >> np.uint64(32))
+        new_protect = old_protect + below
+        set_field(A, s, R_PINS, (np.uint64(new_protect) << np.uint64(32)) | np.uint64(own + delta))
+        if old_protect == 0 and new_protect > 0:
             bump(A, H_PINNED, 1)
-        elif new == 0:
+        elif old_protect > 0 and new_protect == 0:
             bump(A, H_PINNED, -1)
             push_if_evictable(A, s)
     end(A)
@@ -726,6 +758,24 @@ def classify(parent):
     return status
 
 
+@njit(cache=True)
+def protect_counts(parent, status, data, geom):
+    """For each valid state, how many valid states in its subtree (itself
+    included) have a pin: what the high half of its PINS word must hold."""
+    cap = parent.shape[0]
+    states = geom[G_STATES]
+    out = np.zeros(cap, dtype=np.int64)
+    for s in range(cap):
+        if status[s] == S_VALID and (data[states + s * RECORD_WORDS + R_PINS] & _LOW32) != 0:
+            cur = s
+            for _ in range(cap):
+                out[cur] += 1
+                cur = parent[cur]
+                if cur < 0:
+                    break
+    return out
+
+
 
 @njit(cache=True)
 def rebuild(A):
@@ -760,20 +810,24 @@ def rebuild(A):
     A.links[:, :] = NIL
     n_free = 0
     live = 0
-    pinned = 0
     for s in range(cap - 1, -1, -1):
         if status[s] == S_FREE:
             A.free[n_free] = s
             n_free += 1
             continue
         live += 1
-        if pins_of(A, s) > 0:
-            pinned += 1
+        parent[s] = parent_of(A, s)
         table_insert(A, K_INDEX, s)
         table_insert(A, K_VMAP, s)
         attach_child(A, parent_of(A, s), s)
     A.meta[M_FREE_TOP] = n_free
     store_relaxed(A.data, H_LIVE, np.uint64(live))
+    protect = protect_counts(parent, status, A.data, A.geom)
+    pinned = 0
+    for s in range(cap):
+        if status[s] == S_VALID:
+            set_field(A, s, R_PINS, (np.uint64(protect[s]) << np.uint64(32)) | (field(A, s, R_PINS) & _LOW32))
+            pinned += protect[s] > 0
     store_relaxed(A.data, H_PINNED, np.uint64(pinned))
     bump(A, H_RECOVERED, dropped)
     heap_rebuild(A)
@@ -793,7 +847,7 @@ V_SLOT_TOO_FAR = 7
 V_SLOT_COUNT = 8
 V_LIVE_COUNT = 9
 V_PINNED_COUNT = 10
-V_PINS_ORDER = 11
+V_PROTECT_COUNT = 11
 V_MUTATING = 12
 V_FREE_LIST = 20
 V_CHILD_LIST = 21
@@ -837,11 +891,11 @@ def check_segment(data, geom):
         parent[s] = np.int64(data[base + R_LINK] & _LOW32) - LINK_PARENT_BIAS
         if parent[s] != -2:
             n_live += 1
-            if data[base + R_PINS] & _LOW32:
+            if data[base + R_PINS] >> np.uint64(32):
                 n_pinned += 1
     status = classify(parent)
     live = parent != -2
-    child_pins = np.zeros(cap, dtype=np.int64)
+    protect = protect_counts(parent, status, data, geom)
     for s in range(cap):
         if not live[s]:
             continue
@@ -850,16 +904,12 @@ def check_segment(data, geom):
             bad_link = p < -1 or p >= cap or (p >= 0 and not live[p])
             n = report(out, n, V_BAD_PARENT if bad_link else V_UNREACHABLE, s, p)
             continue
-        p = parent[s]
-        if p >= 0:
-            child_pins[p] += np.int64(data[states + s * RECORD_WORDS + R_PINS] & _LOW32)
         base = states + s * RECORD_WORDS
+        if np.int64(data[base + R_PINS] >> np.uint64(32)) != protect[s]:
+            n = report(out, n, V_PROTECT_COUNT, s, protect[s])
         f, _, _ = find_state(data, geom, data[base + R_KEY_LO], data[base + R_KEY_HI], data[base + R_LINK] & _LOW32)
         if f != s:
             n = report(out, n, V_NOT_INDEXED, s, f)
-    for s in range(cap):
-        if live[s] and np.int64(data[states + s * RECORD_WORDS + R_PINS] & _LOW32) < child_pins[s]:
-            n = report(out, n, V_PINS_ORDER, s, child_pins[s])
     used = 0
     max_probe = np.int64(data[H_MAX_PROBE])
     for i in range(n_slots):
@@ -932,6 +982,6 @@ def check_private(A):
         f = value_lookup(A, np.int64(field(A, s, R_VALUE)), owner_of(A, s))
         if f != s:
             n = report(out, n, V_VALUE_MAP, s, f)
-        if is_leaf(A, s) and pins_of(A, s) == 0 and not in_heap[s]:
+        if is_leaf(A, s) and not is_protected(A, s) and not in_heap[s]:
             n = report(out, n, V_HEAP_MISSING, s, 0)
     return out[: min(n, MAX_VIOLATIONS)]

@@ -161,3 +161,18 @@ def test_writer_reopens_with_content_and_lru(shm_name):
 def test_segment_bytes_per_block_within_budget(shm_name):
     with Writer.create(shm_name, capacity=1_000_000, block_size=16) as w:
         assert w.stats()["bytes_per_block"] <= 96
+
+
+def test_unpinning_a_shorter_prefix_keeps_the_pinned_child_and_its_ancestors(shm_name):
+    """Pins are per-block reference counts: pin(AB) then unpin(A) leaves B
+    pinned, so A (its ancestor) must stay too, and room accounting must know."""
+    with Writer.create(shm_name, capacity=3, block_size=4) as w:
+        w.insert(prompt(1, 2), [10, 11])
+        w.pin(prompt(1, 2))
+        w.unpin(prompt(1))
+        assert w.stats()["pinned_blocks"] == 2
+        w.insert(prompt(3), [30])
+        with pytest.raises(CacheFullError):
+            w.insert(prompt(4, 5), [40, 41])
+        assert w.evict(3).tolist() == [30]
+        w.check()

@@ -1,0 +1,151 @@
+"""A plain-Python model of the cache semantics the Writer must reproduce exactly.
+
+A state is identified by its whole token prefix (a tuple), so this model
+shares no code and no hashing with shmcache. Every writer operation ticks
+the clock; inserts and matches stamp their path with it; eviction takes the
+unpinned leaf with the oldest recency, and a parent inherits the recency of
+a child evicted under it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class RefError(Exception):
+    """The operation must fail with ``kind`` ('dup', 'full', 'not_pinned') and change nothing."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+@dataclass
+class Node:
+    value: int
+    parent: tuple | None
+    recency: int
+    pins: int = 0
+    children: set = field(default_factory=set)
+
+
+class RefCache:
+    def __init__(self, capacity: int, block_size: int) -> None:
+        self.capacity = capacity
+        self.bs = block_size
+        self.nodes: dict[tuple, Node] = {}
+        self.clock = 0
+
+    def _blocks(self, tokens) -> list[tuple]:
+        n = len(tokens) // self.bs
+        return [tuple(tokens[: (i + 1) * self.bs]) for i in range(n)]
+
+    def _path(self, tokens) -> list[tuple]:
+        path = []
+        for p in self._blocks(tokens):
+            if p not in self.nodes:
+                break
+            path.append(p)
+        return path
+
+    def _tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def protected(self, p: tuple) -> bool:
+        """Pinned, or above a pinned state: never evicted."""
+        node = self.nodes[p]
+        return node.pins > 0 or any(self.protected(c) for c in node.children)
+
+    def _drop(self, p: tuple) -> int:
+        node = self.nodes.pop(p)
+        assert not node.children
+        if node.parent is not None:
+            self.nodes[node.parent].children.discard(p)
+        return node.value
+
+    def _evict_one(self, protect: tuple | None) -> int | None:
+        leaves = [(n.recency, p) for p, n in self.nodes.items() if not n.children and n.pins == 0 and p != protect]
+        if not leaves:
+            return None
+        recency, p = min(leaves)
+        parent = self.nodes[p].parent
+        value = self._drop(p)
+        if parent is not None:
+            self.nodes[parent].recency = max(self.nodes[parent].recency, recency)
+        return value
+
+    def insert(self, tokens, values) -> tuple[int, list[int]]:
+        blocks = self._blocks(tokens)
+        path = self._path(tokens)
+        k = len(path)
+        new_values = list(values[k:])
+        live_values = {n.value for n in self.nodes.values()}
+        if any(v in live_values for v in new_values):
+            raise RefError("dup")
+        if len(set(new_values)) != len(new_values):
+            raise RefError("dup")
+        need = len(new_values) - (self.capacity - len(self.nodes))
+        if need > 0:
+            unprotected = {p for p in self.nodes if not self.protected(p)}
+            if need > len(unprotected - set(path)):
+                raise RefError("full")
+        clock = self._tick()
+        evicted = [self._evict_one(path[-1] if path else None) for _ in range(max(need, 0))]
+        parent = path[-1] if path else None
+        for p, v in zip(blocks[k:], new_values):
+            self.nodes[p] = Node(v, parent, clock)
+            if parent is not None:
+                self.nodes[parent].children.add(p)
+            parent = p
+        for p in path:
+            self.nodes[p].recency = clock
+        return k * self.bs, evicted
+
+    def match(self, tokens) -> list[int]:
+        clock = self._tick()
+        path = self._path(tokens)
+        for p in path:
+            self.nodes[p].recency = clock
+        return [self.nodes[p].value for p in path]
+
+    def _subtree(self, p: tuple) -> list[tuple]:
+        out = []
+        for c in list(self.nodes[p].children):
+            out += self._subtree(c)
+        return out + [p]
+
+    def remove(self, values) -> list[int]:
+        self._tick()
+        removed = []
+        for v in values:
+            hit = [p for p, n in self.nodes.items() if n.value == v]
+            for p in hit:
+                for q in self._subtree(p):
+                    removed.append(self._drop(q))
+        return removed
+
+    def evict(self, n: int) -> list[int]:
+        self._tick()
+        out = []
+        for _ in range(n):
+            v = self._evict_one(None)
+            if v is None:
+                break
+            out.append(v)
+        return out
+
+    def pin(self, tokens, delta: int) -> int:
+        path = self._path(tokens)
+        if delta < 0 and any(self.nodes[p].pins == 0 for p in path):
+            raise RefError("not_pinned")
+        self._tick()
+        for p in path:
+            self.nodes[p].pins += delta
+        return len(path) * self.bs
+
+    def clear(self) -> list[int]:
+        self._tick()
+        values = [n.value for n in self.nodes.values()]
+        self.nodes.clear()
+        return values
