@@ -985,3 +985,23 @@ def check_private(A):
         if is_leaf(A, s) and not is_protected(A, s) and not in_heap[s]:
             n = report(out, n, V_HEAP_MISSING, s, 0)
     return out[: min(n, MAX_VIOLATIONS)]
+
+
+@njit(cache=True)
+def probe_distances(data, geom):
+    """For each record, how many slots past its home its index entry sits
+    (-1 for free records): a lookup of that key reads distance + 1 slots,
+    whatever the fan-out of its parent."""
+    cap = geom[G_CAPACITY]
+    index = geom[G_INDEX]
+    n_slots = geom[G_SLOTS]
+    states = geom[G_STATES]
+    out = np.full(cap, -1, dtype=np.int64)
+    for i in range(n_slots):
+        w = data[index + i]
+        if w == 0:
+            continue
+        s = np.int64(w & _SLOT) - 1
+        if 0 <= s < cap:
+            out[s] = (i - home_slot(data[states + s * RECORD_WORDS + R_KEY_HI], n_slots)) % n_slots
+    return out

@@ -86,7 +86,8 @@ class Mapping:
 
     ``data`` views the data part (read-only unless mapped by the writer),
     ``wdata`` the writable part. ``close`` drops the views and unmaps; the
-    arrays must not be used after it.
+    arrays must not be used after it. If the caller still holds a view of its
+    own, the mapping is released when that view is garbage-collected.
     """
 
     name: str
@@ -98,7 +99,10 @@ class Mapping:
     def close(self) -> None:
         self.data = self.wdata = None  # type: ignore[assignment]
         for m in self.maps:
-            m.close()
+            try:
+                m.close()
+            except BufferError:
+                pass
         self.maps = []
 
 

@@ -1,0 +1,178 @@
+"""Spawned-process workers for the concurrency tests, and the snapshot checker.
+
+The writer logs every change it makes, one event per state added or dropped,
+in the order it makes them, grouped by operation; the header's MUTATIONS
+word equals 2 x operations completed. A reader records MUTATIONS before and
+after each match. The checker then finds, for each result, an instant (a
+point between two events) inside the call's window at which every returned
+block was present with the returned value.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import pickle
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+BS = 4
+
+
+def prompt_pool(seed: int, n: int = 48, alphabet: int = 3, max_blocks: int = 8) -> list[np.ndarray]:
+    """Prompts whose block ids come from a small alphabet, so prefixes are widely shared."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(0, alphabet, size=int(rng.integers(1, max_blocks + 1)))
+        out.append(np.repeat(ids, BS).astype(np.int64))
+    return out
+
+
+def writer_main(name, capacity, seed, ready, stop, log_path, max_ops, max_seconds, crash_step=0):
+    """Create the segment and churn inserts, removes, evictions, pins and clears until told to stop."""
+    import shmcache
+    from shmcache import CacheFullError, Writer
+    from shmcache.layout import H_MUTATIONS
+
+    evicted: list[int] = []
+    w = Writer.create(name, capacity=capacity, block_size=BS, seed=seed, on_evict=lambda v: evicted.extend(v.tolist()))
+    pool = prompt_pool(seed)
+    keys = [[(int(a), int(b)) for a, b in w.block_keys(p)] for p in pool]
+    key_of: dict[int, tuple[int, int]] = {}
+    ops: list[tuple[int, list]] = []
+    rng = np.random.default_rng(seed + 1)
+    next_value = 1
+    pinned: list[int] = []
+    ready.set()
+    deadline = time.monotonic() + max_seconds
+    if crash_step:
+        w._crash_at_step(crash_step)
+    while not stop.is_set() and len(ops) < max_ops and time.monotonic() < deadline:
+        r = rng.random()
+        events: list = []
+        try:
+            if r < 0.6:
+                i = int(rng.integers(len(pool)))
+                n = len(keys[i])
+                values = np.arange(next_value, next_value + n)
+                next_value += n
+                evicted.clear()
+                cached = w.insert(pool[i], values) // BS
+                events += [("del", key_of.pop(v)) for v in evicted]
+                for j in range(cached, n):
+                    key_of[int(values[j])] = keys[i][j]
+                    events.append(("add", keys[i][j], int(values[j])))
+            elif r < 0.7:
+                live = list(key_of)
+                pick = [live[int(rng.integers(len(live)))]] if live else [10**12]
+                events += [("del", key_of.pop(v)) for v in w.remove(pick).tolist()]
+            elif r < 0.8:
+                events += [("del", key_of.pop(v)) for v in w.evict(int(rng.integers(1, 4))).tolist()]
+            elif r < 0.9:
+                if pinned and rng.random() < 0.5:
+                    w.unpin(pool[pinned.pop()])
+                else:
+                    i = int(rng.integers(len(pool)))
+                    w.pin(pool[i])
+                    pinned.append(i)
+            elif r < 0.905:
+                events += [("del", key_of.pop(v)) for v in w.clear().tolist()]
+            else:
+                continue
+        except (CacheFullError, shmcache.InvalidInputError):
+            continue
+        ops.append((int(w._map.data[H_MUTATIONS]) // 2, events))
+    with open(log_path, "wb") as f:
+        pickle.dump(ops, f)
+    w.close()
+
+
+def reader_main(name, seed, ready, go, n_matches, out_path, stop_on=None):
+    """Attach and match random pool prompts; record (prompt, MUTATIONS before/after, result)."""
+    from shmcache import Reader
+    from shmcache.layout import H_MUTATIONS
+
+    ready.wait()
+    r = Reader.attach(name)
+    data = r._map.data
+    pool = prompt_pool(seed)
+    rng = np.random.default_rng(os.getpid())
+    rows = np.zeros((n_matches, 4 + 8), dtype=np.int64)
+    go.wait()
+    for t in range(n_matches):
+        i = int(rng.integers(len(pool)))
+        toks = pool[i] if t % 2 else pool[i].tolist()
+        c0 = int(data[H_MUTATIONS])
+        m = r.match_prefix(toks)
+        c1 = int(data[H_MUTATIONS])
+        k = m.length // BS
+        rows[t, :4] = (i, c0, c1, k)
+        rows[t, 4 : 4 + k] = m.values
+    np.save(out_path, rows)
+    del data
+    r.close()
+
+
+@dataclass
+class Timeline:
+    """Presence intervals of every key, in event positions, and op boundaries."""
+
+    intervals: dict  # key -> (starts, ends, values): present at instants [start, end)
+    op_end: dict  # op number -> instant right after its last event
+
+    @classmethod
+    def from_log(cls, ops: list[tuple[int, list]]) -> "Timeline":
+        open_: dict = {}
+        closed: dict = {}
+        op_end = {0: 0}
+        t = 0
+        for op, events in ops:
+            for ev in events:
+                t += 1
+                if ev[0] == "add":
+                    open_[ev[1]] = (t, ev[2])
+                else:
+                    start, value = open_.pop(ev[1])
+                    closed.setdefault(ev[1], []).append((start, t, value))
+            op_end[op] = t
+        for key, (start, value) in open_.items():
+            closed.setdefault(key, []).append((start, 10**18, value))
+        intervals = {k: ([a for a, _, _ in v], [b for _, b, _ in v], [c for _, _, c in v]) for k, v in closed.items()}
+        return cls(intervals, op_end)
+
+    def boundary(self, op: int) -> int:
+        """Instant after op ``op`` completed (ops that logged nothing share the previous one's)."""
+        while op not in self.op_end:
+            op -= 1
+        return self.op_end[op]
+
+    def present(self, key, value, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Ranges of instants in [lo, hi] at which ``key`` held ``value``."""
+        if key not in self.intervals:
+            return []
+        starts, ends, values = self.intervals[key]
+        out = []
+        i = bisect.bisect_right(starts, hi) - 1
+        while i >= 0 and ends[i] > lo:
+            if values[i] == value:
+                out.append((max(starts[i], lo), min(ends[i] - 1, hi)))
+            i -= 1
+        return out
+
+
+def violations(timeline: Timeline, pool_keys: list, rows: np.ndarray) -> list[str]:
+    """Every reader result that was not the cache's content at one instant of its call."""
+    bad = []
+    for i, c0, c1, k, *vals in rows.tolist():
+        lo, hi = timeline.boundary(c0 // 2), timeline.boundary((c1 + 1) // 2)
+        ranges = [(lo, hi)]
+        for j in range(k):
+            present = timeline.present(pool_keys[i][j], vals[j], lo, hi)
+            ranges = [(max(a, c), min(b, d)) for a, b in ranges for c, d in present if max(a, c) <= min(b, d)]
+            if not ranges:
+                bad.append(f"prompt {i} window ops {c0 // 2}..{(c1 + 1) // 2}: blocks 0..{j} {vals[: j + 1]} never all present at once")
+                break
+    return bad

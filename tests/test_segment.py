@@ -1,0 +1,92 @@
+"""The POSIX side: exclusive creation, modes, header validation, read-only readers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import posix_ipc
+import pytest
+
+import shmcache
+from shmcache import (
+    IncompatibleSegmentError,
+    Reader,
+    SegmentExistsError,
+    SegmentPermissionError,
+    Writer,
+)
+from shmcache.layout import H_MAGIC, H_VERSION, LAYOUT_VERSION, MAGIC
+
+
+def test_created_private_and_exclusive(shm_name):
+    with Writer.create(shm_name, capacity=8, block_size=4):
+        assert os.stat(f"/dev/shm/shmcache.{shm_name}").st_mode & 0o777 == 0o600
+        assert os.stat(f"/dev/shm/sem.shmcache.{shm_name}.writer").st_mode & 0o777 == 0o600
+    with pytest.raises(SegmentExistsError, match="Writer.open"):
+        Writer.create(shm_name, capacity=8, block_size=4)
+
+
+@pytest.mark.parametrize(
+    "word, value, fragment",
+    [(H_VERSION, LAYOUT_VERSION + 1, "layout version"), (H_MAGIC, MAGIC ^ 1, "bad magic"), (3, 9, "header word")],
+)
+def test_header_mismatch_is_refused_with_a_typed_error(shm_name, word, value, fragment):
+    with Writer.create(shm_name, capacity=8, block_size=4) as w:
+        good = int(w._map.data[word])
+        w._map.data[word] = value
+        try:
+            with pytest.raises(IncompatibleSegmentError, match=fragment):
+                Reader.attach(shm_name)
+        finally:
+            w._map.data[word] = good
+        Reader.attach(shm_name).close()
+
+
+def test_resized_segment_is_refused(shm_name):
+    with Writer.create(shm_name, capacity=8, block_size=4) as w:
+        size = w.geometry.total_bytes
+        shm = posix_ipc.SharedMemory(f"/shmcache.{shm_name}")
+        try:
+            os.ftruncate(shm.fd, size + 65536)
+            with pytest.raises(IncompatibleSegmentError, match="truncated or resized"):
+                Reader.attach(shm_name)
+            os.ftruncate(shm.fd, size)
+        finally:
+            shm.close_fd()
+        Reader.attach(shm_name).close()
+
+
+def test_precreated_world_writable_object_is_never_adopted(shm_name):
+    shm = posix_ipc.SharedMemory(f"/shmcache.{shm_name}", posix_ipc.O_CREX, mode=0o666, size=1 << 16)
+    os.fchmod(shm.fd, 0o666)
+    shm.close_fd()
+    with pytest.raises(SegmentPermissionError, match="writable by other users"):
+        Reader.attach(shm_name)
+    with pytest.raises(SegmentExistsError):
+        Writer.create(shm_name, capacity=8, block_size=4)
+
+
+def test_reader_maps_cache_data_read_only(shm_name):
+    with Writer.create(shm_name, capacity=8, block_size=4) as w, Reader.attach(shm_name) as r:
+        w.insert(np.arange(8), [1, 2])
+        with pytest.raises(ValueError, match="read-only"):
+            r._map.data[0] = 0
+        assert r.match_prefix(np.arange(8)).values.tolist() == [1, 2]
+
+
+def test_reader_process_exit_unlinks_nothing_and_warns_nothing(shm_name):
+    code = (
+        "import numpy as np, shmcache;"
+        f"r = shmcache.Reader.attach({shm_name!r});"
+        "print(r.match_prefix(np.arange(8)).length)"
+    )
+    with Writer.create(shm_name, capacity=8, block_size=4) as w:
+        w.insert(np.arange(8), [1, 2])
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip() == "8"
+        assert done.stderr == ""
+        assert shmcache.exists(shm_name)
+        assert w.match_prefix(np.arange(8)).length == 8
