@@ -36,6 +36,7 @@ __all__ = [
     "fetch_add",
     "load_u64_unaligned",
     "mul128",
+    "prefetch",
     "publish_word",
     "swap_word",
     "read_word",
@@ -165,6 +166,27 @@ def load_u64_unaligned(typingctx, arr, byte_offset):
         off = context.cast(builder, args[1], offty, types.intp)
         ptr = builder.bitcast(builder.gep(base, [off]), ir.IntType(64).as_pointer())
         return builder.load(ptr, align=1)
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Hint the CPU to bring ``arr[idx]``'s cache line in for reading (never faults)."""
+    if not (_is_flat_int_array(arr) and isinstance(idx, types.Integer)):
+        return None
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        arrty, idxty = signature.args
+        ptr = _element_pointer(context, builder, arrty, args[0], args[1], idxty)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
+        )
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
 
     return sig, codegen
 

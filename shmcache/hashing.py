@@ -21,7 +21,8 @@ column 1 the high word.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .atomics import load_u64_unaligned, mul128
 
@@ -72,19 +73,36 @@ def _sec32(off):
     return load_u64_unaligned(_SECRET, off) & _MASK32
 
 
-@njit(inline="always")
-def _rd(data, off):
-    return load_u64_unaligned(data, off)
+# An input is a "source": ``(k0, k1, plen, arr, base)`` is the ``plen``-byte
+# prefix k0||k1 (plen is 0 or 16) followed by the bytes of ``arr`` from byte
+# ``base``. Chain hashing reads the previous key from registers and the
+# tokens in place, with no copy; plain hashing uses plen 0. Reads inside the
+# prefix happen only at offsets that are multiples of 4 (chained inputs are
+# 16 + 4*B bytes), and only for inputs over 16 bytes.
 
 
 @njit(inline="always")
-def _rd32(data, off):
-    return load_u64_unaligned(data, off) & _MASK32
+def _rd(src, off):
+    k0, k1, plen, arr, base = src
+    if off >= plen:
+        return load_u64_unaligned(arr, base + off - plen)
+    if off == 0:
+        return k0
+    if off == 8:
+        return k1
+    if off == 4:
+        return (k0 >> np.uint64(32)) | (k1 << np.uint64(32))
+    return (k1 >> np.uint64(32)) | (np.uint64(arr[base // 4]) << np.uint64(32))
 
 
 @njit(inline="always")
-def _rd8(data, off):
-    return load_u64_unaligned(data, off) & np.uint64(0xFF)
+def _rd32(src, off):
+    return _rd(src, off) & _MASK32
+
+
+@njit(inline="always")
+def _rd8(src, off):
+    return _rd(src, off) & np.uint64(0xFF)
 
 
 @njit(inline="always")
@@ -132,16 +150,16 @@ def _rotl32(x, r):
 
 
 @njit(inline="always")
-def _mix16(data, off, soff):
-    return _fold64(_rd(data, off) ^ _sec(soff), _rd(data, off + 8) ^ _sec(soff + 8))
+def _mix16(src, off, soff):
+    return _fold64(_rd(src, off) ^ _sec(soff), _rd(src, off + 8) ^ _sec(soff + 8))
 
 
 @njit(inline="always")
-def _mix32(lo, hi, data, off1, off2, soff):
-    lo += _mix16(data, off1, soff)
-    lo ^= _rd(data, off2) + _rd(data, off2 + 8)
-    hi += _mix16(data, off2, soff + 16)
-    hi ^= _rd(data, off1) + _rd(data, off1 + 8)
+def _mix32(lo, hi, src, off1, off2, soff):
+    lo += _mix16(src, off1, soff)
+    lo ^= _rd(src, off2) + _rd(src, off2 + 8)
+    hi += _mix16(src, off2, soff + 16)
+    hi ^= _rd(src, off1) + _rd(src, off1 + 8)
     return lo, hi
 
 
@@ -154,13 +172,13 @@ def _finish_mid(lo, hi, length):
 
 
 @njit
-def _len_0to16(data, length):
+def _len_0to16(src, length):
     n = np.uint64(length)
     if length > 8:
         flip_lo = _sec(32) ^ _sec(40)
         flip_hi = _sec(48) ^ _sec(56)
-        in_lo = _rd(data, 0)
-        in_hi = _rd(data, length - 8)
+        in_lo = _rd(src, 0)
+        in_hi = _rd(src, length - 8)
         m_lo, m_hi = mul128(in_lo ^ in_hi ^ flip_lo, _P64_1)
         m_lo += (n - _U64_1) << np.uint64(54)
         in_hi ^= flip_hi
@@ -170,8 +188,8 @@ def _len_0to16(data, length):
         h_hi += m_hi * _P64_2
         return _avalanche3(h_lo), _avalanche3(h_hi)
     if length >= 4:
-        in_lo = _rd32(data, 0)
-        in_hi = _rd32(data, length - 4)
+        in_lo = _rd32(src, 0)
+        in_hi = _rd32(src, length - 4)
         in64 = in_lo + (in_hi << np.uint64(32))
         keyed = in64 ^ (_sec(16) ^ _sec(24))
         m_lo, m_hi = mul128(keyed, _P64_1 + (n << np.uint64(2)))
@@ -181,9 +199,9 @@ def _len_0to16(data, length):
         m_lo = _xorshift(m_lo, 28)
         return m_lo, _avalanche3(m_hi)
     if length > 0:
-        c1 = _rd8(data, 0)
-        c2 = _rd8(data, length >> 1)
-        c3 = _rd8(data, length - 1)
+        c1 = _rd8(src, 0)
+        c2 = _rd8(src, length >> 1)
+        c3 = _rd8(src, length - 1)
         comb_lo = (c1 << np.uint64(16)) | (c2 << np.uint64(24)) | c3 | (n << np.uint64(8))
         comb_hi = _rotl32(_swap32(comb_lo), 13)
         flip_lo = _sec32(0) ^ _sec32(4)
@@ -193,44 +211,44 @@ def _len_0to16(data, length):
 
 
 @njit(inline="always")
-def _len_17to128(data, length):
+def _len_17to128(src, length):
     lo = np.uint64(length) * _P64_1
     hi = _U64_0
     if length > 32:
         if length > 64:
             if length > 96:
-                lo, hi = _mix32(lo, hi, data, 48, length - 64, 96)
-            lo, hi = _mix32(lo, hi, data, 32, length - 48, 64)
-        lo, hi = _mix32(lo, hi, data, 16, length - 32, 32)
-    lo, hi = _mix32(lo, hi, data, 0, length - 16, 0)
+                lo, hi = _mix32(lo, hi, src, 48, length - 64, 96)
+            lo, hi = _mix32(lo, hi, src, 32, length - 48, 64)
+        lo, hi = _mix32(lo, hi, src, 16, length - 32, 32)
+    lo, hi = _mix32(lo, hi, src, 0, length - 16, 0)
     return _finish_mid(lo, hi, length)
 
 
 @njit
-def _len_129to240(data, length):
+def _len_129to240(src, length):
     lo = np.uint64(length) * _P64_1
     hi = _U64_0
     for i in range(4):
-        lo, hi = _mix32(lo, hi, data, 32 * i, 32 * i + 16, 32 * i)
+        lo, hi = _mix32(lo, hi, src, 32 * i, 32 * i + 16, 32 * i)
     lo = _avalanche3(lo)
     hi = _avalanche3(hi)
     for i in range(4, length // 32):
-        lo, hi = _mix32(lo, hi, data, 32 * i, 32 * i + 16, 3 + 32 * (i - 4))
-    lo, hi = _mix32(lo, hi, data, length - 16, length - 32, _SECRET_SIZE_MIN - 17 - 16)
+        lo, hi = _mix32(lo, hi, src, 32 * i, 32 * i + 16, 3 + 32 * (i - 4))
+    lo, hi = _mix32(lo, hi, src, length - 16, length - 32, _SECRET_SIZE_MIN - 17 - 16)
     return _finish_mid(lo, hi, length)
 
 
 @njit(inline="always")
-def _accumulate_512(acc, data, off, soff):
+def _accumulate_512(acc, src, off, soff):
     for i in range(8):
-        v = _rd(data, off + 8 * i)
+        v = _rd(src, off + 8 * i)
         k = v ^ _sec(soff + 8 * i)
         acc[i ^ 1] += v
         acc[i] += (k & _MASK32) * (k >> np.uint64(32))
 
 
 @njit
-def _hash_long(data, length):
+def _hash_long(src, length):
     acc = np.empty(8, dtype=np.uint64)
     acc[0] = _P32_3
     acc[1] = _P64_1
@@ -243,14 +261,14 @@ def _hash_long(data, length):
     n_blocks = (length - 1) // _BLOCK_LEN
     for b in range(n_blocks):
         for s in range(_STRIPES_PER_BLOCK):
-            _accumulate_512(acc, data, b * _BLOCK_LEN + s * _STRIPE, s * 8)
+            _accumulate_512(acc, src, b * _BLOCK_LEN + s * _STRIPE, s * 8)
         for i in range(8):
             a = _xorshift(acc[i], 47) ^ _sec(_SECRET_SIZE - _STRIPE + 8 * i)
             acc[i] = a * _P32_1
     n_stripes = ((length - 1) - _BLOCK_LEN * n_blocks) // _STRIPE
     for s in range(n_stripes):
-        _accumulate_512(acc, data, n_blocks * _BLOCK_LEN + s * _STRIPE, s * 8)
-    _accumulate_512(acc, data, length - _STRIPE, _SECRET_SIZE - _STRIPE - 7)
+        _accumulate_512(acc, src, n_blocks * _BLOCK_LEN + s * _STRIPE, s * 8)
+    _accumulate_512(acc, src, length - _STRIPE, _SECRET_SIZE - _STRIPE - 7)
     n = np.uint64(length)
     lo = n * _P64_1
     hi = ~(n * _P64_2)
@@ -263,59 +281,83 @@ def _hash_long(data, length):
     return _avalanche3(lo), _avalanche3(hi)
 
 
-@njit
-def xxh3_128(data, length):
-    """XXH3-128 (seed 0, default secret) of the first ``length`` bytes of ``data``.
+@njit(inline="always")
+def xxh3_128(src, length):
+    """XXH3-128 (seed 0, default secret) of the first ``length`` bytes of a source.
 
-    ``data`` is any C-contiguous array; it is read as raw bytes. Returns
-    ``(low64, high64)`` as uint64.
+    Returns ``(low64, high64)`` as uint64.
     """
     if length <= 16:
-        return _len_0to16(data, length)
+        return _len_0to16(src, length)
     if length <= 128:
-        return _len_17to128(data, length)
+        return _len_17to128(src, length)
     if length <= 240:
-        return _len_129to240(data, length)
-    return _hash_long(data, length)
+        return _len_129to240(src, length)
+    return _hash_long(src, length)
 
 
-@njit(inline="always")
-def hash_block(prev_lo, prev_hi, tokens, start, block_size, buf):
-    """Key of the block ``tokens[start:start+block_size]`` chained on ``prev``.
+@njit
+def first_bad(tokens):
+    """Index of the first token outside ``[0, 2**32)``, or -1."""
+    for i in range(tokens.shape[0]):
+        t = np.int64(tokens[i])
+        if t < 0 or t > MAX_TOKEN:
+            return i
+    return -1
 
-    ``buf`` is caller-owned uint32 scratch of at least ``4 + block_size``
-    words. Returns ``(ok, low, high)``; ``ok`` is False when a token is
-    outside ``[0, 2**32)``, and the key is then meaningless.
-    """
-    buf[0] = np.uint32(prev_lo & _MASK32)
-    buf[1] = np.uint32(prev_lo >> np.uint64(32))
-    buf[2] = np.uint32(prev_hi & _MASK32)
-    buf[3] = np.uint32(prev_hi >> np.uint64(32))
-    ok = True
-    for j in range(block_size):
-        t = np.int64(tokens[start + j])
-        ok &= (t >= 0) & (t <= MAX_TOKEN)
-        buf[4 + j] = np.uint32(t & MAX_TOKEN)
-    lo, hi = xxh3_128(buf, 16 + 4 * block_size)
-    return ok, lo, hi
+
+def tokens_u32(tokens, scratch):
+    """The tokens as a uint32 array and the index of the first one outside
+    ``[0, 2**32)`` (-1 if none). Compiled per dtype: uint32 is used as it is,
+    int32 is reinterpreted after a sign check, anything else is narrowed
+    into ``scratch``. Each is one branch-free, vectorisable pass."""
+    raise NotImplementedError("only callable from Numba kernels")
+
+
+@overload(tokens_u32, jit_options={"nogil": True})
+def _tokens_u32(tokens, scratch):
+    if tokens.dtype == types.uint32:
+        return lambda tokens, scratch: (tokens, -1)
+
+    if tokens.dtype == types.int32:
+
+        def impl(tokens, scratch):
+            acc = np.int32(0)
+            for i in range(tokens.shape[0]):
+                acc |= tokens[i]
+            return tokens.view(np.uint32), (first_bad(tokens) if acc < 0 else -1)
+
+        return impl
+
+    def impl(tokens, scratch):
+        n = tokens.shape[0]
+        out = scratch[:n]
+        acc = np.uint64(0)
+        for i in range(n):
+            t = np.uint64(tokens[i])
+            acc |= t
+            out[i] = np.uint32(t & _MASK32)
+        return out, (first_bad(tokens) if acc > _MASK32 else -1)
+
+    return impl
 
 
 @njit(cache=True, nogil=True)
-def chain_keys(tokens, n_blocks, block_size, root_lo, root_hi, buf, out):
+def chain_keys(tokens, n_blocks, block_size, root_lo, root_hi, scratch, out):
     """Write the chained keys of the first ``n_blocks`` blocks into ``out``.
 
-    Returns -1 on success, else the index of the first token outside
-    ``[0, 2**32)`` (``out`` is then partly written and must not be used).
+    ``scratch`` is uint32 workspace of at least ``n_blocks * block_size``
+    words. Returns -1 on success, else the index of the first token outside
+    ``[0, 2**32)`` (``out`` is then not written).
     """
+    t32, bad = tokens_u32(tokens[: n_blocks * block_size], scratch)
+    if bad >= 0:
+        return bad
     lo = root_lo
     hi = root_hi
+    length = 16 + 4 * block_size
     for b in range(n_blocks):
-        ok, lo, hi = hash_block(lo, hi, tokens, b * block_size, block_size, buf)
-        if not ok:
-            for j in range(block_size):
-                t = np.int64(tokens[b * block_size + j])
-                if t < 0 or t > MAX_TOKEN:
-                    return b * block_size + j
+        lo, hi = xxh3_128((lo, hi, 16, t32, 4 * b * block_size), length)
         out[b, 0] = lo
         out[b, 1] = hi
     return -1
@@ -324,4 +366,4 @@ def chain_keys(tokens, n_blocks, block_size, root_lo, root_hi, buf, out):
 @njit(cache=True, nogil=True)
 def xxh3_128_bytes(data):
     """XXH3-128 of a whole uint8 array; ``(low64, high64)``."""
-    return xxh3_128(data, data.shape[0])
+    return xxh3_128((_U64_0, _U64_0, 0, data, 0), data.shape[0])

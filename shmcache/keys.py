@@ -142,7 +142,6 @@ class KeyChain:
         self.block_size = block_size
         self.seed = seed
         self._roots: dict[object, tuple[np.uint64, np.uint64]] = {}
-        self._buf = np.zeros(4 + block_size, dtype=np.uint32)
         self.root(None)
 
     def root(self, namespace: Namespace) -> tuple[np.uint64, np.uint64]:
@@ -163,7 +162,8 @@ class KeyChain:
         n = tokens.shape[0] // self.block_size
         out = np.empty((n, 2), dtype=np.uint64)
         root_lo, root_hi = self.root(namespace)
-        bad = chain_keys(tokens, n, self.block_size, root_lo, root_hi, self._buf, out)
+        scratch = np.empty(n * self.block_size, dtype=np.uint32)
+        bad = chain_keys(tokens, n, self.block_size, root_lo, root_hi, scratch, out)
         if bad >= 0:
             raise bad_token_error(tokens, bad)
         return out

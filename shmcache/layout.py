@@ -184,6 +184,7 @@ G_INDEX = 3  # word offset of the index in the data part
 G_SLOTS = 4
 G_HITS = 5  # word offset of the hit stamps in the writable part
 G_READER_SLOTS = 6
+G_SLOT = 7  # the calling reader's slot in the reader table (-1: none); per process
 G_WORDS = 8
 
 
@@ -249,6 +250,7 @@ class Geometry:
         g[G_SLOTS] = self.index_slots
         g[G_HITS] = self.hits_offset // 8
         g[G_READER_SLOTS] = self.reader_slots
+        g[G_SLOT] = -1
         return g
 
     @property

@@ -28,14 +28,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .atomics import fence_acquire, load_acquire, load_relaxed, mul128, store_relaxed
-from .hashing import chain_keys
+from .atomics import fence_acquire, load_acquire, load_relaxed, mul128, prefetch, store_relaxed
+from .hashing import tokens_u32, xxh3_128
 from .layout import (
+    G_BLOCK_SIZE,
     G_CAPACITY,
+    G_SLOT,
     G_HITS,
     G_INDEX,
     G_READER_SLOTS,
     G_SLOTS,
+    G_WORDS,
     G_STATES,
     H_CLOCK,
     H_MAX_PROBE,
@@ -103,13 +106,19 @@ def read_state(data, base, key_lo, key_hi, link):
 
 
 @njit(inline="always")
-def find_state(data, geom, key_lo, key_hi, link):
+def max_probe(data, geom):
+    """How many slots past its home a lookup may look: the writer's recorded
+    maximum, bounded by the index size whatever the header says."""
+    return min(np.int64(load_relaxed(data, H_MAX_PROBE)), geom[G_SLOTS] - 1)
+
+
+@njit(inline="always")
+def find_state(data, geom, key_lo, key_hi, link, probes):
     """Look a block key up in the index; ``(state, version, value)`` or state -1."""
     n_slots = geom[G_SLOTS]
     index = geom[G_INDEX]
     states = geom[G_STATES]
     capacity = geom[G_CAPACITY]
-    probes = min(np.int64(load_relaxed(data, H_MAX_PROBE)), n_slots - 1)
     pos = home_slot(key_hi, n_slots)
     tag = key_lo & _TAG
     for _ in range(probes + 1):
@@ -131,28 +140,15 @@ def find_state(data, geom, key_lo, key_hi, link):
 
 
 @njit(inline="always")
-def walk(data, geom, keys, n_blocks, path, versions, values):
-    """Match ``keys[:n_blocks]`` from the root; returns the matched block count.
+def finish_walk(data, geom, g0, n, path, versions):
+    """Close a walk that matched ``n`` states: the one-instant check.
 
-    ``path``/``versions``/``values`` receive the matched states, their
-    versions and values. The result is a one-instant snapshot (module doc).
+    Returns how many leading states of ``path`` form a true snapshot.
     """
-    states = geom[G_STATES]
-    g0 = load_acquire(data, H_MUTATIONS)
-    link = np.uint64(LINK_ROOT)
-    n = 0
-    while n < n_blocks:
-        s, version, value = find_state(data, geom, keys[n, 0], keys[n, 1], link)
-        if s < 0:
-            break
-        path[n] = s
-        versions[n] = version
-        values[n] = np.int64(value)
-        link = np.uint64(s + LINK_PARENT_BIAS)
-        n += 1
     fence_acquire()
     g1 = load_relaxed(data, H_MUTATIONS)
     if g0 != g1 or (g0 & _ONE):
+        states = geom[G_STATES]
         for j in range(n):
             if load_relaxed(data, states + path[j] * RECORD_WORDS + R_VERSION) != versions[j]:
                 return j
@@ -160,7 +156,30 @@ def walk(data, geom, keys, n_blocks, path, versions, values):
 
 
 @njit(inline="always")
-def note_hits(data, wdata, geom, slot, path, n, n_blocks):
+def walk(data, geom, keys, n_blocks, path, versions, values):
+    """Match ``keys[:n_blocks]`` from the root; returns the matched block count.
+
+    ``path``/``versions``/``values`` receive the matched states, their
+    versions and values. The result is a one-instant snapshot (module doc).
+    """
+    g0 = load_acquire(data, H_MUTATIONS)
+    probes = max_probe(data, geom)
+    link = np.uint64(LINK_ROOT)
+    n = 0
+    while n < n_blocks:
+        s, version, value = find_state(data, geom, keys[n, 0], keys[n, 1], link, probes)
+        if s < 0:
+            break
+        path[n] = s
+        versions[n] = version
+        values[n] = np.int64(value)
+        link = np.uint64(s + LINK_PARENT_BIAS)
+        n += 1
+    return finish_walk(data, geom, g0, n, path, versions)
+
+
+@njit(inline="always")
+def note_hits(data, wdata, geom, path, n, n_blocks):
     """Stamp the deepest matched state with the clock and count the query.
 
     Only the deepest state is stamped: the writer propagates a child's
@@ -172,6 +191,7 @@ def note_hits(data, wdata, geom, slot, path, n, n_blocks):
         at = geom[G_HITS] + path[n - 1]
         if load_relaxed(wdata, at) < clock:
             store_relaxed(wdata, at, clock)
+    slot = geom[G_SLOT]
     if 0 <= slot < geom[G_READER_SLOTS]:
         base = slot * READER_WORDS
         store_relaxed(wdata, base + RD_QUERIES, load_relaxed(wdata, base + RD_QUERIES) + _ONE)
@@ -179,24 +199,66 @@ def note_hits(data, wdata, geom, slot, path, n, n_blocks):
         store_relaxed(wdata, base + RD_HIT_BLOCKS, load_relaxed(wdata, base + RD_HIT_BLOCKS) + np.uint64(n))
 
 
-@njit(cache=True, nogil=True)
-def match_keys_kernel(data, wdata, geom, slot, keys, n_blocks, path, versions, values):
-    """Reader match of precomputed keys; returns the matched block count."""
+#: A reader's workspace starts with its geometry vector (``layout.G_*``,
+#: slot included) and the key-chain root of its current namespace; the
+#: per-call arrays follow. Keeping them there makes a match a four-argument
+#: call: the Numba dispatcher's cost grows with every argument.
+WS_ROOT = G_WORDS
+WS_HEADER = G_WORDS + 2
+WS_TOO_SMALL = -(1 << 62)
+
+
+def workspace_words(n_blocks: int, block_size: int) -> int:
+    """Size in words of a workspace for prompts of up to ``n_blocks`` blocks."""
+    return WS_HEADER + 5 * n_blocks + (n_blocks * block_size + 1) // 2
+
+
+@njit(inline="always")
+def match_in_workspace(data, wdata, geom, keys, n_blocks, work):
+    values = work[0:n_blocks].view(np.int64)
+    path = work[n_blocks : 2 * n_blocks].view(np.int64)
+    versions = work[2 * n_blocks : 3 * n_blocks]
     n = walk(data, geom, keys, n_blocks, path, versions, values)
-    note_hits(data, wdata, geom, slot, path, n, n_blocks)
+    note_hits(data, wdata, geom, path, n, n_blocks)
     return n
 
 
 @njit(cache=True, nogil=True)
-def match_tokens_kernel(data, wdata, geom, slot, tokens, n_blocks, block_size, root_lo, root_hi, buf, keys, path, versions, values):
-    """Reader match of raw tokens: hash the chain, then walk it.
+def match_keys_kernel(data, wdata, keys, ws):
+    """Reader match of precomputed keys. ``ws`` is the reader's workspace;
+    returns the matched block count, their values left in
+    ``ws[WS_HEADER:WS_HEADER + count]`` as int64."""
+    geom = ws[:G_WORDS].view(np.int64)
+    return match_in_workspace(data, wdata, geom, keys, keys.shape[0], ws[WS_HEADER:])
 
-    Returns the matched block count, or ``-(i + 1)`` when token ``i`` is
-    outside ``[0, 2**32)`` (nothing is read or stamped then).
+
+@njit(cache=True, nogil=True)
+def match_tokens_kernel(data, wdata, tokens, ws):
+    """Reader match of raw tokens: hash the chain from the workspace's root,
+    then walk it.
+
+    Returns the matched block count (values as in ``match_keys_kernel``), or
+    ``-(i + 1)`` when token ``i`` is outside ``[0, 2**32)`` (nothing matched),
+    or ``WS_TOO_SMALL`` when the workspace must first grow.
     """
-    bad = chain_keys(tokens, n_blocks, block_size, root_lo, root_hi, buf, keys)
+    geom = ws[:G_WORDS].view(np.int64)
+    block_size = geom[G_BLOCK_SIZE]
+    n_blocks = tokens.shape[0] // block_size
+    if ws.shape[0] < WS_HEADER + 5 * n_blocks + (n_blocks * block_size + 1) // 2:
+        return WS_TOO_SMALL
+    work = ws[WS_HEADER:]
+    keys = work[3 * n_blocks : 5 * n_blocks].reshape((n_blocks, 2))
+    t32, bad = tokens_u32(tokens[: n_blocks * block_size], work[5 * n_blocks :].view(np.uint32))
     if bad >= 0:
         return -bad - 1
-    n = walk(data, geom, keys, n_blocks, path, versions, values)
-    note_hits(data, wdata, geom, slot, path, n, n_blocks)
-    return n
+    lo = ws[WS_ROOT]
+    hi = ws[WS_ROOT + 1]
+    length = 16 + 4 * block_size
+    for b in range(n_blocks):
+        lo, hi = xxh3_128((lo, hi, 16, t32, 4 * b * block_size), length)
+        keys[b, 0] = lo
+        keys[b, 1] = hi
+        # Free while the hash chain's latency leaves issue slots idle; on a
+        # cold segment it turns the walk's index misses into cache hits.
+        prefetch(data, geom[G_INDEX] + home_slot(hi, geom[G_SLOTS]))
+    return match_in_workspace(data, wdata, geom, keys, n_blocks, work)

@@ -65,7 +65,7 @@ from .layout import (
     SLOT_STATE_MASK,
     TAG_MASK,
 )
-from .matcher import CLOCK_TICK, find_state, home_slot, walk
+from .matcher import CLOCK_TICK, find_state, home_slot, max_probe, walk
 
 
 class WriterCrashed(Exception):
@@ -907,11 +907,11 @@ def check_segment(data, geom):
         base = states + s * RECORD_WORDS
         if np.int64(data[base + R_PINS] >> np.uint64(32)) != protect[s]:
             n = report(out, n, V_PROTECT_COUNT, s, protect[s])
-        f, _, _ = find_state(data, geom, data[base + R_KEY_LO], data[base + R_KEY_HI], data[base + R_LINK] & _LOW32)
+        f, _, _ = find_state(data, geom, data[base + R_KEY_LO], data[base + R_KEY_HI], data[base + R_LINK] & _LOW32, max_probe(data, geom))
         if f != s:
             n = report(out, n, V_NOT_INDEXED, s, f)
     used = 0
-    max_probe = np.int64(data[H_MAX_PROBE])
+    probe_limit = np.int64(data[H_MAX_PROBE])
     for i in range(n_slots):
         w = data[index + i]
         if w == 0:
@@ -924,7 +924,7 @@ def check_segment(data, geom):
         base = states + s * RECORD_WORDS
         if (data[base + R_KEY_LO] & _TAG) != (w & _TAG):
             n = report(out, n, V_SLOT_BAD_TAG, i, s)
-        if (i - home_slot(data[base + R_KEY_HI], n_slots)) % n_slots > max_probe:
+        if (i - home_slot(data[base + R_KEY_HI], n_slots)) % n_slots > probe_limit:
             n = report(out, n, V_SLOT_TOO_FAR, i, s)
     if used != n_live:
         n = report(out, n, V_SLOT_COUNT, used, n_live)

@@ -21,6 +21,7 @@ from .identity import is_alive, me
 from .keys import KeyChain, Namespace, PrefixMatch, as_keys, as_tokens, bad_token_error
 from .layout import (
     G_READER_SLOTS,
+    G_SLOT,
     H_CLOCK,
     H_EVICTED,
     H_INCARNATION,
@@ -46,25 +47,16 @@ from .layout import (
     RD_START,
     READER_WORDS,
 )
-from .matcher import match_keys_kernel, match_tokens_kernel
+from .matcher import WS_HEADER, WS_ROOT, WS_TOO_SMALL, match_keys_kernel, match_tokens_kernel, workspace_words
 from .mutate import check_segment
 
 __all__ = ["Reader", "PrefixMatch"]
 
 
-class _Scratch:
-    """Per-Reader buffers the matcher writes into, grown on demand."""
-
-    def __init__(self, block_size: int, n: int) -> None:
-        self.buf = np.zeros(4 + block_size, dtype=np.uint32)
-        self.grow(n)
-
-    def grow(self, n: int) -> None:
-        self.n = n
-        self.keys = np.empty((n, 2), dtype=np.uint64)
-        self.path = np.empty(n, dtype=np.int64)
-        self.versions = np.empty(n, dtype=np.uint64)
-        self.values = np.empty(n, dtype=np.int64)
+def _match(length: int, values: np.ndarray) -> PrefixMatch:
+    # tuple.__new__ directly: the NamedTuple constructor is Python code, and
+    # this sits on the hot path.
+    return tuple.__new__(PrefixMatch, (length, values))
 
 
 def header_stats(data: np.ndarray, geometry) -> dict:
@@ -101,6 +93,8 @@ class Reader:
 
     def __init__(self, mapping: segment.Mapping) -> None:
         self._map = mapping
+        self._data = mapping.data  # the hot path reads these two directly
+        self._wdata = mapping.wdata
         self._geom = mapping.geometry.vector()
         self.name = mapping.name
         self.block_size = mapping.geometry.block_size
@@ -108,8 +102,22 @@ class Reader:
         self.seed = int(mapping.data[H_SEED_LO]) | (int(mapping.data[H_SEED_HI]) << 64)
         self.incarnation = int(mapping.data[H_INCARNATION])
         self._chain = KeyChain(self.block_size, self.seed)
-        self._scratch = _Scratch(self.block_size, 256)
         self._slot = self._register()
+        self._geom[G_SLOT] = self._slot
+        self._namespace: Namespace = None
+        self._ws = np.zeros(0, dtype=np.uint64)
+        self._grow(256)
+
+    def _grow(self, n_blocks: int) -> None:
+        """Size the workspace for prompts of ``n_blocks`` blocks (header kept)."""
+        ws = np.zeros(workspace_words(n_blocks, self.block_size), dtype=np.uint64)
+        ws[:WS_HEADER] = self._geom.view(np.uint64).tolist() + list(self._chain.root(self._namespace))
+        self._ws = ws
+        self._ws_values = ws[WS_HEADER:].view(np.int64)
+
+    def _use_namespace(self, namespace: Namespace) -> None:
+        self._ws[WS_ROOT : WS_ROOT + 2] = self._chain.root(namespace)
+        self._namespace = namespace
 
     @classmethod
     def attach(cls, name: str, *, allow_other_owner: bool = False) -> "Reader":
@@ -141,7 +149,7 @@ class Reader:
     # --- matching ---------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._map.data is None:
+        if self._data is None:
             raise ClosedError(f"Reader for {self.name!r} is closed: attach a new one with Reader.attach")
 
     def match_prefix(self, tokens: object, namespace: Namespace = None) -> PrefixMatch:
@@ -152,32 +160,31 @@ class Reader:
         with the returned value, at one instant during the call; under
         concurrent writes the answer may be shorter, never wrong.
         """
-        self._check_open()
-        toks = as_tokens(tokens)
-        n = toks.shape[0] // self.block_size
-        sc = self._scratch
-        if n > sc.n:
-            sc.grow(max(n, 2 * sc.n))
-        root_lo, root_hi = self._chain.root(namespace)
-        k = match_tokens_kernel(
-            self._map.data, self._map.wdata, self._geom, self._slot, toks, n, self.block_size,
-            root_lo, root_hi, sc.buf, sc.keys, sc.path, sc.versions, sc.values,
-        )
+        if self._data is None:
+            self._check_open()
+        if type(tokens) is np.ndarray and tokens.ndim == 1 and tokens.dtype.kind in "iu" and tokens.flags.c_contiguous:
+            toks = tokens
+        else:
+            toks = as_tokens(tokens)
+        if namespace is not self._namespace:
+            self._use_namespace(namespace)
+        k = match_tokens_kernel(self._data, self._wdata, toks, self._ws)
         if k < 0:
-            raise bad_token_error(toks, -k - 1)
-        return PrefixMatch(k * self.block_size, sc.values[:k].copy())
+            if k != WS_TOO_SMALL:
+                raise bad_token_error(toks, -k - 1)
+            self._grow(toks.shape[0] // self.block_size)
+            k = match_tokens_kernel(self._data, self._wdata, toks, self._ws)
+        return _match(k * self.block_size, self._ws_values[:k].copy())
 
     def match_keys(self, keys: np.ndarray) -> PrefixMatch:
         """Like ``match_prefix`` for precomputed ``(n, 2)`` uint64 keys
         (from ``block_keys`` with this segment's seed, or ``self.block_keys``)."""
         self._check_open()
         keys = as_keys(keys)
-        n = keys.shape[0]
-        sc = self._scratch
-        if n > sc.n:
-            sc.grow(max(n, 2 * sc.n))
-        k = match_keys_kernel(self._map.data, self._map.wdata, self._geom, self._slot, keys, n, sc.path, sc.versions, sc.values)
-        return PrefixMatch(k * self.block_size, sc.values[:k].copy())
+        if workspace_words(keys.shape[0], self.block_size) > self._ws.shape[0]:
+            self._grow(keys.shape[0])
+        k = match_keys_kernel(self._data, self._wdata, keys, self._ws)
+        return _match(k * self.block_size, self._ws_values[:k].copy())
 
     def block_keys(self, tokens: object, namespace: Namespace = None) -> np.ndarray:
         """Chained keys of ``tokens`` under this segment's block size and seed."""
@@ -214,10 +221,11 @@ class Reader:
 
     def close(self) -> None:
         """Leave the reader table and unmap. Never unlinks anything. Idempotent."""
-        if self._map.data is None:
+        if self._data is None:
             return
         if self._slot >= 0:
-            publish_word(self._map.wdata, self._slot * READER_WORDS + RD_PID, np.uint64(0))
+            publish_word(self._wdata, self._slot * READER_WORDS + RD_PID, np.uint64(0))
+        self._data = self._wdata = None
         self._map.close()
 
     def __enter__(self) -> "Reader":
@@ -227,5 +235,5 @@ class Reader:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._map.data is None else f"capacity={self.capacity} block_size={self.block_size}"
+        state = "closed" if self._data is None else f"capacity={self.capacity} block_size={self.block_size}"
         return f"<shmcache.Reader {self.name!r} {state}>"
