@@ -176,3 +176,13 @@ def test_unpinning_a_shorter_prefix_keeps_the_pinned_child_and_its_ancestors(shm
             w.insert(prompt(4, 5), [40, 41])
         assert w.evict(3).tolist() == [30]
         w.check()
+
+
+def test_prompts_longer_than_the_reader_workspace(shm_name):
+    """A 16,384-token prompt (1,024 blocks) grows the reader's workspace."""
+    toks = np.arange(16_384, dtype=np.int64)
+    with Writer.create(shm_name, capacity=2048, block_size=16) as w, Reader.attach(shm_name) as r:
+        w.insert(toks, np.arange(1024))
+        assert r.match_prefix(toks).values.tolist() == list(range(1024))
+        assert r.match_prefix(toks[:100]).length == 96
+        assert r.match_keys(r.block_keys(toks)).length == 16_384

@@ -1,0 +1,97 @@
+"""The ``shmcache`` command.
+
+* ``shmcache demo``: replay the bundled Mooncake trace through a writer and
+  a reader process, beside an exact-LRU reference, with a live progress line.
+* ``shmcache dump NAME``: inspect a live segment read-only (``--json`` for
+  scripts, ``--check`` to verify every invariant; exit 1 if one fails).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import SegmentCorruptError, ShmCacheError
+
+
+def _progress(label: str):
+    start = time.perf_counter()
+
+    def show(done: int, total: int) -> None:
+        if done == total or done % 50 == 0:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            end = "\n" if done == total else ""
+            print(f"\r  {label}: {done:,}/{total:,} requests ({rate:,.0f}/s)", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def demo(args: argparse.Namespace) -> int:
+    from .replay import format_results, load_trace, replay, unique_blocks
+
+    trace = load_trace(limit=args.requests)
+    uniq = unique_blocks(trace, args.block_size)
+    print(f"shmcache demo: {len(trace):,} requests of the Mooncake synthetic trace, "
+          f"{uniq:,} unique blocks of {args.block_size} tokens")
+    results = []
+    for fraction in args.capacity:
+        capacity = max(1, int(uniq * fraction))
+        results.append(replay(trace, capacity, args.block_size, _progress(f"capacity {fraction:.0%} ({capacity:,} blocks)")))
+    print(format_results(results))
+    return 0
+
+
+def dump(args: argparse.Namespace) -> int:
+    from .reader import Reader
+
+    with Reader.attach(args.name) as r:
+        info = {"name": args.name, **r.stats()}
+        for key in ("reader_slot", "queries", "query_blocks", "hit_blocks", "block_hit_rate"):
+            info.pop(key)
+        violations: list[str] = []
+        if args.check:
+            try:
+                r.check()
+            except SegmentCorruptError as e:
+                violations = e.violations
+            info["violations"] = violations
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            if key != "violations":
+                print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+        if args.check:
+            print("check: ok" if not violations else f"check: {len(violations)} violation(s)")
+            for v in violations:
+                print(f"  - {v}")
+    return 1 if violations else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="shmcache", description="Node-local prefix-cache index in shared memory.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="replay the bundled request trace end to end")
+    d.add_argument("--requests", type=int, default=None, help="replay only the first N requests")
+    d.add_argument("--block-size", type=int, default=16)
+    d.add_argument("--capacity", type=float, nargs="+", default=[0.25, 1.0],
+                   help="capacities as fractions of the trace's unique blocks")
+    d.set_defaults(func=demo)
+    u = sub.add_parser("dump", help="inspect a live segment (read-only)")
+    u.add_argument("name")
+    u.add_argument("--json", action="store_true", help="one JSON document")
+    u.add_argument("--check", action="store_true", help="verify every invariant; exit 1 on a violation")
+    u.set_defaults(func=dump)
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except ShmCacheError as e:
+        print(f"shmcache: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

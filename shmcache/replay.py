@@ -1,0 +1,209 @@
+"""Replay a request trace through a Writer and a Reader process, beside an exact-LRU model.
+
+The trace is the Mooncake FAST'25 synthetic trace (Apache-2.0, bundled as
+``shmcache/data/synthetic_trace.jsonl``): each request lists ``hash_ids`` of
+512-token blocks, equal ids meaning a shared prefix; the last block is
+partial. Tokens are generated deterministically from each id, so every run
+and every process sees the same prompts.
+
+For each request, in order, the reader process matches the prompt (that is
+the hit) and then the writer inserts it, as a serving engine does after
+prefill. The reference is a plain-Python exact LRU over the same 16-token
+blocks: leading cached blocks are the hit, every block of the request is
+touched deepest first (so a prefix outlives its extensions), and the least
+recently used block goes first when full.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from importlib import resources
+from typing import Callable
+
+import numpy as np
+
+TRACE_BLOCK = 512
+VOCAB = 128_000
+
+
+def load_trace(path: str | None = None, limit: int | None = None) -> list[tuple[int, list[int]]]:
+    """``(input_length, hash_ids)`` per request; the bundled trace by default."""
+    if path is None:
+        text = resources.files("shmcache").joinpath("data/synthetic_trace.jsonl").read_text()
+    else:
+        with open(path) as f:
+            text = f.read()
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            r = json.loads(line)
+            out.append((int(r["input_length"]), [int(h) for h in r["hash_ids"]]))
+            if limit is not None and len(out) == limit:
+                break
+    return out
+
+
+def block_tokens(hash_id: int) -> np.ndarray:
+    """The 512 token ids of trace block ``hash_id`` (a fixed mix of id and position)."""
+    x = (np.uint64(hash_id) << np.uint64(9)) | np.arange(TRACE_BLOCK, dtype=np.uint64)
+    x = (x ^ (x >> np.uint64(31))) * np.uint64(0x9E3779B97F4A7C15)
+    return ((x >> np.uint64(33)) % np.uint64(VOCAB)).astype(np.int64)
+
+
+def prompt_tokens(input_length: int, hash_ids: list[int]) -> np.ndarray:
+    """A request's prompt: its blocks' tokens, the last one cut to ``input_length``."""
+    toks = np.concatenate([block_tokens(h) for h in hash_ids]) if hash_ids else np.zeros(0, np.int64)
+    return toks[:input_length]
+
+
+def block_ids(input_length: int, hash_ids: list[int], block_size: int) -> list[tuple[int, int]]:
+    """Identity of each full ``block_size`` block of a request, for the reference model.
+
+    Equal trace ids mean equal prefixes, so (trace block id, offset) names a
+    chained block exactly.
+    """
+    per = TRACE_BLOCK // block_size
+    return [(hash_ids[j // per], j % per) for j in range(input_length // block_size)]
+
+
+def unique_blocks(trace, block_size: int) -> int:
+    return len({b for length, ids in trace for b in block_ids(length, ids, block_size)})
+
+
+def reference_hits(trace, block_size: int, capacity: int) -> list[int]:
+    """Hit tokens per request under exact LRU of ``capacity`` blocks."""
+    lru: OrderedDict = OrderedDict()
+    hits = []
+    for length, ids in trace:
+        blocks = block_ids(length, ids, block_size)
+        n = 0
+        while n < len(blocks) and blocks[n] in lru:
+            n += 1
+        hits.append(n * block_size)
+        for b in reversed(blocks):
+            lru[b] = True
+            lru.move_to_end(b)
+        while len(lru) > capacity:
+            lru.popitem(last=False)
+    return hits
+
+
+def _reader(name: str, trace, conn) -> None:
+    from shmcache import Reader
+
+    r = Reader.attach(name)
+    clock = time.perf_counter_ns
+    while True:
+        i = conn.recv()
+        if i < 0:
+            break
+        toks = prompt_tokens(*trace[i])
+        t0 = clock()
+        m = r.match_prefix(toks)
+        conn.send((m.length, clock() - t0))
+    r.close()
+
+
+@dataclass
+class ReplayResult:
+    capacity: int
+    requests: int
+    prompt_tokens: int
+    hit_tokens: int
+    reference_hit_tokens: int
+    match_p50_us: float
+    match_p99_us: float
+    inserted_blocks: int
+    insert_seconds: float
+    evicted_blocks: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.prompt_tokens
+
+    @property
+    def reference_hit_rate(self) -> float:
+        return self.reference_hit_tokens / self.prompt_tokens
+
+    @property
+    def insert_blocks_per_s(self) -> float:
+        return self.inserted_blocks / self.insert_seconds if self.insert_seconds else 0.0
+
+
+def replay(
+    trace,
+    capacity: int,
+    block_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReplayResult:
+    """Replay ``trace`` through a fresh segment of ``capacity`` blocks (writer
+    here, reader in a spawned process) and through the reference LRU."""
+    from shmcache import Writer
+
+    name = f"replay-{uuid.uuid4().hex[:10]}"
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    evicted = [0]
+    w = Writer.create(name, capacity=capacity, block_size=block_size,
+                      on_evict=lambda v: evicted.__setitem__(0, evicted[0] + len(v)))
+    reader = ctx.Process(target=_reader, args=(name, trace, there), daemon=True)
+    try:
+        reader.start()
+        hits, latencies = [], []
+        next_value = 0
+        inserted = 0
+        insert_ns = 0
+        for i, (length, ids) in enumerate(trace):
+            here.send(i)
+            hit, ns = here.recv()
+            hits.append(hit)
+            latencies.append(ns)
+            toks = prompt_tokens(length, ids)
+            n = len(toks) // block_size
+            t0 = time.perf_counter_ns()
+            cached = w.insert(toks, np.arange(next_value, next_value + n))
+            insert_ns += time.perf_counter_ns() - t0
+            inserted += n - cached // block_size
+            next_value += n
+            if progress is not None:
+                progress(i + 1, len(trace))
+        here.send(-1)
+        reader.join(60)
+    finally:
+        if reader.is_alive():
+            reader.kill()
+            reader.join()
+        w.close(unlink=True)
+    ref = reference_hits(trace, block_size, capacity)
+    lat = np.asarray(latencies, dtype=np.float64) / 1e3
+    return ReplayResult(
+        capacity=capacity,
+        requests=len(trace),
+        prompt_tokens=sum(length for length, _ in trace),
+        hit_tokens=sum(hits),
+        reference_hit_tokens=sum(ref),
+        match_p50_us=float(np.percentile(lat, 50)),
+        match_p99_us=float(np.percentile(lat, 99)),
+        inserted_blocks=inserted,
+        insert_seconds=insert_ns / 1e9,
+        evicted_blocks=evicted[0],
+    )
+
+
+def format_results(results: list[ReplayResult]) -> str:
+    """The comparison table the replay tool and the demo print."""
+    head = (f"{'capacity':>10s} {'requests':>8s} {'hit rate':>9s} {'LRU ref':>8s} {'ratio':>6s} "
+            f"{'match p50':>10s} {'p99':>8s} {'insert blk/s':>13s} {'evicted':>9s}")
+    lines = [head]
+    for r in results:
+        ratio = r.hit_rate / r.reference_hit_rate if r.reference_hit_rate else 1.0
+        lines.append(
+            f"{r.capacity:>10,d} {r.requests:>8,d} {r.hit_rate:>8.2%} {r.reference_hit_rate:>8.2%} {ratio:>6.3f} "
+            f"{r.match_p50_us:>8.1f}µs {r.match_p99_us:>6.1f}µs {r.insert_blocks_per_s:>13,.0f} {r.evicted_blocks:>9,d}"
+        )
+    return "\n".join(lines)
