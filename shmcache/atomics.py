@@ -4,7 +4,7 @@ This module owns every memory-ordering primitive shmcache uses. Plain NumPy
 loads in a Numba kernel are ordinary LLVM loads: LLVM may merge, hoist or
 re-order them, which would make a seqlock's re-check of a version word
 meaningless. These intrinsics emit LLVM's ``load atomic`` / ``store atomic``
-/ ``fence`` / ``cmpxchg`` / ``atomicrmw`` with an explicit ordering, so the
+/ ``fence`` / ``cmpxchg`` with an explicit ordering, so the
 C++11 memory model (which LLVM implements) gives the guarantees the reader
 protocol in ``shmcache.matcher`` relies on. They work with ``cache=True``.
 
@@ -31,9 +31,7 @@ __all__ = [
     "store_relaxed",
     "fence_acquire",
     "fence_release",
-    "fence_seq_cst",
     "cas",
-    "fetch_add",
     "load_u64_unaligned",
     "mul128",
     "prefetch",
@@ -118,7 +116,6 @@ store_release = _make_store("release")
 store_relaxed = _make_store("monotonic")
 fence_acquire = _make_fence("acquire")
 fence_release = _make_fence("release")
-fence_seq_cst = _make_fence("seq_cst")
 
 
 @intrinsic
@@ -133,21 +130,6 @@ def cas(typingctx, arr, idx, expected, new):
         ptr = _element_pointer(context, builder, arrty, args[0], args[1], idxty)
         pair = builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst")
         return builder.extract_value(pair, 0)
-
-    return sig, codegen
-
-
-@intrinsic
-def fetch_add(typingctx, arr, idx, delta):
-    """Sequentially consistent atomic add; returns the previous value."""
-    if not (_is_flat_int_array(arr) and isinstance(idx, types.Integer) and arr.mutable):
-        return None
-    sig = arr.dtype(arr, idx, arr.dtype)
-
-    def codegen(context, builder, signature, args):
-        arrty, idxty, _ = signature.args
-        ptr = _element_pointer(context, builder, arrty, args[0], args[1], idxty)
-        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
 
     return sig, codegen
 

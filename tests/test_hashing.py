@@ -37,16 +37,18 @@ def test_xxh3_128_matches_reference_at_every_length_class(length):
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
-@pytest.mark.parametrize("block_size", list(range(1, 65)) + [96, 127, 128, 129, 200, 255, 256, 257, 384, 511, 512])
-def test_chain_keys_bit_exact(block_size, dtype):
-    rng = np.random.default_rng(block_size)
-    tokens = rng.integers(0, 2**31 - 1, 3 * block_size + block_size // 2, dtype=np.int64).astype(dtype)
-    seed = int(rng.integers(0, 2**63)) << 64 | int(rng.integers(0, 2**63))
-    root_lo, root_hi = namespace_root("llama-3-8b", seed)
-    expect_root = ref_xxh3(seed.to_bytes(16, "little") + bytes([2]) + b"llama-3-8b")
-    assert root_hi << 64 | root_lo == expect_root
-    got = as_ints(block_keys(tokens, block_size=block_size, namespace="llama-3-8b", seed=seed))
-    assert got == ref_chain(tokens, block_size, expect_root)
+def test_chain_keys_bit_exact_for_every_block_size_1_to_512(dtype):
+    """Every block size crosses XXH3's length classes (17-128, 129-240, long)
+    at a different point; all of them must match the reference."""
+    rng = np.random.default_rng(512)
+    for block_size in range(1, 513):
+        tokens = rng.integers(0, 2**31 - 1, 2 * block_size + block_size // 2, dtype=np.int64).astype(dtype)
+        seed = int(rng.integers(0, 2**63)) << 64 | int(rng.integers(0, 2**63))
+        root_lo, root_hi = namespace_root("llama-3-8b", seed)
+        expect_root = ref_xxh3(seed.to_bytes(16, "little") + bytes([2]) + b"llama-3-8b")
+        assert root_hi << 64 | root_lo == expect_root
+        got = as_ints(block_keys(tokens, block_size=block_size, namespace="llama-3-8b", seed=seed))
+        assert got == ref_chain(tokens, block_size, expect_root), f"block size {block_size}"
 
 
 def test_full_token_range_uint32_and_uint64():
