@@ -13,6 +13,7 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian host to test o
 from .errors import (  # noqa: E402
     CacheFullError,
     ClosedError,
+    DaemonUnavailableError,
     IncompatibleSegmentError,
     InvalidInputError,
     InvalidNameError,
@@ -28,12 +29,14 @@ from .keys import PrefixMatch, block_keys  # noqa: E402
 from .reader import Reader  # noqa: E402
 from .segment import exists, unlink  # noqa: E402
 from .writer import Writer  # noqa: E402
+from .client import Client  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Writer",
     "Reader",
+    "Client",
     "PrefixMatch",
     "block_keys",
     "exists",
@@ -50,4 +53,5 @@ __all__ = [
     "SegmentSpaceError",
     "CacheFullError",
     "ClosedError",
+    "DaemonUnavailableError",
 ]

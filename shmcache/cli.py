@@ -1,5 +1,8 @@
 """The ``shmcache`` command.
 
+* ``shmcache serve NAME --capacity N``: the writer daemon, in the foreground
+  (logs to stderr, one ``ready ...`` line on stdout, clean exit on SIGTERM or
+  SIGINT; exit 1 with one line on stderr when it cannot start).
 * ``shmcache demo``: replay the bundled Mooncake trace through a writer and
   a reader process, beside an exact-LRU reference, with a live progress line.
 * ``shmcache dump NAME``: inspect a live segment read-only (``--json`` for
@@ -26,6 +29,29 @@ def _progress(label: str):
             print(f"\r  {label}: {done:,}/{total:,} requests ({rate:,.0f}/s)", end=end, file=sys.stderr, flush=True)
 
     return show
+
+
+def serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .daemon import Daemon
+
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        daemon = Daemon(
+            args.name,
+            args.capacity,
+            args.block_size,
+            sock_path=args.socket,
+            allow_uids=tuple(args.allow_uid),
+            keep_on_disconnect=args.on_disconnect == "keep",
+            unlink_on_exit=not args.keep,
+        )
+    except (ShmCacheError, OSError) as e:
+        print(f"shmcache serve: cannot start: {e}", file=sys.stderr)
+        return 1
+    daemon.run(ready=lambda line: print(line, flush=True))
+    return 0
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -74,6 +100,17 @@ def dump(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="shmcache", description="Node-local prefix-cache index in shared memory.")
     sub = ap.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("serve", help="run the writer daemon in the foreground")
+    v.add_argument("name")
+    v.add_argument("--capacity", type=int, required=True, help="blocks the segment holds")
+    v.add_argument("--block-size", type=int, default=16)
+    v.add_argument("--socket", help="Unix socket path (default /dev/shm/shmcache.NAME.sock)")
+    v.add_argument("--allow-uid", type=int, action="append", default=[], help="also accept clients of this uid")
+    v.add_argument("--on-disconnect", choices=("remove", "keep"), default="remove",
+                   help="what happens to a client's blocks when it disconnects or dies")
+    v.add_argument("--keep", action="store_true", help="leave the segment in place on exit")
+    v.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    v.set_defaults(func=serve)
     d = sub.add_parser("demo", help="replay the bundled request trace end to end")
     d.add_argument("--requests", type=int, default=None, help="replay only the first N requests")
     d.add_argument("--block-size", type=int, default=16)

@@ -65,5 +65,12 @@ class CacheFullError(ShmCacheError):
     """An insert needs more room than eviction can free (the rest is pinned)."""
 
 
+class DaemonUnavailableError(ShmCacheError, ConnectionError):
+    """The writer daemon is not reachable (not started, dead, or not answering).
+
+    Matching through a Client keeps working: it reads the segment directly.
+    """
+
+
 class ClosedError(ShmCacheError):
     """The Writer or Reader was closed."""

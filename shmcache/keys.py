@@ -120,6 +120,19 @@ def namespace_bytes(namespace: Namespace) -> tuple[int, bytes]:
     )
 
 
+def namespace_from_wire(tag: int, payload: bytes) -> Namespace:
+    """Inverse of ``namespace_bytes``; ValueError on a malformed pair."""
+    if tag == NS_NONE and not payload:
+        return None
+    if tag == NS_STR:
+        return payload.decode("utf-8")
+    if tag == NS_BYTES:
+        return bytes(payload)
+    if tag == NS_INT and len(payload) == 8:
+        return int.from_bytes(payload, "little")
+    raise ValueError(f"malformed namespace (tag {tag}, {len(payload)} bytes)")
+
+
 def check_seed(seed: object) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 1 << 128:
         raise InvalidInputError(f"seed must be an int in [0, 2**128), got {seed!r}")

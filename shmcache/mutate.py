@@ -487,9 +487,10 @@ def add_state(A, parent, key_lo, key_hi, value, owner, clock):
 
 
 @njit
-def drop_state(A, s):
-    """Unindex and free the leaf ``s``; returns its value."""
-    value = np.int64(field(A, s, R_VALUE))
+def drop_state(A, s, out, n_out):
+    """Unindex and free the leaf ``s``; its (value, owner) go to ``out[n_out]``."""
+    out[n_out, 0] = np.int64(field(A, s, R_VALUE))
+    out[n_out, 1] = owner_of(A, s)
     table_delete(A, K_INDEX, s)
     table_delete(A, K_VMAP, s)
     detach_child(A, parent_of(A, s), s)
@@ -499,19 +500,18 @@ def drop_state(A, s):
     A.free[A.meta[M_FREE_TOP]] = s
     A.meta[M_FREE_TOP] += 1
     bump(A, H_LIVE, -1)
-    return value
+    return n_out + 1
 
 
 @njit
 def drop_subtree(A, s, out, n_out):
-    """Drop ``s`` and all its descendants, children first; values go to ``out``."""
+    """Drop ``s`` and all its descendants, children first, into ``out``."""
     cur = s
     while True:
         while A.links[cur, FC] != NIL:
             cur = A.links[cur, FC]
         up = parent_of(A, cur)
-        out[n_out] = drop_state(A, cur)
-        n_out += 1
+        n_out = drop_state(A, cur, out, n_out)
         if cur == s:
             return n_out
         cur = up
@@ -542,8 +542,7 @@ def evict_into(A, need, protect, out, n_out):
             heap_push(A, e, s)
             continue
         p = parent_of(A, s)
-        out[n_out] = drop_state(A, s)
-        n_out += 1
+        n_out = drop_state(A, s, out, n_out)
         done += 1
         if p >= 0:
             if field(A, p, R_RECENCY) < e:
@@ -562,14 +561,14 @@ def insert_kernel(A, keys, values, n, owner):
     """Insert the chain ``keys[:n]`` with ``values[:n]`` (values of blocks
     already cached are ignored: they keep theirs).
 
-    Returns ``(status, info, n_cached_blocks, evicted_values)``. On any
-    status but OK nothing was changed.
+    Returns ``(status, info, n_cached_blocks, evicted)``, ``evicted`` being
+    ``(value, owner)`` rows. On any status but OK nothing was changed.
     """
     path = np.empty(n, dtype=np.int64)
     versions = np.empty(n, dtype=np.uint64)
     old_values = np.empty(n, dtype=np.int64)
     k = walk(A.data, A.geom, keys, n, path, versions, old_values)
-    evicted = np.empty(max(n - k, 0), dtype=np.int64)
+    evicted = np.empty((max(n - k, 0), 2), dtype=np.int64)
     for i in range(k, n):
         if value_lookup(A, values[i], owner) >= 0:
             return ERR_DUP_VALUE, i, k, evicted[:0]
@@ -625,9 +624,10 @@ def match_kernel(A, keys, n):
 def remove_kernel(A, values, owner):
     """Drop the states holding ``values`` (of ``owner``) with their subtrees.
 
-    Unknown values are skipped. Returns the removed values, children first.
+    Unknown values are skipped. Returns the removed ``(value, owner)`` rows,
+    children first (a subtree may hold other owners' blocks).
     """
-    out = np.empty(np.int64(A.data[H_LIVE]), dtype=np.int64)
+    out = np.empty((np.int64(A.data[H_LIVE]), 2), dtype=np.int64)
     begin(A)
     n_out = 0
     for v in values:
@@ -643,9 +643,26 @@ def remove_kernel(A, values, owner):
 
 
 @njit(cache=True)
+def remove_owner_kernel(A, owner):
+    """Drop every state ``owner`` inserted, with its subtree (a client's KV
+    died with it). Returns the ``(value, owner)`` rows, children first."""
+    out = np.empty((np.int64(A.data[H_LIVE]), 2), dtype=np.int64)
+    begin(A)
+    n_out = 0
+    for s in range(A.geom[G_CAPACITY]):
+        if is_live(A, s) and owner_of(A, s) == owner:
+            p = parent_of(A, s)
+            n_out = drop_subtree(A, s, out, n_out)
+            push_if_evictable(A, p)
+    bump(A, H_REMOVED, n_out)
+    end(A)
+    return out[:n_out]
+
+
+@njit(cache=True)
 def evict_kernel(A, n):
-    """Evict up to ``n`` LRU unpinned leaves, cascading; returns their values."""
-    out = np.empty(min(n, np.int64(A.data[H_LIVE])), dtype=np.int64)
+    """Evict up to ``n`` LRU unpinned leaves, cascading; returns their ``(value, owner)`` rows."""
+    out = np.empty((min(n, np.int64(A.data[H_LIVE])), 2), dtype=np.int64)
     begin(A)
     n_out = evict_into(A, out.shape[0], np.int64(-1), out, 0)
     end(A)
@@ -654,8 +671,8 @@ def evict_kernel(A, n):
 
 @njit(cache=True)
 def clear_kernel(A):
-    """Drop every state; returns the values, children before parents."""
-    out = np.empty(np.int64(A.data[H_LIVE]), dtype=np.int64)
+    """Drop every state; returns the ``(value, owner)`` rows, children before parents."""
+    out = np.empty((np.int64(A.data[H_LIVE]), 2), dtype=np.int64)
     begin(A)
     n_out = 0
     root = A.geom[G_CAPACITY]

@@ -44,6 +44,7 @@ from .reader import header_stats
 __all__ = ["Writer"]
 
 EvictCallback = Callable[[np.ndarray], None]
+OwnedEvictCallback = Callable[[np.ndarray, np.ndarray], None]
 
 #: How long ``Writer.open`` waits for a holder that has taken the semaphore
 #: but not yet recorded its identity (a window of microseconds in a live
@@ -75,6 +76,11 @@ def describe_violations(rows: np.ndarray) -> list[str]:
     return [_VIOLATIONS.get(int(c), "violation {c}: {a} {b}").format(c=int(c), a=int(a), b=int(b)) for c, a, b in rows]
 
 
+def check_owner(owner: object) -> None:
+    if isinstance(owner, bool) or not isinstance(owner, (int, np.integer)) or not 0 <= owner <= 0xFFFFFFFF:
+        raise InvalidInputError(f"owner must be an int in [0, 2**32), got {owner!r}")
+
+
 def _holder(data: np.ndarray) -> tuple[int, int]:
     return int(read_word(data, H_WRITER_PID)), int(data[H_WRITER_START])
 
@@ -84,9 +90,13 @@ class Writer:
 
     ``on_evict`` (optional) is called after an ``insert`` that had to evict,
     with the evicted values (an int64 array the callee owns), so the engine
-    can free that KV. Explicit ``evict``/``remove``/``clear`` return their
-    values instead.
+    can free that KV. ``on_evict_owned(values, owners)`` is the same with the
+    owner id of each value, for writers shared by several clients (the
+    daemon). Explicit ``evict``/``remove``/``clear`` return their values
+    instead (and owners, with ``with_owners=True``).
     """
+
+    on_evict_owned: OwnedEvictCallback | None = None
 
     def __init__(self, mapping: segment.Mapping, sem: posix_ipc.Semaphore, on_evict: EvictCallback | None) -> None:
         self._map = mapping
@@ -267,6 +277,7 @@ class Writer:
         toks, keys = self._keys(tokens, namespace)
         n = keys.shape[0]
         vals = as_values(values, n, toks.shape[0], self.block_size)
+        check_owner(owner)
         status, info, cached, evicted = self._run(mutate.insert_kernel, self._A, keys, vals, n, owner)
         if status == mutate.ERR_DUP_VALUE:
             raise InvalidInputError(
@@ -280,8 +291,11 @@ class Writer:
                 f"insert needs {n - cached} free blocks but only {info} can be made free (capacity "
                 f"{self.capacity}, the rest is pinned or on this prompt's path): unpin blocks or create a larger segment"
             )
-        if len(evicted) and self.on_evict is not None:
-            self.on_evict(evicted)
+        if len(evicted):
+            if self.on_evict is not None:
+                self.on_evict(evicted[:, 0].copy())
+            if self.on_evict_owned is not None:
+                self.on_evict_owned(evicted[:, 0].copy(), evicted[:, 1].copy())
         return int(cached) * self.block_size
 
     def match_prefix(self, tokens: object, namespace: Namespace = None) -> PrefixMatch:
@@ -290,22 +304,37 @@ class Writer:
         values = self._run(mutate.match_kernel, self._A, keys, keys.shape[0])
         return PrefixMatch(len(values) * self.block_size, values)
 
-    def remove(self, values: object, *, owner: int = 0) -> np.ndarray:
-        """Drop the blocks holding ``values`` and their subtrees (pinned or not).
+    @staticmethod
+    def _dropped(rows: np.ndarray, with_owners: bool):
+        values = rows[:, 0].copy()
+        return (values, rows[:, 1].copy()) if with_owners else values
+
+    def remove(self, values: object, *, owner: int = 0, with_owners: bool = False):
+        """Drop the blocks holding ``values`` (inserted by ``owner``) and their
+        subtrees, pinned or not.
 
         Values not cached are ignored. Returns every removed value, children
-        before parents.
+        before parents; with ``with_owners=True``, ``(values, owners)``: a
+        subtree may hold blocks other owners inserted.
         """
         self._check_open()
-        return self._run(mutate.remove_kernel, self._A, as_int64_array(values, "values"), owner)
+        check_owner(owner)
+        return self._dropped(self._run(mutate.remove_kernel, self._A, as_int64_array(values, "values"), owner), with_owners)
 
-    def evict(self, n_blocks: int) -> np.ndarray:
+    def remove_owner(self, owner: int) -> tuple[np.ndarray, np.ndarray]:
+        """Drop every block ``owner`` inserted, with their subtrees (its KV is
+        gone). Returns ``(values, owners)`` of everything removed."""
+        self._check_open()
+        return self._dropped(self._run(mutate.remove_owner_kernel, self._A, owner), True)
+
+    def evict(self, n_blocks: int, *, with_owners: bool = False):
         """Evict up to ``n_blocks`` LRU unpinned leaves, cascading to parents
-        that become leaves. Returns the evicted values in eviction order."""
+        that become leaves. Returns the evicted values in eviction order
+        (``(values, owners)`` with ``with_owners=True``)."""
         self._check_open()
         if isinstance(n_blocks, bool) or not isinstance(n_blocks, (int, np.integer)) or n_blocks < 0:
             raise InvalidInputError(f"n_blocks must be a non-negative int, got {n_blocks!r}")
-        return self._run(mutate.evict_kernel, self._A, int(n_blocks))
+        return self._dropped(self._run(mutate.evict_kernel, self._A, int(n_blocks)), with_owners)
 
     def _pin(self, tokens: object, namespace: Namespace, delta: int) -> int:
         _, keys = self._keys(tokens, namespace)
@@ -323,10 +352,11 @@ class Writer:
         """Undo one ``pin`` of the cached blocks of ``tokens``; returns tokens unpinned."""
         return self._pin(tokens, namespace, -1)
 
-    def clear(self) -> np.ndarray:
-        """Drop every block; returns their values, children before parents."""
+    def clear(self, *, with_owners: bool = False):
+        """Drop every block; returns their values, children before parents
+        (``(values, owners)`` with ``with_owners=True``)."""
         self._check_open()
-        return self._run(mutate.clear_kernel, self._A)
+        return self._dropped(self._run(mutate.clear_kernel, self._A), with_owners)
 
     def block_keys(self, tokens: object, namespace: Namespace = None) -> np.ndarray:
         """Chained keys of ``tokens`` under this segment's block size and seed."""

@@ -1,0 +1,193 @@
+"""``Client``: what a GPU worker or engine process uses next to a writer daemon.
+
+Matching is local and lock-free: ``Client.match_prefix`` *is* the attached
+Reader's ``match_prefix``, with no extra layer. Changes (insert, remove, pin,
+unpin) travel to the daemon over its Unix socket (``shmcache.protocol``)
+and wait for its reply. Values of this client's blocks that the cache drops
+arrive as pushes: they go to ``on_evict`` if set, else queue for
+``poll_evicted``. They are read whenever the client talks to the daemon and
+by ``poll_evicted``.
+
+A Client is not thread-safe; give each thread its own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import deque
+from typing import Callable
+
+import numpy as np
+
+from . import protocol as P
+from .daemon import socket_path
+from .errors import CacheFullError, ClosedError, DaemonUnavailableError, InvalidInputError
+from .keys import Namespace, as_int64_array, as_tokens, as_values, bad_token_error, namespace_bytes
+from .reader import Reader
+
+__all__ = ["Client"]
+
+_ERRORS = {P.E_INVALID: InvalidInputError, P.E_FULL: CacheFullError, P.E_PROTOCOL: P.ProtocolError}
+
+
+class Client:
+    """A worker's handle: lock-free matches, changes through the daemon."""
+
+    def __init__(self, reader: Reader, sock: socket.socket, timeout: float) -> None:
+        self.reader = reader
+        self.name = reader.name
+        self.block_size = reader.block_size
+        self.match_prefix = reader.match_prefix
+        self.match_keys = reader.match_keys
+        self.block_keys = reader.block_keys
+        self.on_evict: Callable[[np.ndarray], None] | None = None
+        self._sock: socket.socket | None = sock
+        self._timeout = timeout
+        self._inbuf = bytearray()
+        self._evicted: deque[np.ndarray] = deque()
+        self._request = 0
+        self.owner = self._call(P.K_HELLO, os.getpid().to_bytes(4, "little"))
+
+    @classmethod
+    def connect(cls, name: str, *, sock_path: str | None = None, timeout: float = 10.0) -> "Client":
+        """Attach to segment ``name`` (read-only) and connect to its daemon.
+
+        Raises SegmentNotFoundError if there is no segment, and
+        DaemonUnavailableError if no daemon answers on its socket.
+        """
+        reader = Reader.attach(name)
+        path = sock_path or socket_path(name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as e:
+            sock.close()
+            reader.close()
+            raise DaemonUnavailableError(f"no shmcache daemon on {path} ({e.strerror}): start `shmcache serve {name}`") from None
+        try:
+            return cls(reader, sock, timeout)
+        except BaseException:
+            sock.close()
+            reader.close()
+            raise
+
+    # --- the socket ------------------------------------------------------------
+
+    def _unavailable(self, why: str) -> DaemonUnavailableError:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        return DaemonUnavailableError(f"the shmcache daemon for {self.name!r} is gone ({why}); matching still works")
+
+    def _recv_frame(self, block: bool) -> tuple[int, int, bytes] | None:
+        while True:
+            if len(self._inbuf) >= P.HEADER.size:
+                kind, request, length = P.parse_header(bytes(self._inbuf[: P.HEADER.size]))
+                if len(self._inbuf) >= P.HEADER.size + length:
+                    payload = bytes(self._inbuf[P.HEADER.size : P.HEADER.size + length])
+                    del self._inbuf[: P.HEADER.size + length]
+                    return kind, request, payload
+            try:
+                self._sock.settimeout(self._timeout if block else 0.0)
+                chunk = self._sock.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except socket.timeout:
+                if not block:
+                    return None
+                raise self._unavailable(f"no reply in {self._timeout} s") from None
+            except OSError as e:
+                raise self._unavailable(e.strerror or str(e)) from None
+            if not chunk:
+                raise self._unavailable("connection closed")
+            self._inbuf += chunk
+
+    def _push(self, payload: bytes) -> None:
+        values = P.decode_values(payload)
+        if self.on_evict is not None:
+            self.on_evict(values)
+        else:
+            self._evicted.append(values)
+
+    def _call(self, kind: int, payload: bytes) -> int:
+        if self._sock is None:
+            if self.reader._data is None:
+                raise ClosedError(f"Client for {self.name!r} is closed")
+            raise DaemonUnavailableError(f"the shmcache daemon for {self.name!r} is gone; reconnect with Client.connect")
+        self._request = (self._request + 1) & 0xFFFFFFFF or 1
+        try:
+            self._sock.settimeout(self._timeout)
+            self._sock.sendall(P.frame(kind, self._request, payload))
+        except OSError as e:
+            raise self._unavailable(e.strerror or str(e)) from None
+        while True:
+            kind_in, request, body = self._recv_frame(block=True)
+            if kind_in == P.K_EVICTED:
+                self._push(body)
+            elif request == self._request and kind_in == P.K_OK:
+                return P.decode_result(body)
+            elif request in (self._request, 0) and kind_in == P.K_ERROR:
+                code, message = P.decode_error(body)
+                raise _ERRORS.get(code, DaemonUnavailableError)(message)
+
+    def _prompt(self, tokens: object, values: np.ndarray | None, namespace: Namespace) -> bytes:
+        toks = as_tokens(tokens)
+        if toks.dtype != np.uint32 and toks.size:
+            bad = np.flatnonzero((toks < 0) | (toks > 0xFFFFFFFF))
+            if bad.size:
+                raise bad_token_error(toks, int(bad[0]))
+        n = toks.shape[0] // self.block_size
+        if values is not None:
+            values = as_values(values, n, toks.shape[0], self.block_size)
+        tag, ns = namespace_bytes(namespace)
+        return P.encode_prompt(toks[: n * self.block_size].astype(np.uint32), values, tag, ns)
+
+    # --- operations ------------------------------------------------------------------
+
+    def insert(self, tokens: object, values: object, namespace: Namespace = None) -> int:
+        """Cache ``tokens`` with one value per full block, through the daemon.
+
+        Returns how many leading tokens were already cached. The blocks are
+        owned by this client: dropped ones come back through ``on_evict`` /
+        ``poll_evicted``, and all are removed when this client disconnects.
+        """
+        return self._call(P.K_INSERT, self._prompt(tokens, values, namespace))
+
+    def remove(self, values: object) -> int:
+        """Drop this client's blocks holding ``values`` and their subtrees; returns blocks removed."""
+        return self._call(P.K_REMOVE, P.encode_values(as_int64_array(values, "values")))
+
+    def pin(self, tokens: object, namespace: Namespace = None) -> int:
+        """Pin the cached blocks of ``tokens``; released when this client disconnects."""
+        return self._call(P.K_PIN, self._prompt(tokens, None, namespace))
+
+    def unpin(self, tokens: object, namespace: Namespace = None) -> int:
+        return self._call(P.K_UNPIN, self._prompt(tokens, None, namespace))
+
+    def poll_evicted(self) -> np.ndarray:
+        """Values of this client's blocks the cache dropped since the last poll (int64)."""
+        if self._sock is not None:
+            while True:
+                got = self._recv_frame(block=False)
+                if got is None:
+                    break
+                if got[0] == P.K_EVICTED:
+                    self._push(got[2])
+        out = list(self._evicted)
+        self._evicted.clear()
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def close(self) -> None:
+        """Disconnect (the daemon then removes this client's blocks) and detach. Idempotent."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self.reader.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

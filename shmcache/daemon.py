@@ -1,0 +1,359 @@
+"""The writer daemon behind ``shmcache serve``: one process, one Writer, many clients.
+
+Producers (engine schedulers, workers after prefill) connect over a Unix
+socket next to the segment (``/dev/shm/shmcache.<name>.sock``, mode 0600,
+peers checked with SO_PEERCRED) and speak ``shmcache.protocol``. Matching
+never goes through the daemon: clients read the segment lock-free.
+
+One thread runs a selector loop. Each wake-up drains every readable
+connection, applies all complete requests in arrival order in one pass of
+the Writer, then queues replies and pushes each client the values of its
+blocks the cache dropped (exactly once, in drop order), and flushes.
+
+Ownership: every block records the owner id of the client that inserted
+it. When a client disconnects or dies, its blocks are removed with their
+subtrees (its KV died with it) and its pins released; ``keep_on_disconnect``
+opts out. Owner ids embed the writer epoch, so ids from an earlier daemon of
+the same segment are never reused; a block whose owner is not connected is
+dropped silently (nobody holds its KV).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import protocol as P
+from . import segment
+from .errors import CacheFullError, IncompatibleSegmentError, InvalidInputError, ShmCacheError
+from .keys import namespace_from_wire
+from .writer import Writer
+
+log = logging.getLogger("shmcache.daemon")
+
+_CRED = struct.Struct("3i")
+_RECV = 1 << 20
+
+
+def socket_path(name: str) -> str:
+    """Default socket path of segment ``name``."""
+    return f"/dev/shm/{segment.PREFIX}{name}.sock"
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    pid: int
+    uid: int
+    owner: int = 0
+    inbuf: bytearray = field(default_factory=bytearray)
+    outbuf: bytearray = field(default_factory=bytearray)
+    pins: list = field(default_factory=list)  # (tokens, namespace) pinned and not yet unpinned
+    closing: bool = False  # close once outbuf is flushed
+    dead: bool = False
+
+
+class Daemon:
+    """Serve one segment. ``run()`` blocks until ``stop()`` or SIGTERM/SIGINT."""
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        block_size: int = 16,
+        *,
+        sock_path: str | None = None,
+        allow_uids: tuple[int, ...] = (),
+        keep_on_disconnect: bool = False,
+        unlink_on_exit: bool = True,
+    ) -> None:
+        segment.validate_name(name)
+        self.name = name
+        created = not segment.exists(name)
+        if not created:
+            self.writer = Writer.open(name)
+            if (self.writer.capacity, self.writer.block_size) != (capacity, block_size):
+                cap, bs = self.writer.capacity, self.writer.block_size
+                self.writer.close()
+                raise IncompatibleSegmentError(
+                    f"segment {name!r} exists with capacity {cap} and block size {bs}: serve it with "
+                    f"--capacity {cap} --block-size {bs}, or remove it first"
+                )
+            log.info("took over segment %s (dropped %d half-written states)", name, self.writer.recovered)
+        else:
+            self.writer = Writer.create(name, capacity, block_size)
+        self.writer.on_evict_owned = self._collect_dropped
+        self.sock_path = sock_path or socket_path(name)
+        self.allow_uids = {os.geteuid(), *allow_uids}
+        self.keep_on_disconnect = keep_on_disconnect
+        self.unlink_on_exit = unlink_on_exit
+        self._conns: dict[int, _Conn] = {}  # owner -> connection
+        self._dropped: list[tuple[np.ndarray, np.ndarray]] = []
+        self._next_owner = 0
+        self._epoch = self.writer.stats()["writer_epoch"] & 0xFFF
+        self._stopping = False
+        try:
+            self._listener = self._listen()
+        except BaseException:
+            self.writer.close(unlink=created)
+            raise
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ, "listen")
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+
+    # --- setup ----------------------------------------------------------------
+
+    def _listen(self) -> socket.socket:
+        if len(self.sock_path.encode()) > 107:
+            raise InvalidInputError(f"socket path {self.sock_path!r} is too long for a Unix socket: pass a shorter one")
+        self._clear_stale_socket()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(self.sock_path)
+        finally:
+            os.umask(old)
+        s.listen(128)
+        s.setblocking(False)
+        return s
+
+    def _clear_stale_socket(self) -> None:
+        """Remove a socket left by a dead daemon; refuse anything else."""
+        try:
+            st = os.lstat(self.sock_path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            raise ShmCacheError(f"{self.sock_path} exists and is not a socket of yours: remove it or pass another path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.sock_path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(self.sock_path)  # nobody listens: left by a dead daemon
+            return
+        finally:
+            probe.close()
+        raise ShmCacheError(f"another daemon is listening on {self.sock_path}")
+
+    def stop(self) -> None:
+        """Ask ``run`` to return; safe from a signal handler or another thread."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    # --- the loop ---------------------------------------------------------------
+
+    def run(self, ready=None) -> None:
+        """Serve until stopped; ``ready(line)`` is called once clients can connect."""
+        previous = {sig: signal.signal(sig, lambda *_: self.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if ready is not None:
+                ready(
+                    f"ready name={self.name} socket={self.sock_path} capacity={self.writer.capacity} "
+                    f"block_size={self.writer.block_size} pid={os.getpid()}"
+                )
+            while not self._stopping:
+                batch: list[tuple[_Conn, int, int, bytes]] = []
+                for key, mask in self._sel.select():
+                    if key.data == "listen":
+                        self._accept()
+                    elif key.data == "wake":
+                        os.read(self._wake_r, 4096)
+                    else:
+                        conn = key.data
+                        if mask & selectors.EVENT_READ:
+                            self._read(conn, batch)
+                        if mask & selectors.EVENT_WRITE:
+                            self._flush(conn)
+                for conn, kind, request, payload in batch:
+                    if not conn.dead:
+                        self._apply(conn, kind, request, payload)
+                for conn in [c for c in self._conns.values() if c.dead]:
+                    self._disconnect(conn)
+                self._deliver_dropped()
+                for conn in list(self._conns.values()):
+                    self._flush(conn)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._shutdown()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            pid, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+            if uid not in self.allow_uids:
+                log.warning("refused connection from pid %d: uid %d is not allowed", pid, uid)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self._next_owner += 1
+            conn = _Conn(sock, pid, uid, owner=(self._epoch << 20) | (self._next_owner & 0xFFFFF))
+            self._conns[conn.owner] = conn
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+            log.info("client pid %d connected as owner %d", pid, conn.owner)
+
+    def _read(self, conn: _Conn, batch: list) -> None:
+        while True:
+            try:
+                chunk = conn.sock.recv(_RECV)
+            except BlockingIOError:
+                break
+            except OSError:
+                conn.dead = True
+                return
+            if not chunk:
+                conn.dead = True
+                break
+            conn.inbuf += chunk
+        while not conn.closing and len(conn.inbuf) >= P.HEADER.size:
+            try:
+                kind, request, length = P.parse_header(bytes(conn.inbuf[: P.HEADER.size]))
+                if kind not in P.REQUESTS:
+                    raise P.ProtocolError(f"unknown request kind {kind}")
+            except P.ProtocolError as e:
+                self._protocol_error(conn, 0, str(e))
+                return
+            if len(conn.inbuf) < P.HEADER.size + length:
+                break
+            payload = bytes(conn.inbuf[P.HEADER.size : P.HEADER.size + length])
+            del conn.inbuf[: P.HEADER.size + length]
+            batch.append((conn, kind, request, payload))
+
+    def _protocol_error(self, conn: _Conn, request: int, message: str) -> None:
+        log.warning("closing client pid %d (owner %d): %s", conn.pid, conn.owner, message)
+        conn.outbuf += P.frame(P.K_ERROR, request, P.encode_error(P.E_PROTOCOL, message))
+        conn.closing = True
+        conn.inbuf.clear()
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _apply(self, conn: _Conn, kind: int, request: int, payload: bytes) -> None:
+        try:
+            result = self._execute(conn, kind, payload)
+        except P.ProtocolError as e:
+            self._protocol_error(conn, request, str(e))
+            return
+        except InvalidInputError as e:
+            conn.outbuf += P.frame(P.K_ERROR, request, P.encode_error(P.E_INVALID, str(e)))
+            return
+        except CacheFullError as e:
+            conn.outbuf += P.frame(P.K_ERROR, request, P.encode_error(P.E_FULL, str(e)))
+            return
+        conn.outbuf += P.frame(P.K_OK, request, P.encode_result(result))
+
+    def _execute(self, conn: _Conn, kind: int, payload: bytes) -> int:
+        w = self.writer
+        if kind == P.K_HELLO:
+            return conn.owner
+        if kind == P.K_REMOVE:
+            values = P.decode_values(payload)
+            removed, owners = w.remove(values, owner=conn.owner, with_owners=True)
+            named = set(values.tolist())
+            extra = np.array([v not in named or o != conn.owner for v, o in zip(removed.tolist(), owners.tolist())], dtype=bool)
+            if extra.any():
+                self._dropped.append((removed[extra], owners[extra]))
+            return len(removed)
+        tokens, values, tag, ns_bytes = P.decode_prompt(payload)
+        try:
+            namespace = namespace_from_wire(tag, ns_bytes)
+        except ValueError as e:
+            raise P.ProtocolError(str(e)) from None
+        if kind == P.K_INSERT:
+            return w.insert(tokens, values, namespace, owner=conn.owner)
+        if kind == P.K_PIN:
+            pinned = w.pin(tokens, namespace)
+            conn.pins.append((tokens, namespace))
+            return pinned
+        unpinned = w.unpin(tokens, namespace)
+        for i, (t, ns) in enumerate(conn.pins):
+            if ns == namespace and np.array_equal(t, tokens):
+                del conn.pins[i]
+                break
+        return unpinned
+
+    # --- dropped blocks and disconnects ---------------------------------------------------
+
+    def _collect_dropped(self, values: np.ndarray, owners: np.ndarray) -> None:
+        self._dropped.append((values, owners))
+
+    def _deliver_dropped(self) -> None:
+        """One EVICTED frame per owner per pass, values in drop order."""
+        if not self._dropped:
+            return
+        values = np.concatenate([v for v, _ in self._dropped])
+        owners = np.concatenate([o for _, o in self._dropped])
+        self._dropped.clear()
+        for owner in np.unique(owners).tolist():
+            conn = self._conns.get(owner)
+            if conn is not None and not conn.dead and not conn.closing:
+                conn.outbuf += P.frame(P.K_EVICTED, 0, P.encode_values(values[owners == owner]))
+
+    def _disconnect(self, conn: _Conn) -> None:
+        self._sel.unregister(conn.sock)
+        conn.sock.close()
+        del self._conns[conn.owner]
+        for tokens, namespace in conn.pins:
+            try:
+                self.writer.unpin(tokens, namespace)
+            except InvalidInputError:
+                pass  # the blocks went away since (removed by their owner)
+        if not self.keep_on_disconnect:
+            values, owners = self.writer.remove_owner(conn.owner)
+            others = owners != conn.owner
+            if others.any():
+                self._dropped.append((values[others], owners[others]))
+            log.info("client pid %d (owner %d) left; removed its %d blocks", conn.pid, conn.owner, int((~others).sum()))
+
+    def _flush(self, conn: _Conn) -> None:
+        if conn.dead:
+            return
+        if conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+                del conn.outbuf[:sent]
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+                    log.warning("client pid %d: %s", conn.pid, e)
+                conn.dead = True
+                return
+        if not conn.outbuf and conn.closing:
+            conn.dead = True
+            self._disconnect(conn)
+            return
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
+        if self._sel.get_key(conn.sock).events != want:
+            self._sel.modify(conn.sock, want, conn)
+
+    def _shutdown(self) -> None:
+        for conn in list(self._conns.values()):
+            self._sel.unregister(conn.sock)
+            conn.sock.close()
+        self._conns.clear()
+        self._sel.close()
+        self._listener.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        try:
+            os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
+        self.writer.close(unlink=self.unlink_on_exit)
