@@ -58,7 +58,8 @@ class _Conn:
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
     pins: list = field(default_factory=list)  # (tokens, namespace) pinned and not yet unpinned
-    closing: bool = False  # close once outbuf is flushed
+    closing: bool = False  # protocol error: read no more, close once outbuf is flushed
+    eof: bool = False  # the peer finished sending: answer what it sent, then close
     dead: bool = False
 
 
@@ -219,7 +220,7 @@ class Daemon:
                 conn.dead = True
                 return
             if not chunk:
-                conn.dead = True
+                conn.eof = True
                 break
             conn.inbuf += chunk
         while not conn.closing and len(conn.inbuf) >= P.HEADER.size:
@@ -302,7 +303,7 @@ class Daemon:
         self._dropped.clear()
         for owner in np.unique(owners).tolist():
             conn = self._conns.get(owner)
-            if conn is not None and not conn.dead and not conn.closing:
+            if conn is not None and not conn.dead and not conn.closing and not conn.eof:
                 conn.outbuf += P.frame(P.K_EVICTED, 0, P.encode_values(values[owners == owner]))
 
     def _disconnect(self, conn: _Conn) -> None:
@@ -335,11 +336,11 @@ class Daemon:
                     log.warning("client pid %d: %s", conn.pid, e)
                 conn.dead = True
                 return
-        if not conn.outbuf and conn.closing:
+        if not conn.outbuf and (conn.closing or conn.eof):
             conn.dead = True
             self._disconnect(conn)
             return
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
+        want = (0 if conn.eof else selectors.EVENT_READ) | (selectors.EVENT_WRITE if conn.outbuf else 0)
         if self._sel.get_key(conn.sock).events != want:
             self._sel.modify(conn.sock, want, conn)
 

@@ -58,6 +58,10 @@ def shm_name(request):
     name = f"t-{uuid.uuid4().hex[:16]}"
     yield name
     shmcache.unlink(name)
+    try:
+        os.unlink(f"{SHM_DIR}/shmcache.{name}.sock")  # left by a daemon a test killed
+    except FileNotFoundError:
+        pass
 
 
 @pytest.fixture

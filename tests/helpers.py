@@ -21,6 +21,17 @@ def live_states(data: np.ndarray, geometry) -> dict[tuple[int, int], tuple[int, 
     return out
 
 
+def owned_values(data: np.ndarray, geometry) -> dict[int, set[int]]:
+    """``{owner: {values}}`` of every live record."""
+    start = geometry.states_offset // 8
+    recs = data[start : start + geometry.capacity * RECORD_WORDS].reshape(geometry.capacity, RECORD_WORDS)
+    live = np.nonzero((recs[:, R_LINK] & LOW32) != 0)[0]
+    out: dict[int, set[int]] = {}
+    for s in live:
+        out.setdefault(int(recs[s, R_LINK] >> 32), set()).add(int(np.int64(recs[s, R_VALUE])))
+    return out
+
+
 def children_before_parents(removed: list[int], parent_of_value: dict[int, int | None]) -> bool:
     """Whether no value in ``removed`` comes after its parent's value."""
     pos = {v: i for i, v in enumerate(removed)}

@@ -1,0 +1,154 @@
+"""The daemon and its clients, in real separate processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import shmcache
+from shmcache import Client, DaemonUnavailableError, InvalidInputError, Reader, Writer
+
+from daemon_proc import Served, producer, two_blocks
+from helpers import owned_values
+
+
+@pytest.fixture
+def served(shm_name):
+    d = Served(shm_name, 4096)
+    yield d
+    d.kill()
+
+
+def test_serve_prints_ready_and_stops_cleanly(shm_name):
+    d = Served(shm_name, 1000)
+    try:
+        assert d.ready.startswith(f"ready name={shm_name} socket=/dev/shm/shmcache.{shm_name}.sock capacity=1000 block_size=4")
+        assert os.stat(f"/dev/shm/shmcache.{shm_name}.sock").st_mode & 0o777 == 0o600
+        with Client.connect(shm_name) as c:
+            assert c.insert(np.arange(8), [1, 2]) == 0
+        assert d.stop() == 0
+    finally:
+        d.kill()
+    assert not os.path.exists(f"/dev/shm/shmcache.{shm_name}")
+    assert not os.path.exists(f"/dev/shm/shmcache.{shm_name}.sock")
+    assert not os.path.exists(f"/dev/shm/sem.shmcache.{shm_name}.writer")
+
+
+def test_serve_refuses_a_segment_held_by_a_live_writer(shm_name):
+    with Writer.create(shm_name, capacity=8, block_size=4):
+        done = subprocess.run([sys.executable, "-m", "shmcache.cli", "serve", shm_name, "--capacity", "8"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"pid {os.getpid()}" in lines[0] and "cannot start" in lines[0]
+
+
+def test_client_round_trip_errors_and_local_match(served):
+    with Client.connect(served.name) as c:
+        assert c.insert(np.arange(16), [1, 2, 3, 4]) == 0
+        assert c.insert(np.arange(16).tolist(), [9, 9, 9, 9]) == 16
+        assert c.match_prefix(np.arange(18)).values.tolist() == [1, 2, 3, 4]
+        assert c.match_prefix.__self__ is c.reader  # the Reader's own method: no extra layer
+        with pytest.raises(InvalidInputError, match="already cached"):
+            c.insert(np.arange(8) + 100, [1, 7])
+        with pytest.raises(InvalidInputError, match="token 1 is -1"):
+            c.insert([0, -1, 2, 3], [5])
+        assert c.pin(np.arange(8)) == 8 and c.unpin(np.arange(8)) == 8
+        assert c.remove([3]) == 2
+        assert c.match_prefix(np.arange(16)).length == 8
+
+
+def test_producers_in_parallel_and_eviction_delivered_exactly_once(shm_name, spawn):
+    d = Served(shm_name, 64)
+    done = [spawn.Event() for _ in range(2)]
+    drain, release = spawn.Event(), spawn.Event()
+    results = spawn.Queue()
+    procs = [spawn.Process(target=producer, args=(shm_name, i, 300, done[i], drain, release, results)) for i in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        for e in done:
+            assert e.wait(300)
+        drain.set()
+        got = {}
+        for _ in procs:
+            index, owner, inserted, evicted = results.get(timeout=60)
+            got[owner] = (set(inserted), evicted)
+        with Reader.attach(shm_name) as r:
+            live = owned_values(r._map.data, r._map.geometry)
+            r.check()
+        for owner, (inserted, evicted) in got.items():
+            assert len(evicted) == len(set(evicted)), "a value was delivered twice"
+            assert set(evicted) <= inserted
+            assert inserted - set(evicted) == live.get(owner, set()), "a dropped value was never delivered"
+        assert sum(len(e) for _, e in got.values()) == 2 * 600 - 64
+        release.set()
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+        with Client.connect(shm_name) as c:  # one round trip: the producers' disconnects are processed
+            c.remove([])
+            assert c.reader.stats()["live_blocks"] == 0
+        assert d.stop() == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        d.kill()
+
+
+def _insert_and_die(name, how):
+    from shmcache import Client
+
+    c = Client.connect(name)
+    c.insert(np.arange(40, 56), [40, 41, 42, 43])
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    c.close()
+
+
+@pytest.mark.parametrize("how", ["close", "kill"])
+def test_a_departed_client_takes_its_blocks_and_pins(served, spawn, how):
+    with Client.connect(served.name) as keeper:
+        keeper.insert(np.arange(40, 48), [1, 2])  # a prefix the dying client extends
+        p = spawn.Process(target=_insert_and_die, args=(served.name, how))
+        p.start()
+        p.join(120)
+        keeper.remove([])
+        assert keeper.match_prefix(np.arange(40, 56)).values.tolist() == [1, 2]
+        assert keeper.reader.stats()["live_blocks"] == 2
+
+
+def test_daemon_killed_clients_fail_fast_readers_answer_and_a_new_daemon_takes_over(shm_name):
+    d = Served(shm_name, 256)
+    try:
+        c = Client.connect(shm_name)
+        c.insert(np.arange(16), [1, 2, 3, 4])
+        d.kill()
+        with pytest.raises(DaemonUnavailableError):
+            c.insert(np.arange(16) + 50, [5, 6, 7, 8])
+        with pytest.raises(DaemonUnavailableError):
+            c.insert(np.arange(16) + 50, [5, 6, 7, 8])
+        assert c.match_prefix(np.arange(16)).values.tolist() == [1, 2, 3, 4]
+        d = Served(shm_name, 256)
+        assert d.ready.startswith("ready")
+        assert c.match_prefix(np.arange(16)).values.tolist() == [1, 2, 3, 4]
+        with Client.connect(shm_name) as c2:
+            assert c2.insert(np.arange(16) + 50, [5, 6, 7, 8]) == 0
+            c2.reader.check()
+        c.close()
+        assert d.stop() == 0
+    finally:
+        d.kill()
+        shmcache.unlink(shm_name)
+
+
+def test_no_daemon_is_a_clear_error(shm_name):
+    with Writer.create(shm_name, capacity=8, block_size=4):
+        with pytest.raises(DaemonUnavailableError, match="shmcache serve"):
+            Client.connect(shm_name)
