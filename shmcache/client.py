@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections import deque
 from typing import Callable
 
@@ -45,6 +46,8 @@ class Client:
         self._sock: socket.socket | None = sock
         self._timeout = timeout
         self._inbuf = bytearray()
+        self._rbuf = bytearray(1 << 16)
+        self._rview = memoryview(self._rbuf)
         self._evicted: deque[np.ndarray] = deque()
         self._request = 0
         self.owner = self._call(P.K_HELLO, os.getpid().to_bytes(4, "little"))
@@ -62,6 +65,13 @@ class Client:
         sock.settimeout(timeout)
         try:
             sock.connect(path)
+            # Blocking mode with kernel-side timeouts: one syscall per send or
+            # receive (Python's own timeout mode adds a poll to each), and a
+            # daemon that stops answering still fails the call in bounded time.
+            sock.settimeout(None)
+            tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         except OSError as e:
             sock.close()
             reader.close()
@@ -90,19 +100,16 @@ class Client:
                     del self._inbuf[: P.HEADER.size + length]
                     return kind, request, payload
             try:
-                self._sock.settimeout(self._timeout if block else 0.0)
-                chunk = self._sock.recv(1 << 20)
-            except (BlockingIOError, InterruptedError):
-                return None
-            except socket.timeout:
+                n = self._sock.recv_into(self._rbuf, 0, 0 if block else socket.MSG_DONTWAIT)
+            except BlockingIOError:
                 if not block:
                     return None
                 raise self._unavailable(f"no reply in {self._timeout} s") from None
             except OSError as e:
                 raise self._unavailable(e.strerror or str(e)) from None
-            if not chunk:
+            if not n:
                 raise self._unavailable("connection closed")
-            self._inbuf += chunk
+            self._inbuf += self._rview[:n]
 
     def _push(self, payload: bytes) -> None:
         values = P.decode_values(payload)
@@ -118,7 +125,6 @@ class Client:
             raise DaemonUnavailableError(f"the shmcache daemon for {self.name!r} is gone; reconnect with Client.connect")
         self._request = (self._request + 1) & 0xFFFFFFFF or 1
         try:
-            self._sock.settimeout(self._timeout)
             self._sock.sendall(P.frame(kind, self._request, payload))
         except OSError as e:
             raise self._unavailable(e.strerror or str(e)) from None

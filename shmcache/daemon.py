@@ -102,6 +102,10 @@ class Daemon:
         self._next_owner = 0
         self._epoch = self.writer.stats()["writer_epoch"] & 0xFFF
         self._stopping = False
+        # One receive buffer for every connection: a fresh large bytes object
+        # per recv costs an mmap and page faults each time.
+        self._rbuf = bytearray(_RECV)
+        self._rview = memoryview(self._rbuf)
         try:
             self._listener = self._listen()
         except BaseException:
@@ -213,16 +217,16 @@ class Daemon:
     def _read(self, conn: _Conn, batch: list) -> None:
         while True:
             try:
-                chunk = conn.sock.recv(_RECV)
+                n = conn.sock.recv_into(self._rbuf)
             except BlockingIOError:
                 break
             except OSError:
                 conn.dead = True
                 return
-            if not chunk:
+            if not n:
                 conn.eof = True
                 break
-            conn.inbuf += chunk
+            conn.inbuf += self._rview[:n]
         while not conn.closing and len(conn.inbuf) >= P.HEADER.size:
             try:
                 kind, request, length = P.parse_header(bytes(conn.inbuf[: P.HEADER.size]))

@@ -504,6 +504,23 @@ def drop_state(A, s, out, n_out):
 
 
 @njit
+def subtree_size(A, s):
+    """States in the subtree of ``s``, itself included (children lists walk)."""
+    count = 0
+    cur = s
+    while True:
+        count += 1
+        if A.links[cur, FC] != NIL:
+            cur = A.links[cur, FC]
+            continue
+        while cur != s and A.links[cur, NEXT] == NIL:
+            cur = parent_of(A, cur)
+        if cur == s:
+            return count
+        cur = A.links[cur, NEXT]
+
+
+@njit
 def drop_subtree(A, s, out, n_out):
     """Drop ``s`` and all its descendants, children first, into ``out``."""
     cur = s
@@ -627,13 +644,19 @@ def remove_kernel(A, values, owner):
     Unknown values are skipped. Returns the removed ``(value, owner)`` rows,
     children first (a subtree may hold other owners' blocks).
     """
-    out = np.empty((np.int64(A.data[H_LIVE]), 2), dtype=np.int64)
+    found = np.empty(values.shape[0], dtype=np.int64)
+    room = 0
+    for i in range(values.shape[0]):
+        found[i] = value_lookup(A, values[i], owner)
+        if found[i] >= 0:
+            room += subtree_size(A, found[i])
+    out = np.empty((min(room, np.int64(A.data[H_LIVE])), 2), dtype=np.int64)
     begin(A)
     n_out = 0
-    for v in values:
-        s = value_lookup(A, v, owner)
-        if s < 0:
-            continue
+    for i in range(values.shape[0]):
+        s = found[i]
+        if s < 0 or not is_live(A, s) or np.int64(field(A, s, R_VALUE)) != values[i]:
+            continue  # not cached, or already dropped with an earlier value's subtree
         p = parent_of(A, s)
         n_out = drop_subtree(A, s, out, n_out)
         push_if_evictable(A, p)

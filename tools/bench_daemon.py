@@ -1,0 +1,118 @@
+"""Benchmark: inserts through the writer daemon, from 1 and 2 producer processes.
+
+    python tools/bench_daemon.py [--prompts 2000]
+
+Starts ``shmcache serve`` as a child process, then producer processes that
+each insert distinct 128-block prompts (2,048 tokens, block size 16) through
+a Client, one round trip per insert. Reports aggregate blocks/s and the
+per-insert round trip p50/p99, next to the same inserts into an embedded
+Writer in this process (the baseline: no socket, no daemon). Prints the
+machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_match import machine, percentiles  # noqa: E402
+
+BS = 16
+TOKENS = 2048
+
+
+def prompt(producer: int, i: int) -> np.ndarray:
+    base = (producer * 7_919 + i) * TOKENS
+    return (np.arange(base, base + TOKENS, dtype=np.int64) * 2_654_435_761) % 4_000_000_000
+
+
+def produce(name: str, index: int, n: int, go, q) -> None:
+    from shmcache import Client
+
+    c = Client.connect(name)
+    samples = []
+    go.wait()
+    t_all = time.perf_counter()
+    for i in range(n):
+        toks = prompt(index, i)
+        values = np.arange(i * 128, (i + 1) * 128) + index * 10**9
+        t0 = time.perf_counter_ns()
+        c.insert(toks, values)
+        samples.append(time.perf_counter_ns() - t0)
+    q.put((time.perf_counter() - t_all, samples))
+    c.close()
+
+
+def serve(name: str, capacity: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "shmcache.cli", "serve", name, "--capacity", str(capacity),
+                             "--block-size", str(BS), "--on-disconnect", "keep", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, text=True)
+    if not select.select([proc.stdout], [], [], 120)[0]:
+        proc.kill()
+        raise SystemExit("shmcache serve did not get ready")
+    proc.stdout.readline()
+    return proc
+
+
+def run(n_producers: int, n: int) -> tuple[float, list[int]]:
+    name = f"benchd-{uuid.uuid4().hex[:8]}"
+    proc = serve(name, n_producers * n * 128 + 1024)
+    ctx = mp.get_context("spawn")
+    go, q = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=produce, args=(name, i, n, go, q)) for i in range(n_producers)]
+    try:
+        for p in procs:
+            p.start()
+        go.set()
+        results = [q.get(timeout=1800) for _ in procs]
+        for p in procs:
+            p.join()
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    wall = max(t for t, _ in results)
+    return n_producers * n * 128 / wall, [s for _, ss in results for s in ss]
+
+
+def embedded(n: int) -> tuple[float, list[int]]:
+    from shmcache import Writer
+
+    with Writer.create(f"benche-{uuid.uuid4().hex[:8]}", capacity=n * 128 + 1024, block_size=BS) as w:
+        samples = []
+        t_all = time.perf_counter()
+        for i in range(n):
+            t0 = time.perf_counter_ns()
+            w.insert(prompt(0, i), np.arange(i * 128, (i + 1) * 128))
+            samples.append(time.perf_counter_ns() - t0)
+        rate = n * 128 / (time.perf_counter() - t_all)
+        w.close(unlink=True)
+    return rate, samples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=2000, help="128-block prompts per producer")
+    args = ap.parse_args()
+    print(f"machine: {machine()}")
+    print(f"{'case':38s} {'blocks/s':>12s} {'p50 µs':>9s} {'p99 µs':>9s}")
+    rate, samples = embedded(args.prompts)
+    p50, p99 = percentiles(samples)
+    print(f"{'embedded Writer (baseline, no socket)':38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f}")
+    for n in (1, 2):
+        rate, samples = run(n, args.prompts)
+        p50, p99 = percentiles(samples)
+        print(f"{f'daemon, {n} producer process(es)':38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
