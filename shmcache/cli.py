@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from .errors import SegmentCorruptError, ShmCacheError
+from .errors import ShmCacheError
 
 
 def _progress(label: str):
@@ -70,31 +70,13 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def dump(args: argparse.Namespace) -> int:
+    from .dump import describe, render
     from .reader import Reader
 
     with Reader.attach(args.name) as r:
-        info = {"name": args.name, **r.stats()}
-        for key in ("reader_slot", "queries", "query_blocks", "hit_blocks", "block_hit_rate"):
-            info.pop(key)
-        violations: list[str] = []
-        if args.check:
-            try:
-                r.check()
-            except SegmentCorruptError as e:
-                violations = e.violations
-            info["violations"] = violations
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        width = max(map(len, info))
-        for key, value in info.items():
-            if key != "violations":
-                print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-        if args.check:
-            print("check: ok" if not violations else f"check: {len(violations)} violation(s)")
-            for v in violations:
-                print(f"  - {v}")
-    return 1 if violations else 0
+        info = describe(r, depth=args.depth if args.tree else 0, width=args.width, check=args.check)
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 1 if info.get("violations") else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("name")
     u.add_argument("--json", action="store_true", help="one JSON document")
     u.add_argument("--check", action="store_true", help="verify every invariant; exit 1 on a violation")
+    u.add_argument("--tree", action="store_true", help="show the widest prefixes")
+    u.add_argument("--depth", type=int, default=3, help="levels of --tree")
+    u.add_argument("--width", type=int, default=5, help="prefixes per level of --tree")
     u.set_defaults(func=dump)
     args = ap.parse_args(argv)
     try:

@@ -22,11 +22,20 @@ def test_demo_replays_and_prints_the_comparison(capsys):
 def test_dump_json_and_check_on_a_live_segment(shm_name, capsys):
     with Writer.create(shm_name, capacity=64, block_size=4) as w:
         w.insert(np.arange(16), [1, 2, 3, 4])
-        assert main(["dump", shm_name, "--json", "--check"]) == 0
+        w.insert(np.r_[np.arange(8), np.full(8, 99)], [1, 2, 7, 8], owner=5)
+        w.insert(np.arange(100, 108), [20, 21])
+        w.pin(np.arange(8))
+        assert main(["dump", shm_name, "--json", "--check", "--tree", "--depth", "3"]) == 0
         info = json.loads(capsys.readouterr().out)
-        assert info["live_blocks"] == 4 and info["violations"] == [] and info["writer_alive"] is True
-        assert main(["dump", shm_name]) == 0
-        assert "live_blocks" in capsys.readouterr().out
+        assert info["occupancy"]["live_blocks"] == 8 and info["violations"] == []
+        assert info["writer"]["alive"] is True and info["owners"] == {"0": 6, "5": 2}
+        assert info["pinned_blocks"] == 2 and info["root_prefixes"] == 2
+        widest = info["tree"][0]
+        assert (widest["value"], widest["blocks"], widest["children"]) == (1, 6, 1)
+        assert [n["value"] for n in widest["top"][0]["top"]] == [3, 7] or [n["value"] for n in widest["top"][0]["top"]] == [7, 3]
+        assert main(["dump", shm_name, "--tree"]) == 0
+        text = capsys.readouterr().out
+        assert "6 blocks under value 1" in text and "owners  0: 6, 5: 2" in text
 
 
 def test_dump_check_names_the_damage(shm_name, capsys):
@@ -34,7 +43,8 @@ def test_dump_check_names_the_damage(shm_name, capsys):
         w.insert(np.arange(16), [1, 2, 3, 4])
         w._map.data[H_LIVE] += 3
         assert main(["dump", shm_name, "--check"]) == 1
-        assert "header says 7 live states, the table holds 4" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "check   1 violation(s)" in out and "header says 7 live states, the table holds 4" in out
 
 
 def test_dump_unknown_segment_is_a_clear_error(shm_name, capsys):

@@ -1,0 +1,201 @@
+"""What ``shmcache dump`` reports about a live segment, computed read-only.
+
+``describe(reader, depth, width, check)`` returns one plain dict (the JSON
+document of ``dump --json``); ``render`` turns it into text. The tree summary
+comes from one O(capacity) Numba pass over the state table, so it works on a
+segment the writer is changing (it then describes a recent, not an exact,
+state) and takes well under a second for a million blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .errors import SegmentCorruptError
+from .identity import is_alive
+from .layout import (
+    G_CAPACITY,
+    G_READER_SLOTS,
+    G_STATES,
+    H_MAX_PROBE,
+    H_VERSION,
+    LINK_PARENT_BIAS,
+    LOW32,
+    R_LINK,
+    R_PINS,
+    R_VALUE,
+    RD_HIT_BLOCKS,
+    RD_PID,
+    RD_QUERIES,
+    RD_QUERY_BLOCKS,
+    RD_START,
+    READER_WORDS,
+    RECORD_WORDS,
+)
+from .mutate import S_VALID, classify
+
+_LOW32 = np.uint64(LOW32)
+
+
+@njit(cache=True)
+def tree_arrays(data, geom):
+    """``(parent, subtree size, children, owner, pinned)`` per record; size 0
+    for records that are free or do not reach the root."""
+    cap = geom[G_CAPACITY]
+    states = geom[G_STATES]
+    parent = np.empty(cap, dtype=np.int64)
+    owner = np.empty(cap, dtype=np.int64)
+    pinned = np.zeros(cap, dtype=np.bool_)
+    for s in range(cap):
+        link = data[states + s * RECORD_WORDS + R_LINK]
+        parent[s] = np.int64(link & _LOW32) - LINK_PARENT_BIAS
+        owner[s] = np.int64(link >> np.uint64(32))
+        pinned[s] = (data[states + s * RECORD_WORDS + R_PINS] & _LOW32) != 0
+    status = classify(parent)
+    depth = np.zeros(cap, dtype=np.int64)
+    for s in range(cap):
+        if status[s] == S_VALID and depth[s] == 0:
+            d = 0
+            cur = s
+            while cur >= 0 and depth[cur] == 0:
+                d += 1
+                cur = parent[cur]
+            base = depth[cur] if cur >= 0 else 0
+            cur = s
+            while cur >= 0 and depth[cur] == 0:
+                depth[cur] = base + d
+                d -= 1
+                cur = parent[cur]
+    size = np.zeros(cap, dtype=np.int64)
+    children = np.zeros(cap, dtype=np.int64)
+    order = np.argsort(-depth)
+    for i in range(cap):
+        s = order[i]
+        if status[s] != S_VALID:
+            continue
+        size[s] += 1
+        p = parent[s]
+        if p >= 0:
+            size[p] += size[s]
+            children[p] += 1
+    return parent, size, children, owner, pinned
+
+
+def _top(parent, size, children, owner, data, geom, depth: int, width: int) -> list[dict]:
+    """The widest prefixes: up to ``width`` children per level, ``depth`` levels."""
+    states = int(geom[G_STATES])
+    live = size > 0
+
+    def widest(of: int) -> np.ndarray:
+        kids = np.flatnonzero(live & (parent == of))
+        return kids[np.argsort(-size[kids], kind="stable")[:width]]
+
+    def node(s: int, level: int) -> dict:
+        out = {
+            "state": int(s),
+            "value": int(np.int64(data[states + s * RECORD_WORDS + R_VALUE])),
+            "owner": int(owner[s]),
+            "blocks": int(size[s]),
+            "children": int(children[s]),
+        }
+        if level < depth and children[s]:
+            out["top"] = [node(int(c), level + 1) for c in widest(s)]
+        return out
+
+    return [node(int(s), 1) for s in widest(-1)]
+
+
+def describe(reader, depth: int = 0, width: int = 5, check: bool = False) -> dict:
+    """Everything ``dump`` shows, as one JSON-ready dict."""
+    data, wdata, geom = reader._data, reader._wdata, reader._geom
+    stats = reader.stats()
+    info: dict = {
+        "name": reader.name,
+        "layout_version": int(data[H_VERSION]),
+        "block_size": stats["block_size"],
+        "capacity": stats["capacity"],
+        "segment_bytes": stats["segment_bytes"],
+        "bytes_per_block": round(stats["bytes_per_block"], 1),
+        "seed": f"{reader.seed:032x}",
+        "incarnation": f"{reader.incarnation:016x}",
+        "writer": {"pid": stats["writer_pid"], "alive": stats["writer_alive"], "epoch": stats["writer_epoch"]},
+        "occupancy": {
+            "live_blocks": stats["live_blocks"],
+            "free_blocks": stats["free_blocks"],
+            "fraction": round(stats["occupancy"], 6),
+            "protected_blocks": stats["pinned_blocks"],
+        },
+        "counters": {k: stats[k] for k in ("operations", "inserted_blocks", "evicted_blocks", "removed_blocks",
+                                           "clears", "recovered_drops", "clock")},
+        "max_probe": int(data[H_MAX_PROBE]),
+    }
+    readers = []
+    queries = query_blocks = hit_blocks = 0
+    for slot in range(int(geom[G_READER_SLOTS])):
+        base = slot * READER_WORDS
+        pid = int(wdata[base + RD_PID])
+        q, qb, hb = (int(wdata[base + k]) for k in (RD_QUERIES, RD_QUERY_BLOCKS, RD_HIT_BLOCKS))
+        queries, query_blocks, hit_blocks = queries + q, query_blocks + qb, hit_blocks + hb
+        if pid and slot != reader._slot:
+            readers.append({"slot": slot, "pid": pid, "alive": is_alive(pid, int(wdata[base + RD_START])),
+                            "queries": q, "block_hit_rate": round(hb / qb, 6) if qb else 0.0})
+    wq, wh = stats["writer_query_blocks"], stats["writer_hit_blocks"]
+    info["hits"] = {
+        "reader_queries": queries,
+        "reader_block_hit_rate": round(hit_blocks / query_blocks, 6) if query_blocks else 0.0,
+        "writer_matches": stats["writer_matches"],
+        "writer_block_hit_rate": round(wh / wq, 6) if wq else 0.0,
+    }
+    info["readers"] = readers
+    parent, size, children, owner, pinned = tree_arrays(data, geom)
+    live = size > 0
+    owners, counts = np.unique(owner[live], return_counts=True)
+    info["owners"] = {str(int(o)): int(c) for o, c in zip(owners, counts)}
+    info["pinned_blocks"] = int((pinned & live).sum())
+    info["root_prefixes"] = int((live & (parent == -1)).sum())
+    if depth > 0:
+        info["tree"] = _top(parent, size, children, owner, data, geom, depth, width)
+    if check:
+        try:
+            reader.check()
+            info["violations"] = []
+        except SegmentCorruptError as e:
+            info["violations"] = e.violations
+    return info
+
+
+def render(info: dict) -> str:
+    """The text form of ``describe``'s dict."""
+    w, occ, c, h = info["writer"], info["occupancy"], info["counters"], info["hits"]
+    lines = [
+        f"segment {info['name']}  layout v{info['layout_version']}  block size {info['block_size']}  "
+        f"capacity {info['capacity']:,}  {info['segment_bytes'] / 2**20:.1f} MiB ({info['bytes_per_block']} B/block)",
+        f"writer  pid {w['pid']} ({'alive' if w['alive'] else 'not running'}), epoch {w['epoch']}",
+        f"blocks  {occ['live_blocks']:,} live ({occ['fraction']:.1%}), {occ['free_blocks']:,} free, "
+        f"{info['pinned_blocks']:,} pinned, {occ['protected_blocks']:,} protected, {info['root_prefixes']:,} root prefixes",
+        f"counts  {c['operations']:,} operations, {c['inserted_blocks']:,} inserted, {c['evicted_blocks']:,} evicted, "
+        f"{c['removed_blocks']:,} removed, {c['clears']} clears, {c['recovered_drops']} dropped by recovery",
+        f"hits    readers: {h['reader_queries']:,} queries, block hit rate {h['reader_block_hit_rate']:.1%}; "
+        f"writer: {h['writer_matches']:,} matches, {h['writer_block_hit_rate']:.1%}",
+        f"index   max probe {info['max_probe']}",
+        "owners  " + (", ".join(f"{o}: {n:,}" for o, n in info["owners"].items()) or "none"),
+    ]
+    for r in info["readers"]:
+        lines.append(f"reader  slot {r['slot']} pid {r['pid']} ({'alive' if r['alive'] else 'dead'}), "
+                     f"{r['queries']:,} queries, block hit rate {r['block_hit_rate']:.1%}")
+
+    def tree(nodes: list[dict], indent: int) -> None:
+        for n in nodes:
+            lines.append(f"{'  ' * indent}- {n['blocks']:,} blocks under value {n['value']} "
+                         f"(owner {n['owner']}, {n['children']} children)")
+            tree(n.get("top", []), indent + 1)
+
+    if "tree" in info:
+        lines.append("tree (widest prefixes first):")
+        tree(info["tree"], 1)
+    if "violations" in info:
+        v = info["violations"]
+        lines.append("check   ok" if not v else f"check   {len(v)} violation(s)")
+        lines += [f"  - {x}" for x in v]
+    return "\n".join(lines)
