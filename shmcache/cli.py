@@ -3,8 +3,8 @@
 * ``shmcache serve NAME --capacity N``: the writer daemon, in the foreground
   (logs to stderr, one ``ready ...`` line on stdout, clean exit on SIGTERM or
   SIGINT; exit 1 with one line on stderr when it cannot start).
-* ``shmcache demo``: replay the bundled Mooncake trace through a writer and
-  a reader process, beside an exact-LRU reference, with a live progress line.
+* ``shmcache demo``: a daemon and worker processes replaying the bundled
+  Mooncake trace, with a live progress line, a summary and the dump.
 * ``shmcache dump NAME``: inspect a live segment read-only (``--json`` for
   scripts, ``--check`` to verify every invariant; exit 1 if one fails).
 """
@@ -14,21 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 from .errors import ShmCacheError
-
-
-def _progress(label: str):
-    start = time.perf_counter()
-
-    def show(done: int, total: int) -> None:
-        if done == total or done % 50 == 0:
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            end = "\n" if done == total else ""
-            print(f"\r  {label}: {done:,}/{total:,} requests ({rate:,.0f}/s)", end=end, file=sys.stderr, flush=True)
-
-    return show
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -55,18 +42,9 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from .replay import format_results, load_trace, replay, unique_blocks
+    from .demo import run
 
-    trace = load_trace(limit=args.requests)
-    uniq = unique_blocks(trace, args.block_size)
-    print(f"shmcache demo: {len(trace):,} requests of the Mooncake synthetic trace, "
-          f"{uniq:,} unique blocks of {args.block_size} tokens")
-    results = []
-    for fraction in args.capacity:
-        capacity = max(1, int(uniq * fraction))
-        results.append(replay(trace, capacity, args.block_size, _progress(f"capacity {fraction:.0%} ({capacity:,} blocks)")))
-    print(format_results(results))
-    return 0
+    return run(workers=args.workers, requests=args.requests, capacity_fraction=args.capacity, block_size=args.block_size)
 
 
 def dump(args: argparse.Namespace) -> int:
@@ -93,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--keep", action="store_true", help="leave the segment in place on exit")
     v.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     v.set_defaults(func=serve)
-    d = sub.add_parser("demo", help="replay the bundled request trace end to end")
+    d = sub.add_parser("demo", help="daemon + worker processes replaying the bundled request trace")
+    d.add_argument("--workers", type=int, default=4)
     d.add_argument("--requests", type=int, default=None, help="replay only the first N requests")
     d.add_argument("--block-size", type=int, default=16)
-    d.add_argument("--capacity", type=float, nargs="+", default=[0.25, 1.0],
-                   help="capacities as fractions of the trace's unique blocks")
+    d.add_argument("--capacity", type=float, default=0.25, help="capacity as a fraction of the trace's unique blocks")
     d.set_defaults(func=demo)
     u = sub.add_parser("dump", help="inspect a live segment (read-only)")
     u.add_argument("name")

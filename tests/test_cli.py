@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import numpy as np
 
@@ -11,12 +13,15 @@ from shmcache.cli import main
 from shmcache.layout import H_LIVE
 
 
-def test_demo_replays_and_prints_the_comparison(capsys):
-    assert main(["demo", "--requests", "60", "--capacity", "0.5"]) == 0
+def test_demo_runs_daemon_and_workers_end_to_end(capsys):
+    before = set(os.listdir("/dev/shm"))
+    assert main(["demo", "--requests", "240", "--workers", "2", "--capacity", "0.1"]) == 0
     out = capsys.readouterr().out
-    assert "60 requests" in out and "LRU ref" in out
-    row = out.strip().splitlines()[-1].split()
-    assert row[1] == "60" and float(row[4]) >= 0.98  # hit-rate ratio vs the exact-LRU reference
+    assert "240 requests" in out and "check   ok" in out and "stopped the daemon and 2 workers" in out
+    line = next(x for x in out.splitlines() if x.startswith("inserts:"))
+    evicted, delivered = re.findall(r"evictions ([\d,]+), delivered to their owners ([\d,]+)", line)[0]
+    assert evicted == delivered and int(evicted.replace(",", "")) > 0
+    assert set(os.listdir("/dev/shm")) == before
 
 
 def test_dump_json_and_check_on_a_live_segment(shm_name, capsys):

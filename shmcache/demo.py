@@ -1,0 +1,137 @@
+"""``shmcache demo``: the main job end to end, needing nothing but the package.
+
+It starts a writer daemon (``shmcache serve``, a child process) and several
+worker processes, and replays the bundled Mooncake trace: worker ``w`` takes
+requests ``w, w + W, w + 2W, ...``; for each one it matches the prompt
+lock-free against the shared segment, then (after its simulated prefill)
+inserts the prompt through the daemon, and counts the values of its blocks
+the cache hands back. The main process shows a live progress line, then a
+summary table and the dump of the segment, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+
+from .replay import load_trace, prompt_tokens, unique_blocks
+
+
+def _worker(name: str, index: int, n_workers: int, trace, progress, done, drain, release, results) -> None:
+    from .client import Client
+
+    c = Client.connect(name)
+    hits = prompt = inserted = delivered = 0
+    latencies = []
+    clock = time.perf_counter_ns
+    next_value = index << 40
+    for i in range(index, len(trace), n_workers):
+        toks = prompt_tokens(*trace[i])
+        t0 = clock()
+        m = c.match_prefix(toks)
+        latencies.append(clock() - t0)
+        hits += m.length
+        prompt += len(toks)
+        n = len(toks) // c.block_size
+        inserted += n - c.insert(toks, np.arange(next_value, next_value + n)) // c.block_size
+        next_value += n
+        delivered += len(c.poll_evicted())
+        with progress.get_lock():
+            progress.value += 1
+    done.set()
+    # Other workers' inserts keep evicting this worker's blocks until all are
+    # done; then one round trip ensures every eviction pushed has arrived.
+    drain.wait()
+    c.remove([])
+    delivered += len(c.poll_evicted())
+    results.put((index, hits, prompt, inserted, delivered, latencies))
+    release.wait()
+    c.close()
+
+
+def _start_daemon(name: str, capacity: int, block_size: int) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmcache.cli", "serve", name, "--capacity", str(capacity),
+         "--block-size", str(block_size), "--log-level", "warning"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    if not select.select([proc.stdout], [], [], 120)[0]:
+        proc.kill()
+        raise RuntimeError("the daemon did not start")
+    line = proc.stdout.readline().strip()
+    if not line.startswith("ready"):
+        proc.wait()
+        raise RuntimeError(f"the daemon did not start: {line or 'no output'}")
+    return proc, line
+
+
+def run(workers: int = 4, requests: int | None = None, capacity_fraction: float = 0.25, block_size: int = 16,
+        out=sys.stdout) -> int:
+    trace = load_trace(limit=requests)
+    uniq = unique_blocks(trace, block_size)
+    capacity = max(1, int(uniq * capacity_fraction))
+    name = f"demo-{uuid.uuid4().hex[:8]}"
+    print(f"shmcache demo: {len(trace):,} requests of the Mooncake synthetic trace, {uniq:,} unique blocks "
+          f"of {block_size} tokens; segment {name!r} of {capacity:,} blocks ({capacity_fraction:.0%}); "
+          f"{workers} workers", file=out)
+    daemon, ready = _start_daemon(name, capacity, block_size)
+    print(f"daemon: {ready}", file=out)
+    ctx = mp.get_context("spawn")
+    progress = ctx.Value("q", 0)
+    drain, release, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    dones = [ctx.Event() for _ in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(name, w, workers, trace, progress, dones[w], drain, release, results))
+             for w in range(workers)]
+    try:
+        t0 = time.perf_counter()
+        for p in procs:
+            p.start()
+        pending = list(dones)
+        while pending:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                raise RuntimeError("a worker failed")
+            rate = progress.value / max(time.perf_counter() - t0, 1e-9)
+            print(f"\r  {progress.value:,}/{len(trace):,} requests  ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)
+            pending[0].wait(0.25)  # refresh the progress line until every worker is done
+            pending = [d for d in pending if not d.is_set()]
+        wall = time.perf_counter() - t0
+        print(f"\r  {len(trace):,}/{len(trace):,} requests in {wall:.1f} s", file=sys.stderr, flush=True)
+        drain.set()
+        rows = sorted(results.get(timeout=60) for _ in procs)
+        from .dump import describe, render
+        from .reader import Reader
+
+        with Reader.attach(name) as r:
+            info = describe(r, depth=2, width=3, check=True)
+        evicted = info["counters"]["evicted_blocks"]
+        lat = np.concatenate([np.asarray(row[5], dtype=np.float64) for row in rows]) / 1e3
+        hits, prompt, inserted, delivered = (sum(row[k] for row in rows) for k in (1, 2, 3, 4))
+        print(f"\n{'worker':>8s} {'requests':>9s} {'token hit rate':>15s} {'inserted blocks':>16s} {'evictions delivered':>20s}", file=out)
+        for index, h, p_, ins, dl, l in rows:
+            print(f"{index:>8d} {len(l):>9,d} {h / p_:>15.2%} {ins:>16,d} {dl:>20,d}", file=out)
+        print(f"{'all':>8s} {len(lat):>9,d} {hits / prompt:>15.2%} {inserted:>16,d} {delivered:>20,d}", file=out)
+        print(f"\nmatch latency p50 {np.percentile(lat, 50):.1f} µs, p99 {np.percentile(lat, 99):.1f} µs (lock-free, in each worker)", file=out)
+        print(f"inserts: {inserted / wall:,.0f} new blocks/s through the daemon; evictions {evicted:,}, "
+              f"delivered to their owners {delivered:,}", file=out)
+        print("\n" + render(info), file=out)
+        ok = delivered == evicted and not info["violations"]
+    finally:
+        drain.set()
+        release.set()
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+        if daemon.poll() is None:
+            os.kill(daemon.pid, signal.SIGTERM)
+        daemon.wait(60)
+    print(f"\nstopped the daemon and {workers} workers; segment removed", file=out)
+    return 0 if ok else 1
