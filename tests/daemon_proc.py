@@ -57,7 +57,7 @@ def producer(name, index, n_prompts, done, drain, release, results):
     c = Client.connect(name)
     inserted, evicted = [], []
     for i in range(n_prompts):
-        values = [10_000_000 * (index + 1) + 2 * i, 10_000_000 * (index + 1) + 2 * i + 1]
+        values = expected_values(index, i)
         c.insert(two_blocks(index, i), values)
         inserted += values
         evicted += c.poll_evicted().tolist()
@@ -68,3 +68,26 @@ def producer(name, index, n_prompts, done, drain, release, results):
     results.put((index, c.owner, inserted, evicted))
     release.wait(300)
     c.close()
+
+
+def expected_values(producer: int, i: int) -> list[int]:
+    """The values producer ``producer`` gives the two blocks of its prompt ``i``."""
+    return [10_000_000 * (producer + 1) + 2 * i, 10_000_000 * (producer + 1) + 2 * i + 1]
+
+
+def checking_reader(name, n_producers, n_prompts, stop, results):
+    """Match the producers' prompts while they insert; every answer must be a
+    prefix of that prompt's true values (the reference)."""
+    from shmcache import Reader
+
+    r = Reader.attach(name)
+    rng = np.random.default_rng(os.getpid())
+    matches = hits = wrong = 0
+    while not stop.is_set():
+        p, i = int(rng.integers(n_producers)), int(rng.integers(n_prompts))
+        got = r.match_prefix(two_blocks(p, i)).values.tolist()
+        matches += 1
+        hits += bool(got)
+        wrong += got != expected_values(p, i)[: len(got)]
+    r.close()
+    results.put((matches, hits, wrong))

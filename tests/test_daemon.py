@@ -13,7 +13,7 @@ import pytest
 import shmcache
 from shmcache import Client, DaemonUnavailableError, InvalidInputError, Reader, Writer
 
-from daemon_proc import Served, producer, two_blocks
+from daemon_proc import Served, checking_reader, producer
 from helpers import owned_values
 
 
@@ -66,17 +66,22 @@ def test_client_round_trip_errors_and_local_match(served):
 def test_producers_in_parallel_and_eviction_delivered_exactly_once(shm_name, spawn):
     d = Served(shm_name, 64)
     done = [spawn.Event() for _ in range(2)]
-    drain, release = spawn.Event(), spawn.Event()
-    results = spawn.Queue()
+    drain, release, stop = spawn.Event(), spawn.Event(), spawn.Event()
+    results, checks = spawn.Queue(), spawn.Queue()
     procs = [spawn.Process(target=producer, args=(shm_name, i, 300, done[i], drain, release, results)) for i in range(2)]
+    reader = spawn.Process(target=checking_reader, args=(shm_name, 2, 300, stop, checks))
+    procs.append(reader)
     try:
         for p in procs:
             p.start()
         for e in done:
             assert e.wait(300)
+        stop.set()
+        matches, hits, wrong = checks.get(timeout=60)
+        assert wrong == 0 and matches > 100 and hits > 0, (matches, hits, wrong)
         drain.set()
         got = {}
-        for _ in procs:
+        for _ in range(2):
             index, owner, inserted, evicted = results.get(timeout=60)
             got[owner] = (set(inserted), evicted)
         with Reader.attach(shm_name) as r:
@@ -152,3 +157,31 @@ def test_no_daemon_is_a_clear_error(shm_name):
     with Writer.create(shm_name, capacity=8, block_size=4):
         with pytest.raises(DaemonUnavailableError, match="shmcache serve"):
             Client.connect(shm_name)
+
+
+def test_keep_on_disconnect_leaves_a_clients_blocks(shm_name, spawn):
+    d = Served(shm_name, 256, "--on-disconnect", "keep")
+    try:
+        p = spawn.Process(target=_insert_and_die, args=(shm_name, "kill"))
+        p.start()
+        p.join(120)
+        with Client.connect(shm_name) as c:
+            c.remove([])
+            assert c.match_prefix(np.arange(40, 56)).values.tolist() == [40, 41, 42, 43]
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--capacity", "0"], "capacity must be between"),
+    (["--capacity", "64", "--block-size", "0"], "block_size must be between"),
+    (["--capacity", "64", "--socket", "/x" * 80], "too long for a Unix socket"),
+])
+def test_serve_bad_arguments_exit_1_with_one_line(shm_name, args, fragment):
+    done = subprocess.run([sys.executable, "-m", "shmcache.cli", "serve", shm_name, *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], done.stderr
+    assert not shmcache.exists(shm_name)
