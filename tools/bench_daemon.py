@@ -6,8 +6,10 @@ Starts ``shmcache serve`` as a child process, then producer processes that
 each insert distinct 128-block prompts (2,048 tokens, block size 16) through
 a Client, one round trip per insert. Reports aggregate blocks/s and the
 per-insert round trip p50/p99, next to the same inserts into an embedded
-Writer in this process (the baseline: no socket, no daemon). Prints the
-machine it ran on.
+Writer in this process (the baseline: no socket, no daemon). Then the round
+trip of small requests (a 1-block insert, an empty remove) beside the floor
+of this machine: a bare Python ping-pong over a Unix socket between two
+processes. Prints the machine it ran on.
 """
 
 from __future__ import annotations
@@ -99,6 +101,58 @@ def embedded(n: int) -> tuple[float, list[int]]:
     return rate, samples
 
 
+_ECHO = """
+import socket, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+while True:
+    msg = s.recv(64)
+    if not msg:
+        break
+    s.sendall(msg)
+"""
+
+
+def ping_pong_floor(n: int = 5000) -> list[int]:
+    """Round trips of a 24-byte message to an echo process over a Unix socket."""
+    import socket
+
+    a, b = socket.socketpair()
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO, str(b.fileno())], pass_fds=(b.fileno(),))
+    b.close()
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        a.sendall(b"x" * 24)
+        a.recv(64)
+        samples.append(time.perf_counter_ns() - t0)
+    a.close()
+    echo.wait(60)
+    return samples[n // 10 :]
+
+
+def small_round_trips(n: int = 3000) -> tuple[list[int], list[int]]:
+    from shmcache import Client
+
+    name = f"benchr-{uuid.uuid4().hex[:8]}"
+    proc = serve(name, n + 1024)
+    try:
+        c = Client.connect(name)
+        one, empty = [], []
+        for i in range(n):
+            toks = np.arange(BS, dtype=np.int64) + BS * i
+            t0 = time.perf_counter_ns()
+            c.insert(toks, [i])
+            one.append(time.perf_counter_ns() - t0)
+            t0 = time.perf_counter_ns()
+            c.remove([])
+            empty.append(time.perf_counter_ns() - t0)
+        c.close()
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    return one[n // 10 :], empty[n // 10 :]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=2000, help="128-block prompts per producer")
@@ -112,6 +166,13 @@ def main() -> None:
         rate, samples = run(n, args.prompts)
         p50, p99 = percentiles(samples)
         print(f"{f'daemon, {n} producer process(es)':38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f}")
+    print()
+    print(f"{'round trip':38s} {'':>12s} {'p50 µs':>9s} {'p99 µs':>9s}")
+    one, empty = small_round_trips()
+    for label, samples in (("bare Python Unix-socket ping-pong (floor)", ping_pong_floor()),
+                           ("daemon: 1-block insert", one), ("daemon: empty remove", empty)):
+        p50, p99 = percentiles(samples)
+        print(f"{label:38s} {'':>12s} {p50:9.1f} {p99:9.1f}")
 
 
 if __name__ == "__main__":
