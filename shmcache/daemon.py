@@ -36,7 +36,7 @@ from . import protocol as P
 from . import segment
 from .errors import CacheFullError, IncompatibleSegmentError, InvalidInputError, ShmCacheError
 from .keys import namespace_from_wire
-from .writer import Writer
+from .writer import Writer, warm_up
 
 log = logging.getLogger("shmcache.daemon")
 
@@ -79,6 +79,7 @@ class Daemon:
     ) -> None:
         segment.validate_name(name)
         self.name = name
+        warm_up()
         created = not segment.exists(name)
         if not created:
             self.writer = Writer.open(name)

@@ -63,7 +63,7 @@ def _start_daemon(name: str, capacity: int, block_size: int) -> tuple[subprocess
          "--block-size", str(block_size), "--log-level", "warning"],
         stdout=subprocess.PIPE, text=True,
     )
-    if not select.select([proc.stdout], [], [], 120)[0]:
+    if not select.select([proc.stdout], [], [], 900)[0]:  # a fresh install compiles first
         proc.kill()
         raise RuntimeError("the daemon did not start")
     line = proc.stdout.readline().strip()

@@ -740,6 +740,7 @@ def pin_kernel(A, keys, n, delta):
             below -= 1
         old_protect = np.int64(word >> np.uint64(32))
         new_protect = old_protect + below
+        step(A)
         set_field(A, s, R_PINS, (np.uint64(new_protect) << np.uint64(32)) | np.uint64(own + delta))
         if old_protect == 0 and new_protect > 0:
             bump(A, H_PINNED, 1)

@@ -98,7 +98,9 @@ class Writer:
 
     on_evict_owned: OwnedEvictCallback | None = None
 
-    def __init__(self, mapping: segment.Mapping, sem: posix_ipc.Semaphore, on_evict: EvictCallback | None) -> None:
+    def __init__(
+        self, mapping: segment.Mapping, sem: posix_ipc.Semaphore, on_evict: EvictCallback | None, crash_at_step: int = 0
+    ) -> None:
         self._map = mapping
         self._sem = sem
         self.name = mapping.name
@@ -109,6 +111,7 @@ class Writer:
         self.on_evict = on_evict
         self._chain = KeyChain(self.block_size, self.seed)
         self._A = mutate.new_arrays(mapping.data, mapping.wdata, mapping.geometry.vector())
+        self._A.meta[mutate.M_CRASH] = crash_at_step
         #: States dropped by the repair when this Writer took the segment over.
         self.recovered = int(self._run(mutate.rebuild, self._A))
 
@@ -172,14 +175,15 @@ class Writer:
         )
 
     @classmethod
-    def open(cls, name: str, *, on_evict: EvictCallback | None = None) -> "Writer":
+    def open(cls, name: str, *, on_evict: EvictCallback | None = None, _crash_at_step: int = 0) -> "Writer":
         """Take over the existing segment ``name`` and repair it.
 
         Succeeds if no writer holds it or its holder has died (SIGKILL
         included): the half-written states the dead writer left are dropped
         with their descendants, and the index is rebuilt (``recovered``
         says how many states were dropped). Raises WriterBusyError naming
-        the pid of a live holder.
+        the pid of a live holder. (``_crash_at_step`` is the crash test hook,
+        applied to the repair itself.)
         """
         mapping = segment.attach(name, writable=True)
         try:
@@ -187,7 +191,7 @@ class Writer:
         except BaseException:
             mapping.close()
             raise
-        return cls(mapping, sem, on_evict)
+        return cls(mapping, sem, on_evict, _crash_at_step)
 
     @staticmethod
     def _claim(name: str, data: np.ndarray) -> posix_ipc.Semaphore:
@@ -404,3 +408,25 @@ class Writer:
     def __repr__(self) -> str:
         state = "closed" if self._A is None else f"capacity={self.capacity} block_size={self.block_size}"
         return f"<shmcache.Writer {self.name!r} {state}>"
+
+
+def warm_up() -> None:
+    """Load (or compile, on a fresh install) every writer kernel, for int64
+    and uint32 tokens, on a throwaway segment. The daemon calls it before it
+    accepts clients, so no request waits on Numba's compiler."""
+    name = f"warmup-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        with Writer.create(name, capacity=16, block_size=4) as w:
+            for toks in (np.arange(16, dtype=np.int64), np.arange(16, dtype=np.uint32)):
+                w.insert(toks, [1, 2, 3, 4], owner=1)
+                w.match_prefix(toks)
+                w.pin(toks)
+                w.unpin(toks)
+                w.evict(1)
+                w.remove([1], owner=1)
+                w.remove_owner(1)
+                w.clear()
+            w.check()
+        Writer.open(name).close()
+    finally:
+        segment.unlink(name)

@@ -31,6 +31,9 @@ def shm_left_as_found():
 def warm_kernels():
     """Compile (or load from Numba's cache) every kernel once, in this process,
     before tests spawn children that would otherwise all compile at once."""
+    from shmcache.writer import warm_up
+
+    warm_up()  # every writer path, int64 and uint32 tokens: what daemons and children load
     name = f"t-warm-{uuid.uuid4().hex[:12]}"
     try:
         with shmcache.Writer.create(name, capacity=64, block_size=4) as w:

@@ -21,7 +21,7 @@ class Served:
              "--block-size", str(block_size), "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        self.ready = self._line(120)
+        self.ready = self._line(600)
 
     def _line(self, timeout: float) -> str:
         readable, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -46,7 +46,7 @@ def two_blocks(producer: int, i: int) -> np.ndarray:
     return np.repeat(np.array([1_000_000 * (producer + 1) + 2 * i, 1_000_000 * (producer + 1) + 2 * i + 1]), 4)
 
 
-def producer(name, index, n_prompts, done, drain, release, results):
+def producer(name, index, n_prompts, go, done, drain, release, results):
     """Insert ``n_prompts`` unique prompts through a Client, collecting evictions.
 
     After every producer is done, one round trip to the daemon guarantees
@@ -56,6 +56,7 @@ def producer(name, index, n_prompts, done, drain, release, results):
 
     c = Client.connect(name)
     inserted, evicted = [], []
+    go.wait(300)
     for i in range(n_prompts):
         values = expected_values(index, i)
         c.insert(two_blocks(index, i), values)
@@ -75,7 +76,7 @@ def expected_values(producer: int, i: int) -> list[int]:
     return [10_000_000 * (producer + 1) + 2 * i, 10_000_000 * (producer + 1) + 2 * i + 1]
 
 
-def checking_reader(name, n_producers, n_prompts, stop, results):
+def checking_reader(name, n_producers, n_prompts, matching, stop, results):
     """Match the producers' prompts while they insert; every answer must be a
     prefix of that prompt's true values (the reference)."""
     from shmcache import Reader
@@ -84,6 +85,8 @@ def checking_reader(name, n_producers, n_prompts, stop, results):
     rng = np.random.default_rng(os.getpid())
     matches = hits = wrong = 0
     while not stop.is_set():
+        if matches == 100:
+            matching.set()
         p, i = int(rng.integers(n_producers)), int(rng.integers(n_prompts))
         got = r.match_prefix(two_blocks(p, i)).values.tolist()
         matches += 1

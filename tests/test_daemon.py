@@ -66,10 +66,11 @@ def test_client_round_trip_errors_and_local_match(served):
 def test_producers_in_parallel_and_eviction_delivered_exactly_once(shm_name, spawn):
     d = Served(shm_name, 64)
     done = [spawn.Event() for _ in range(2)]
-    drain, release, stop = spawn.Event(), spawn.Event(), spawn.Event()
+    drain, release, stop, matching = spawn.Event(), spawn.Event(), spawn.Event(), spawn.Event()
     results, checks = spawn.Queue(), spawn.Queue()
-    procs = [spawn.Process(target=producer, args=(shm_name, i, 300, done[i], drain, release, results)) for i in range(2)]
-    reader = spawn.Process(target=checking_reader, args=(shm_name, 2, 300, stop, checks))
+    # The producers start once the reader is matching, so it runs alongside them.
+    procs = [spawn.Process(target=producer, args=(shm_name, i, 300, matching, done[i], drain, release, results)) for i in range(2)]
+    reader = spawn.Process(target=checking_reader, args=(shm_name, 2, 300, matching, stop, checks))
     procs.append(reader)
     try:
         for p in procs:
