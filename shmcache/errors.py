@@ -45,6 +45,11 @@ class IncompatibleSegmentError(ShmCacheError):
     """The object is not a shmcache segment of this layout version, or its size is wrong."""
 
 
+class SegmentRetiredError(ShmCacheError):
+    """The segment this handle maps was removed (perhaps recreated under the
+    same name): attach again to see the current one."""
+
+
 class SegmentCorruptError(ShmCacheError):
     """A structural invariant does not hold. ``violations`` lists each one."""
 

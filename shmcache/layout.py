@@ -42,6 +42,8 @@ WRITER_EPOCH    18  number of writers that have held the segment
 MUTATIONS       24  seqlock word: odd while the writer mutates, +2 per op
 CLOCK           25  logical time: +2 per writer operation; reader hits stamp CLOCK+1
 MAX_PROBE       26  longest index probe distance ever stored (bounds lookups)
+RETIRED         27  non-zero once the segment is being removed: a reader that
+                    still maps it must stop answering from it
 LIVE            32  states in use
 PINNED          33  protected states (pinned, or above a pinned state)
 INSERTED..      34+ lifetime counters (see ``H_*`` below)
@@ -130,6 +132,7 @@ H_WRITER_EPOCH = 18
 H_MUTATIONS = 24
 H_CLOCK = 25
 H_MAX_PROBE = 26
+H_RETIRED = 27
 H_LIVE = 32
 H_PINNED = 33
 H_INSERTED = 34

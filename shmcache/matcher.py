@@ -43,6 +43,7 @@ from .layout import (
     H_CLOCK,
     H_MAX_PROBE,
     H_MUTATIONS,
+    H_RETIRED,
     LINK_PARENT_BIAS,
     LINK_ROOT,
     LOW32,
@@ -206,6 +207,7 @@ def note_hits(data, wdata, geom, path, n, n_blocks):
 WS_ROOT = G_WORDS
 WS_HEADER = G_WORDS + 2
 WS_TOO_SMALL = -(1 << 62)
+RETIRED = -(1 << 62) + 1
 
 
 def workspace_words(n_blocks: int, block_size: int) -> int:
@@ -228,6 +230,8 @@ def match_keys_kernel(data, wdata, keys, ws):
     """Reader match of precomputed keys. ``ws`` is the reader's workspace;
     returns the matched block count, their values left in
     ``ws[WS_HEADER:WS_HEADER + count]`` as int64."""
+    if load_acquire(data, H_RETIRED) != 0:
+        return RETIRED
     geom = ws[:G_WORDS].view(np.int64)
     return match_in_workspace(data, wdata, geom, keys, keys.shape[0], ws[WS_HEADER:])
 
@@ -239,8 +243,11 @@ def match_tokens_kernel(data, wdata, tokens, ws):
 
     Returns the matched block count (values as in ``match_keys_kernel``), or
     ``-(i + 1)`` when token ``i`` is outside ``[0, 2**32)`` (nothing matched),
-    or ``WS_TOO_SMALL`` when the workspace must first grow.
+    ``WS_TOO_SMALL`` when the workspace must first grow, or ``RETIRED`` when
+    the segment is being removed.
     """
+    if load_acquire(data, H_RETIRED) != 0:
+        return RETIRED
     geom = ws[:G_WORDS].view(np.int64)
     block_size = geom[G_BLOCK_SIZE]
     n_blocks = tokens.shape[0] // block_size

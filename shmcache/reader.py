@@ -16,7 +16,7 @@ import numpy as np
 
 from . import segment
 from .atomics import publish_word, read_word, swap_word
-from .errors import ClosedError, SegmentCorruptError
+from .errors import ClosedError, SegmentCorruptError, SegmentRetiredError
 from .identity import is_alive, me
 from .keys import KeyChain, Namespace, PrefixMatch, as_keys, as_tokens, bad_token_error
 from .layout import (
@@ -47,7 +47,7 @@ from .layout import (
     RD_START,
     READER_WORDS,
 )
-from .matcher import WS_HEADER, WS_ROOT, WS_TOO_SMALL, match_keys_kernel, match_tokens_kernel, workspace_words
+from .matcher import RETIRED, WS_HEADER, WS_ROOT, WS_TOO_SMALL, match_keys_kernel, match_tokens_kernel, workspace_words
 from .mutate import check_segment
 
 __all__ = ["Reader", "PrefixMatch"]
@@ -148,6 +148,12 @@ class Reader:
 
     # --- matching ---------------------------------------------------------------
 
+    def _retired(self) -> SegmentRetiredError:
+        return SegmentRetiredError(
+            f"segment {self.name!r} was removed (its writer unlinked it, maybe to recreate it): "
+            f"close this Reader and attach again"
+        )
+
     def _check_open(self) -> None:
         if self._data is None:
             raise ClosedError(f"Reader for {self.name!r} is closed: attach a new one with Reader.attach")
@@ -170,10 +176,12 @@ class Reader:
             self._use_namespace(namespace)
         k = match_tokens_kernel(self._data, self._wdata, toks, self._ws)
         if k < 0:
+            if k == RETIRED:
+                raise self._retired()
             if k != WS_TOO_SMALL:
                 raise bad_token_error(toks, -k - 1)
             self._grow(toks.shape[0] // self.block_size)
-            k = match_tokens_kernel(self._data, self._wdata, toks, self._ws)
+            return self.match_prefix(toks, namespace)
         return _match(k * self.block_size, self._ws_values[:k].copy())
 
     def match_keys(self, keys: np.ndarray) -> PrefixMatch:
@@ -184,6 +192,8 @@ class Reader:
         if workspace_words(keys.shape[0], self.block_size) > self._ws.shape[0]:
             self._grow(keys.shape[0])
         k = match_keys_kernel(self._data, self._wdata, keys, self._ws)
+        if k == RETIRED:
+            raise self._retired()
         return _match(k * self.block_size, self._ws_values[:k].copy())
 
     def block_keys(self, tokens: object, namespace: Namespace = None) -> np.ndarray:

@@ -44,6 +44,7 @@ from .layout import (
     H_CREATED_NS,
     H_INCARNATION,
     H_MAGIC,
+    H_RETIRED,
     H_SEED_HI,
     H_SEED_LO,
     H_VERSION,
@@ -259,10 +260,13 @@ def exists(name: str) -> bool:
 def unlink(name: str) -> bool:
     """Remove the segment and its writer semaphore; True if anything was removed.
 
-    Processes that have it mapped keep their mapping until they close it.
-    Use it to clean up after a crashed creator, never under a live writer.
+    Processes that have it mapped keep their mapping until they close it,
+    but it is first marked retired (when it is a valid segment) so their
+    readers stop answering from it. Use it to clean up after a crashed
+    creator, never under a live writer.
     """
     validate_name(name)
+    retire(name)
     removed = False
     for fn, path in ((posix_ipc.unlink_shared_memory, shm_path(name)), (posix_ipc.unlink_semaphore, sem_path(name))):
         try:
@@ -271,6 +275,30 @@ def unlink(name: str) -> bool:
         except posix_ipc.ExistentialError:
             pass
     return removed
+
+
+def retire(name: str) -> None:
+    """Mark segment ``name`` retired, if it is one whose header can be trusted."""
+    try:
+        shm = posix_ipc.SharedMemory(shm_path(name))
+    except posix_ipc.ExistentialError:
+        return
+    try:
+        st = os.fstat(shm.fd)
+        if st.st_uid != os.geteuid() or st.st_size < HEADER_BYTES:
+            return
+        m = _map(shm.fd, HEADER_BYTES, 0, writable=True)
+        try:
+            words = _words(m)
+            if int(words[H_MAGIC]) == MAGIC:
+                publish_word(words, H_RETIRED, np.uint64(1))
+            del words
+        finally:
+            m.close()
+    except OSError:
+        return
+    finally:
+        shm.close_fd()
 
 
 def check_mode(mode: object) -> int:

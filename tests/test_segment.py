@@ -90,3 +90,21 @@ def test_reader_process_exit_unlinks_nothing_and_warns_nothing(shm_name):
         assert done.stderr == ""
         assert shmcache.exists(shm_name)
         assert w.match_prefix(np.arange(8)).length == 8
+
+
+def test_a_recreated_segment_is_noticed_never_answered_from(shm_name):
+    w = Writer.create(shm_name, capacity=8, block_size=4)
+    w.insert(np.arange(8), [1, 2])
+    r = Reader.attach(shm_name)
+    keys = r.block_keys(np.arange(8))
+    w.close(unlink=True)
+    with Writer.create(shm_name, capacity=8, block_size=4) as w2:
+        w2.insert(np.arange(8), [7, 8])
+        with pytest.raises(shmcache.SegmentRetiredError, match="attach again"):
+            r.match_prefix(np.arange(8))
+        with pytest.raises(shmcache.SegmentRetiredError):
+            r.match_keys(keys)
+        r.close()
+        with Reader.attach(shm_name) as fresh:
+            assert fresh.match_prefix(np.arange(8)).values.tolist() == [7, 8]
+            assert fresh.incarnation != r.incarnation
