@@ -637,26 +637,16 @@ def match_kernel(A, keys, n):
     return values[:k]
 
 
-@njit(cache=True)
-def remove_kernel(A, values, owner):
-    """Drop the states holding ``values`` (of ``owner``) with their subtrees.
-
-    Unknown values are skipped. Returns the removed ``(value, owner)`` rows,
-    children first (a subtree may hold other owners' blocks).
-    """
-    found = np.empty(values.shape[0], dtype=np.int64)
-    room = 0
-    for i in range(values.shape[0]):
-        found[i] = value_lookup(A, values[i], owner)
-        if found[i] >= 0:
-            room += subtree_size(A, found[i])
-    out = np.empty((min(room, np.int64(A.data[H_LIVE])), 2), dtype=np.int64)
+@njit
+def drop_subtrees(A, roots, out):
+    """One operation: drop each state of ``roots`` that is still live, with its
+    subtree (a root inside an earlier root's subtree is already gone).
+    Returns the ``(value, owner)`` rows written to ``out``, children first."""
     begin(A)
     n_out = 0
-    for i in range(values.shape[0]):
-        s = found[i]
-        if s < 0 or not is_live(A, s) or np.int64(field(A, s, R_VALUE)) != values[i]:
-            continue  # not cached, or already dropped with an earlier value's subtree
+    for s in roots:
+        if s < 0 or not is_live(A, s):
+            continue
         p = parent_of(A, s)
         n_out = drop_subtree(A, s, out, n_out)
         push_if_evictable(A, p)
@@ -666,20 +656,32 @@ def remove_kernel(A, values, owner):
 
 
 @njit(cache=True)
+def remove_kernel(A, values, owner):
+    """Drop the states holding ``values`` (of ``owner``) with their subtrees.
+
+    Unknown values are skipped. Returns the removed ``(value, owner)`` rows,
+    children first (a subtree may hold other owners' blocks).
+    """
+    roots = np.empty(values.shape[0], dtype=np.int64)
+    room = 0
+    for i in range(values.shape[0]):
+        roots[i] = value_lookup(A, values[i], owner)
+        if roots[i] >= 0:
+            room += subtree_size(A, roots[i])
+    return drop_subtrees(A, roots, np.empty((min(room, np.int64(A.data[H_LIVE])), 2), dtype=np.int64))
+
+
+@njit(cache=True)
 def remove_owner_kernel(A, owner):
     """Drop every state ``owner`` inserted, with its subtree (a client's KV
     died with it). Returns the ``(value, owner)`` rows, children first."""
-    out = np.empty((np.int64(A.data[H_LIVE]), 2), dtype=np.int64)
-    begin(A)
-    n_out = 0
+    roots = np.empty(np.int64(A.data[H_LIVE]), dtype=np.int64)
+    n = 0
     for s in range(A.geom[G_CAPACITY]):
-        if is_live(A, s) and owner_of(A, s) == owner:
-            p = parent_of(A, s)
-            n_out = drop_subtree(A, s, out, n_out)
-            push_if_evictable(A, p)
-    bump(A, H_REMOVED, n_out)
-    end(A)
-    return out[:n_out]
+        if is_live(A, s) and owner_of(A, s) == owner and n < roots.shape[0]:
+            roots[n] = s
+            n += 1
+    return drop_subtrees(A, roots[:n], np.empty((np.int64(A.data[H_LIVE]), 2), dtype=np.int64))
 
 
 @njit(cache=True)
