@@ -17,6 +17,7 @@ from .errors import (  # noqa: E402
     IncompatibleSegmentError,
     InvalidInputError,
     InvalidNameError,
+    PinLimitError,
     SegmentCorruptError,
     SegmentExistsError,
     SegmentNotFoundError,
@@ -27,6 +28,7 @@ from .errors import (  # noqa: E402
     WriterBusyError,
 )
 from .keys import PrefixMatch, block_keys  # noqa: E402
+from .pins import PinnedMatch  # noqa: E402
 from .reader import Reader  # noqa: E402
 from .segment import exists, unlink  # noqa: E402
 from .writer import Writer  # noqa: E402
@@ -39,6 +41,7 @@ __all__ = [
     "Reader",
     "Client",
     "PrefixMatch",
+    "PinnedMatch",
     "block_keys",
     "exists",
     "unlink",
@@ -54,6 +57,7 @@ __all__ = [
     "SegmentRetiredError",
     "SegmentSpaceError",
     "CacheFullError",
+    "PinLimitError",
     "ClosedError",
     "DaemonUnavailableError",
 ]

@@ -31,7 +31,9 @@ __all__ = [
     "store_relaxed",
     "fence_acquire",
     "fence_release",
+    "fence_seq_cst",
     "cas",
+    "fetch_add",
     "load_u64_unaligned",
     "mul128",
     "prefetch",
@@ -116,6 +118,10 @@ store_release = _make_store("release")
 store_relaxed = _make_store("monotonic")
 fence_acquire = _make_fence("acquire")
 fence_release = _make_fence("release")
+#: Full fence: orders earlier stores before later loads (a store-load
+#: barrier), which acquire and release cannot. The reader-pin handshake
+#: (store a hazard, fence, load the other side's mark) needs it on both sides.
+fence_seq_cst = _make_fence("seq_cst")
 
 
 @intrinsic
@@ -130,6 +136,21 @@ def cas(typingctx, arr, idx, expected, new):
         ptr = _element_pointer(context, builder, arrty, args[0], args[1], idxty)
         pair = builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst")
         return builder.extract_value(pair, 0)
+
+    return sig, codegen
+
+
+@intrinsic
+def fetch_add(typingctx, arr, idx, delta):
+    """Sequentially consistent atomic ``arr[idx] += delta``; returns the old value."""
+    if not (_is_flat_int_array(arr) and isinstance(idx, types.Integer) and arr.mutable):
+        return None
+    sig = arr.dtype(arr, idx, arr.dtype)
+
+    def codegen(context, builder, signature, args):
+        arrty, idxty, _ = signature.args
+        ptr = _element_pointer(context, builder, arrty, args[0], args[1], idxty)
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
 
     return sig, codegen
 

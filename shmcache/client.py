@@ -1,7 +1,8 @@
 """``Client``: what a GPU worker or engine process uses next to a writer daemon.
 
 Matching is local and lock-free: ``Client.match_prefix`` *is* the attached
-Reader's ``match_prefix``, with no extra layer. Changes (insert, remove, pin,
+Reader's ``match_prefix``, with no extra layer (and ``match_and_pin`` the
+Reader's, pins included). Changes (insert, remove, pin,
 unpin) travel to the daemon over its Unix socket (``shmcache.protocol``)
 and wait for its reply. Values of this client's blocks that the cache drops
 arrive as pushes: they go to ``on_evict`` if set, else queue for
@@ -25,6 +26,7 @@ from . import protocol as P
 from .daemon import socket_path
 from .errors import CacheFullError, ClosedError, DaemonUnavailableError, InvalidInputError
 from .keys import Namespace, as_int64_array, as_tokens, as_values, bad_token_error, namespace_bytes
+from .pins import PinnedMatch
 from .reader import Reader
 
 __all__ = ["Client"]
@@ -41,6 +43,7 @@ class Client:
         self.block_size = reader.block_size
         self.match_prefix = reader.match_prefix
         self.match_keys = reader.match_keys
+        self.match_and_pin = reader.match_and_pin
         self.block_keys = reader.block_keys
         self.on_evict: Callable[[np.ndarray], None] | None = None
         self._sock: socket.socket | None = sock
@@ -170,6 +173,12 @@ class Client:
         return self._call(P.K_PIN, self._prompt(tokens, None, namespace))
 
     def unpin(self, tokens: object, namespace: Namespace = None) -> int:
+        """Undo one ``pin(tokens)`` through the daemon; returns blocks unpinned.
+        Given a ``match_and_pin`` handle instead, releases it locally (no
+        round trip) and returns its block count."""
+        if isinstance(tokens, PinnedMatch):
+            self.reader.unpin(tokens)
+            return len(tokens.values)
         return self._call(P.K_UNPIN, self._prompt(tokens, None, namespace))
 
     def poll_evicted(self) -> np.ndarray:

@@ -28,6 +28,7 @@ import signal
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,9 +172,17 @@ class Daemon:
                     f"ready name={self.name} socket={self.sock_path} capacity={self.writer.capacity} "
                     f"block_size={self.writer.block_size} pid={os.getpid()}"
                 )
+            next_reap = time.monotonic()
             while not self._stopping:
+                if time.monotonic() >= next_reap:
+                    # Also while idle: a dead reader's pins are freed within
+                    # one interval, not at the next request.
+                    reaped = self.writer.reap_readers()
+                    if reaped:
+                        log.info("reclaimed the reader-table slots and pins of %d dead reader(s)", reaped)
+                    next_reap = time.monotonic() + self.writer.reap_interval
                 batch: list[tuple[_Conn, int, int, bytes]] = []
-                for key, mask in self._sel.select():
+                for key, mask in self._sel.select(timeout=max(0.0, next_reap - time.monotonic())):
                     if key.data == "listen":
                         self._accept()
                     elif key.data == "wake":

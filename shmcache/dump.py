@@ -27,10 +27,11 @@ from .layout import (
     R_VALUE,
     RD_HIT_BLOCKS,
     RD_PID,
+    RD_PINNED,
     RD_QUERIES,
     RD_QUERY_BLOCKS,
     RD_START,
-    READER_WORDS,
+    reader_word,
     RECORD_WORDS,
 )
 from .mutate import S_VALID, classify
@@ -133,13 +134,12 @@ def describe(reader, depth: int = 0, width: int = 5, check: bool = False) -> dic
     readers = []
     queries = query_blocks = hit_blocks = 0
     for slot in range(int(geom[G_READER_SLOTS])):
-        base = slot * READER_WORDS
-        pid = int(wdata[base + RD_PID])
-        q, qb, hb = (int(wdata[base + k]) for k in (RD_QUERIES, RD_QUERY_BLOCKS, RD_HIT_BLOCKS))
+        pid = int(wdata[reader_word(slot, RD_PID)])
+        q, qb, hb, pins = (int(wdata[reader_word(slot, k)]) for k in (RD_QUERIES, RD_QUERY_BLOCKS, RD_HIT_BLOCKS, RD_PINNED))
         queries, query_blocks, hit_blocks = queries + q, query_blocks + qb, hit_blocks + hb
         if pid and slot != reader._slot:
-            readers.append({"slot": slot, "pid": pid, "alive": is_alive(pid, int(wdata[base + RD_START])),
-                            "queries": q, "block_hit_rate": round(hb / qb, 6) if qb else 0.0})
+            readers.append({"slot": slot, "pid": pid, "alive": is_alive(pid, int(wdata[reader_word(slot, RD_START)])),
+                            "queries": q, "block_hit_rate": round(hb / qb, 6) if qb else 0.0, "pinned_blocks": pins})
     wq, wh = stats["writer_query_blocks"], stats["writer_hit_blocks"]
     info["hits"] = {
         "reader_queries": queries,
@@ -183,7 +183,7 @@ def render(info: dict) -> str:
     ]
     for r in info["readers"]:
         lines.append(f"reader  slot {r['slot']} pid {r['pid']} ({'alive' if r['alive'] else 'dead'}), "
-                     f"{r['queries']:,} queries, block hit rate {r['block_hit_rate']:.1%}")
+                     f"{r['queries']:,} queries, block hit rate {r['block_hit_rate']:.1%}, {r['pinned_blocks']:,} pinned")
 
     def tree(nodes: list[dict], indent: int) -> None:
         for n in nodes:

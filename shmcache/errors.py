@@ -67,7 +67,24 @@ class SegmentSpaceError(ShmCacheError, OSError):
 
 
 class CacheFullError(ShmCacheError):
-    """An insert needs more room than eviction can free (the rest is pinned)."""
+    """An insert needs more room than eviction can free (the rest is pinned).
+
+    ``inserted_blocks`` is how many of the prompt's new blocks were cached
+    anyway: 0, unless readers pinned blocks while the insert was evicting,
+    in which case the ``inserted_blocks`` blocks after the first
+    ``cached_tokens`` tokens (what ``insert`` would have returned) are
+    cached, their values now the cache's, and the rest are not.
+    """
+
+    def __init__(self, message: str, inserted_blocks: int = 0, cached_tokens: int = 0) -> None:
+        super().__init__(message)
+        self.inserted_blocks = inserted_blocks
+        self.cached_tokens = cached_tokens
+
+
+class PinLimitError(ShmCacheError):
+    """A Reader cannot pin more: its pin entries are used up, or it has no
+    reader-table slot."""
 
 
 class DaemonUnavailableError(ShmCacheError, ConnectionError):

@@ -36,6 +36,7 @@ TOTAL_BYTES      9  size of the shared-memory object
 SEED_LO/HI   10,11  per-segment key seed (see ``shmcache.hashing``)
 INCARNATION     12  random id of this creation of the name
 CREATED_NS      13  creation time, ns since the epoch
+READER_PINS     14  pin entries per reader slot (a multiple of 16)
 WRITER_PID      16  pid of the writer holding the segment, 0 when none
 WRITER_START    17  that process's start time (psutil), microseconds
 WRITER_EPOCH    18  number of writers that have held the segment
@@ -44,6 +45,8 @@ CLOCK           25  logical time: +2 per writer operation; reader hits stamp CLO
 MAX_PROBE       26  longest index probe distance ever stored (bounds lookups)
 RETIRED         27  non-zero once the segment is being removed: a reader that
                     still maps it must stop answering from it
+EVICTING        28  state + 1 of the leaf the writer is about to evict, 0 when
+                    none: the writer's half of the reader-pin handshake
 LIVE            32  states in use
 PINNED          33  protected states (pinned, or above a pinned state)
 INSERTED..      34+ lifetime counters (see ``H_*`` below)
@@ -90,9 +93,34 @@ rebuilds it from the state table.
 
 Writable part
 -------------
-``READER_SLOTS`` reader records of ``READER_WORDS`` words (pid, start time,
-counters), then ``CAPACITY`` hit stamps: the CLOCK at which a reader last
-matched through that state.
+Word offsets into the writable part:
+
+===========  ==========================  =====================================
+region       words                       contents
+===========  ==========================  =====================================
+W header     ``[0, 8)``                  ``W_PIN_SEQ``: +1 (atomic) by every
+                                         reader-pin change
+reader table ``[READERS_WORD, +256*8)``  one 64-byte record per reader slot,
+                                         ``RD_*`` below
+hit stamps   ``capacity`` words           CLOCK at which a reader last matched
+                                         through that state
+pin area     ``256 * READER_PINS`` uint32 per slot, ``READER_PINS`` entries:
+                                         0 (empty) or state + 1
+===========  ==========================  =====================================
+
+Reader record: PID and START (psutil start time, microseconds) identify the
+process holding the slot (``RD_PID`` is 0 when free, ``RECLAIMING`` while
+the writer clears a dead holder's pins); QUERIES/QUERY_BLOCKS/HIT_BLOCKS
+count its matches; PIN_SEQ grows by one per change to its pin entries;
+PINNED counts its non-empty entries.
+
+Reader pins (``Reader.match_and_pin``) are a hazard-pointer handshake: the
+reader stores its path's entries, bumps PIN_SEQ and W_PIN_SEQ, issues a
+sequentially consistent fence, then re-reads EVICTING and the path's
+versions. The writer stores EVICTING = victim + 1, fences, and re-reads
+W_PIN_SEQ (rescanning changed slots) before it drops a leaf. One of the two
+always sees the other: either the writer finds the pin and skips the leaf,
+or the reader sees the eviction and reports that block unpinned.
 """
 
 from __future__ import annotations
@@ -103,7 +131,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = int.from_bytes(b"SHMCACHE", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 HEADER_WORDS = 512
 HEADER_BYTES = HEADER_WORDS * 8
@@ -126,6 +154,7 @@ H_SEED_LO = 10
 H_SEED_HI = 11
 H_INCARNATION = 12
 H_CREATED_NS = 13
+H_READER_PINS = 14
 H_WRITER_PID = 16
 H_WRITER_START = 17
 H_WRITER_EPOCH = 18
@@ -133,6 +162,7 @@ H_MUTATIONS = 24
 H_CLOCK = 25
 H_MAX_PROBE = 26
 H_RETIRED = 27
+H_EVICTING = 28
 H_LIVE = 32
 H_PINNED = 33
 H_INSERTED = 34
@@ -167,6 +197,9 @@ TAG_MASK = 0xFFFFFFFF00000000
 SLOT_STATE_MASK = 0xFFFFFFFF
 
 # --- writable part -----------------------------------------------------------
+W_HEADER_WORDS = 8
+W_PIN_SEQ = 0
+READERS_WORD = W_HEADER_WORDS
 READER_SLOTS = 256
 READER_WORDS = 8
 RD_PID = 0
@@ -174,6 +207,21 @@ RD_START = 1
 RD_QUERIES = 2
 RD_QUERY_BLOCKS = 3
 RD_HIT_BLOCKS = 4
+RD_PIN_SEQ = 5
+RD_PINNED = 6
+#: ``RD_PID`` of a slot whose dead holder's pins the writer is clearing (no
+#: pid is this large); readers never claim it, a later writer finishes it.
+RECLAIMING = (1 << 63) - 1
+#: Pin entries per reader slot unless the creator asks otherwise: thousands
+#: of blocks (a few long prompts) per worker process, 4 MiB per segment.
+DEFAULT_READER_PINS = 4096
+PIN_ALIGN = 16  # entries: keeps each slot's pin area on its own cache lines
+MAX_READER_PINS = 1 << 20
+
+
+def reader_word(slot: int, field: int) -> int:
+    """Word of the writable part holding ``field`` (``RD_*``) of reader ``slot``."""
+    return READERS_WORD + slot * READER_WORDS + field
 
 # --- limits ------------------------------------------------------------------
 MAX_CAPACITY = (1 << 31) - 1
@@ -188,7 +236,9 @@ G_SLOTS = 4
 G_HITS = 5  # word offset of the hit stamps in the writable part
 G_READER_SLOTS = 6
 G_SLOT = 7  # the calling reader's slot in the reader table (-1: none); per process
-G_WORDS = 8
+G_PINS = 8  # uint32 offset of the pin area in the writable part
+G_READER_PINS = 9
+G_WORDS = 10
 
 
 def _round_up(n: int, align: int) -> int:
@@ -206,18 +256,27 @@ class Geometry:
     states_offset: int
     index_offset: int
     wregion_offset: int
-    hits_offset: int
+    hits_offset: int  # bytes, from the start of the writable part
+    reader_pins: int
+    pins_offset: int  # bytes, from the start of the writable part
     total_bytes: int
 
     @classmethod
-    def for_capacity(cls, capacity: int, block_size: int) -> "Geometry":
-        """The one geometry a segment of this capacity and block size has."""
+    def for_capacity(cls, capacity: int, block_size: int, reader_pins: int | None = None) -> "Geometry":
+        """The one geometry a segment of this capacity, block size and
+        per-reader pin count has. ``reader_pins`` defaults to
+        ``DEFAULT_READER_PINS``, or the capacity if smaller, rounded up to a
+        multiple of ``PIN_ALIGN``."""
+        if reader_pins is None:
+            reader_pins = min(DEFAULT_READER_PINS, capacity)
+        reader_pins = _round_up(max(reader_pins, 1), PIN_ALIGN)
         index_slots = max(16, INDEX_LOAD_INVERSE * capacity)
         states_offset = HEADER_BYTES
         index_offset = states_offset + capacity * RECORD_BYTES
         wregion_offset = _round_up(index_offset + index_slots * 8, REGION_ALIGN)
-        hits_offset = READER_SLOTS * READER_WORDS * 8
-        total = _round_up(wregion_offset + hits_offset + capacity * 8, REGION_ALIGN)
+        hits_offset = (READERS_WORD + READER_SLOTS * READER_WORDS) * 8
+        pins_offset = hits_offset + capacity * 8
+        total = _round_up(wregion_offset + pins_offset + READER_SLOTS * reader_pins * 4, REGION_ALIGN)
         return cls(
             capacity=capacity,
             block_size=block_size,
@@ -227,6 +286,8 @@ class Geometry:
             index_offset=index_offset,
             wregion_offset=wregion_offset,
             hits_offset=hits_offset,
+            reader_pins=reader_pins,
+            pins_offset=pins_offset,
             total_bytes=total,
         )
 
@@ -237,6 +298,7 @@ class Geometry:
             H_CAPACITY: self.capacity,
             H_INDEX_SLOTS: self.index_slots,
             H_READER_SLOTS: self.reader_slots,
+            H_READER_PINS: self.reader_pins,
             H_STATES_OFFSET: self.states_offset,
             H_INDEX_OFFSET: self.index_offset,
             H_WREGION_OFFSET: self.wregion_offset,
@@ -254,6 +316,8 @@ class Geometry:
         g[G_HITS] = self.hits_offset // 8
         g[G_READER_SLOTS] = self.reader_slots
         g[G_SLOT] = -1
+        g[G_PINS] = self.pins_offset // 4
+        g[G_READER_PINS] = self.reader_pins
         return g
 
     @property
@@ -261,11 +325,12 @@ class Geometry:
         return self.total_bytes / self.capacity
 
 
-def check_geometry_args(capacity: object, block_size: object) -> None:
-    """Raise ``InvalidInputError`` unless capacity and block size are usable."""
+def check_geometry_args(capacity: object, block_size: object, reader_pins: object = 1) -> None:
+    """Raise ``InvalidInputError`` unless capacity, block size and pins per reader are usable."""
     from .errors import InvalidInputError
 
-    for name, v, hi in (("capacity", capacity, MAX_CAPACITY), ("block_size", block_size, MAX_BLOCK_SIZE)):
+    for name, v, hi in (("capacity", capacity, MAX_CAPACITY), ("block_size", block_size, MAX_BLOCK_SIZE),
+                        ("reader_pins", reader_pins, MAX_READER_PINS)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise InvalidInputError(f"{name} must be an int, got {type(v).__name__}")
         if not 1 <= int(v) <= hi:

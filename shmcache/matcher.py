@@ -56,6 +56,7 @@ from .layout import (
     RD_QUERIES,
     RD_QUERY_BLOCKS,
     READER_WORDS,
+    READERS_WORD,
     RECORD_WORDS,
     SLOT_STATE_MASK,
     TAG_MASK,
@@ -194,7 +195,7 @@ def note_hits(data, wdata, geom, path, n, n_blocks):
             store_relaxed(wdata, at, clock)
     slot = geom[G_SLOT]
     if 0 <= slot < geom[G_READER_SLOTS]:
-        base = slot * READER_WORDS
+        base = READERS_WORD + slot * READER_WORDS
         store_relaxed(wdata, base + RD_QUERIES, load_relaxed(wdata, base + RD_QUERIES) + _ONE)
         store_relaxed(wdata, base + RD_QUERY_BLOCKS, load_relaxed(wdata, base + RD_QUERY_BLOCKS) + np.uint64(n_blocks))
         store_relaxed(wdata, base + RD_HIT_BLOCKS, load_relaxed(wdata, base + RD_HIT_BLOCKS) + np.uint64(n))
@@ -213,6 +214,13 @@ RETIRED = -(1 << 62) + 1
 def workspace_words(n_blocks: int, block_size: int) -> int:
     """Size in words of a workspace for prompts of up to ``n_blocks`` blocks."""
     return WS_HEADER + 5 * n_blocks + (n_blocks * block_size + 1) // 2
+
+
+def workspace_path(ws: np.ndarray, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """The states (int64) and versions (uint64) of the path the last match
+    of an ``n_blocks``-block prompt left in workspace ``ws``."""
+    work = ws[WS_HEADER:]
+    return work[n_blocks : 2 * n_blocks].view(np.int64), work[2 * n_blocks : 3 * n_blocks]
 
 
 @njit(inline="always")

@@ -16,7 +16,9 @@ Writer-private structures live in ordinary process memory (``Arrays``) and
 are derived from the state table, so ``rebuild`` can recreate them after any
 crash: children lists, the free-record stack, a lazy min-heap of leaves keyed
 by recency (exact LRU: a popped entry whose state was used since is pushed
-back with its new key), and a value map from (owner, value) to state.
+back with its new key), a value map from (owner, value) to state, and the
+count of reader pin entries naming each state (the writer's half of the
+reader-pin handshake is ``reader_pinned``; ``shmcache.pins`` explains it).
 
 A test hook can stop the writer at any numbered step: ``meta[M_CRASH] = k``
 makes the k-th step raise ``WriterCrashed``, which unwinds the kernel with
@@ -30,16 +32,20 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from .atomics import fence_release, load_relaxed, store_relaxed, store_release
+from .atomics import fence_release, fence_seq_cst, load_acquire, load_relaxed, store_relaxed, store_release
 from .layout import (
     G_CAPACITY,
     G_HITS,
     G_INDEX,
+    G_PINS,
+    G_READER_PINS,
+    G_READER_SLOTS,
     G_SLOTS,
     G_STATES,
     H_CLEARS,
     H_CLOCK,
     H_EVICTED,
+    H_EVICTING,
     H_INSERTED,
     H_LIVE,
     H_MAX_PROBE,
@@ -52,7 +58,6 @@ from .layout import (
     H_WRITER_QUERY_BLOCKS,
     LINK_FREE,
     LINK_PARENT_BIAS,
-    LINK_ROOT,
     LOW32,
     R_KEY_HI,
     R_KEY_LO,
@@ -61,9 +66,13 @@ from .layout import (
     R_RECENCY,
     R_VALUE,
     R_VERSION,
+    RD_PIN_SEQ,
+    READER_WORDS,
+    READERS_WORD,
     RECORD_WORDS,
     SLOT_STATE_MASK,
     TAG_MASK,
+    W_PIN_SEQ,
 )
 from .matcher import CLOCK_TICK, find_state, home_slot, max_probe, walk
 
@@ -85,12 +94,18 @@ class Arrays(NamedTuple):
     heap_state: np.ndarray  # int64: state of each heap entry
     vmap: np.ndarray  # uint64: (owner, value) -> state + 1, 0 empty
     meta: np.ndarray  # int64: M_* below
+    pins: np.ndarray  # uint32 view of the writable part (readers' pin entries at G_PINS)
+    rpin: np.ndarray  # int32 (capacity,): reader pin entries naming each state
+    rprev: np.ndarray  # uint32: the pin area as last scanned
+    rseen: np.ndarray  # uint64 (reader slots,): each slot's PIN_SEQ as last scanned
 
 
 M_FREE_TOP = 0
 M_HEAP_SIZE = 1
 M_CRASH = 2
-M_WORDS = 4
+M_PIN_SEQ = 3  # W_PIN_SEQ as last scanned (uint64 bits)
+M_RPINNED = 4  # states named by at least one reader pin entry
+M_WORDS = 6
 
 FC, NEXT, PREV = 0, 1, 2
 NIL = -1
@@ -101,6 +116,7 @@ ERR_DUP_VALUE = 1  # info: block index whose value is already cached for this ow
 ERR_DUP_IN_CALL = 2  # info: block index whose value repeats an earlier one in the call
 ERR_FULL = 3  # info: blocks that could be made available
 ERR_NOT_PINNED = 4  # info: block index that is not pinned
+ERR_PARTIAL = 5  # info: new blocks inserted before room ran out (readers pinned during the call)
 
 K_INDEX = 0
 K_VMAP = 1
@@ -124,6 +140,10 @@ def new_arrays(data: np.ndarray, wdata: np.ndarray, geom: np.ndarray) -> Arrays:
         heap_state=np.zeros(2 * cap + 64, dtype=np.int64),
         vmap=np.zeros(max(16, 2 * cap), dtype=np.uint64),
         meta=np.zeros(M_WORDS, dtype=np.int64),
+        pins=wdata.view(np.uint32),
+        rpin=np.zeros(cap, dtype=np.int32),
+        rprev=np.zeros(int(geom[G_READER_SLOTS]) * int(geom[G_READER_PINS]), dtype=np.uint32),
+        rseen=np.zeros(int(geom[G_READER_SLOTS]), dtype=np.uint64),
     )
 
 
@@ -420,7 +440,7 @@ def heap_rebuild(A):
     """Refill the heap with exactly the evictable leaves (drops stale entries)."""
     n = 0
     for s in range(A.geom[G_CAPACITY]):
-        if is_live(A, s) and is_leaf(A, s) and not is_protected(A, s):
+        if evictable_leaf(A, s):
             A.heap_key[n] = effective_recency(A, s)
             A.heap_state[n] = s
             n += 1
@@ -462,9 +482,92 @@ def heap_pop(A):
 
 
 @njit(inline="always")
+def evictable_leaf(A, s):
+    """A live leaf that no writer pin protects and no reader pin names."""
+    return is_live(A, s) and is_leaf(A, s) and not is_protected(A, s) and A.rpin[s] == 0
+
+
+@njit(inline="always")
 def push_if_evictable(A, s):
-    if s >= 0 and is_leaf(A, s) and not is_protected(A, s):
+    if s >= 0 and evictable_leaf(A, s):
         heap_push(A, effective_recency(A, s), s)
+
+
+# --- reader pins: the writer's half of the handshake (see shmcache.pins) -------
+
+
+@njit
+def count_reader_pin(A, entry, delta):
+    """Add ``delta`` to the count of the state a pin entry names (garbage
+    entries name nothing); a state whose last pin went may become evictable."""
+    s = np.int64(entry) - 1
+    if s < 0 or s >= A.geom[G_CAPACITY]:
+        return
+    before = A.rpin[s]
+    A.rpin[s] = before + delta
+    if before == 0 and delta > 0:
+        A.meta[M_RPINNED] += 1
+    elif before > 0 and before + delta == 0:
+        A.meta[M_RPINNED] -= 1
+        if is_live(A, s):
+            push_if_evictable(A, s)
+        else:
+            free_record(A, s)
+
+
+@njit
+def sync_reader_pins(A):
+    """Bring ``rpin`` up to date with the readers' pin entries.
+
+    Costs one load when W_PIN_SEQ has not moved; otherwise rescans the
+    slots whose PIN_SEQ changed. Entries are single words, so a slot being
+    changed mid-scan is seen entry by entry, each a real pin or none; the
+    change is announced after the entries, so the next call rescans it.
+    """
+    g = load_acquire(A.wdata, W_PIN_SEQ)
+    if np.int64(g) == A.meta[M_PIN_SEQ]:
+        return
+    per = A.geom[G_READER_PINS]
+    area = A.geom[G_PINS]
+    for slot in range(A.geom[G_READER_SLOTS]):
+        seq = load_acquire(A.wdata, READERS_WORD + slot * READER_WORDS + RD_PIN_SEQ)
+        if seq == A.rseen[slot]:
+            continue
+        A.rseen[slot] = seq
+        base = slot * per
+        for i in range(per):
+            e = load_relaxed(A.pins, area + base + i)
+            old = A.rprev[base + i]
+            if e != old:
+                A.rprev[base + i] = e
+                count_reader_pin(A, old, -1)
+                count_reader_pin(A, e, 1)
+    A.meta[M_PIN_SEQ] = np.int64(g)
+
+
+@njit
+def forget_reader_pins(A):
+    """Drop everything ``sync_reader_pins`` knew, so its next call rescans
+    every slot (after a takeover the pin area is all news)."""
+    A.rpin[:] = 0
+    A.rprev[:] = 0
+    A.rseen[:] = ~np.uint64(0)
+    A.meta[M_RPINNED] = 0
+    A.meta[M_PIN_SEQ] = -1
+
+
+@njit(inline="always")
+def reader_pinned(A, s):
+    """Announce that leaf ``s`` is about to be evicted and say whether a
+    reader pins it (then the announcement is withdrawn). On False the
+    caller drops ``s`` and then clears H_EVICTING with a release store."""
+    store_relaxed(A.data, H_EVICTING, np.uint64(s + 1))
+    fence_seq_cst()
+    sync_reader_pins(A)
+    if A.rpin[s] > 0:
+        store_release(A.data, H_EVICTING, np.uint64(0))
+        return True
+    return False
 
 
 # --- adding and removing states -----------------------------------------------
@@ -497,10 +600,19 @@ def drop_state(A, s, out, n_out):
     if pins_of(A, s) > 0:
         adjust_protect(A, s, -1)
     publish(A, s, np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(LINK_FREE), np.uint64(0), np.uint64(0))
-    A.free[A.meta[M_FREE_TOP]] = s
-    A.meta[M_FREE_TOP] += 1
+    if A.rpin[s] == 0:
+        free_record(A, s)
+    # else a reader pin still names it (a remove or clear dropped a pinned
+    # block): reused now, it would protect an unrelated block. It is freed
+    # when its last reader pin goes (count_reader_pin).
     bump(A, H_LIVE, -1)
     return n_out + 1
+
+
+@njit(inline="always")
+def free_record(A, s):
+    A.free[A.meta[M_FREE_TOP]] = s
+    A.meta[M_FREE_TOP] += 1
 
 
 @njit
@@ -544,6 +656,7 @@ def evict_into(A, need, protect, out, n_out):
     """
     done = 0
     rebuilt = False
+    sync_reader_pins(A)  # leaves whose last reader pin went are back in the heap
     while done < need:
         if A.meta[M_HEAP_SIZE] == 0:
             if rebuilt:
@@ -552,14 +665,17 @@ def evict_into(A, need, protect, out, n_out):
             rebuilt = True
             continue
         key, s = heap_pop(A)
-        if not is_live(A, s) or not is_leaf(A, s) or is_protected(A, s) or s == protect:
+        if not evictable_leaf(A, s) or s == protect:
             continue
         e = effective_recency(A, s)
         if e > key:
             heap_push(A, e, s)
             continue
+        if reader_pinned(A, s):
+            continue  # pushed back when its last reader pin goes
         p = parent_of(A, s)
         n_out = drop_state(A, s, out, n_out)
+        store_release(A.data, H_EVICTING, np.uint64(0))
         done += 1
         if p >= 0:
             if field(A, p, R_RECENCY) < e:
@@ -568,6 +684,34 @@ def evict_into(A, need, protect, out, n_out):
                 push_if_evictable(A, p)
     bump(A, H_EVICTED, done)
     return n_out
+
+
+@njit
+def evictable_count(A, path, k, need):
+    """How many states eviction could free for an insert below ``path[:k]``
+    that needs ``need``: live states that no writer pin protects, no reader
+    pin names, and that are not on the path (it must survive). Exact without
+    reader pins; with them a lower bound (a state both writer- and
+    reader-pinned counts twice), made exact by one pass over the table only
+    when the bound falls short of ``need``.
+    """
+    sync_reader_pins(A)
+    free_on_path = 0
+    for i in range(k):
+        if not is_protected(A, path[i]) and A.rpin[path[i]] == 0:
+            free_on_path += 1
+    live = np.int64(A.data[H_LIVE])
+    bound = live - np.int64(A.data[H_PINNED]) - A.meta[M_RPINNED] - free_on_path
+    if A.meta[M_RPINNED] == 0 or bound >= need:
+        return bound
+    on_path = np.zeros(A.geom[G_CAPACITY], dtype=np.bool_)
+    for i in range(k):
+        on_path[path[i]] = True
+    exact = 0
+    for s in range(A.geom[G_CAPACITY]):
+        if is_live(A, s) and not is_protected(A, s) and A.rpin[s] == 0 and not on_path[s]:
+            exact += 1
+    return exact
 
 
 # --- operations -------------------------------------------------------------------
@@ -596,11 +740,7 @@ def insert_kernel(A, keys, values, n, owner):
                 return ERR_DUP_IN_CALL, k + order[j], k, evicted[:0]
     need = (n - k) - A.meta[M_FREE_TOP]
     if need > 0:
-        unpinned_on_path = 0
-        for i in range(k):
-            if not is_protected(A, path[i]):
-                unpinned_on_path += 1
-        evictable = np.int64(A.data[H_LIVE]) - np.int64(A.data[H_PINNED]) - unpinned_on_path
+        evictable = evictable_count(A, path, k, need)
         if need > evictable:
             return ERR_FULL, evictable + A.meta[M_FREE_TOP], k, evicted[:0]
     begin(A)
@@ -608,15 +748,20 @@ def insert_kernel(A, keys, values, n, owner):
     n_ev = 0
     if need > 0:
         n_ev = evict_into(A, need, path[k - 1] if k > 0 else np.int64(-1), evicted, 0)
+    # Short only if readers pinned blocks while this call evicted: insert
+    # what fits (a prefix of the new blocks, so the tree stays prefix-closed).
+    end_new = min(n, k + A.meta[M_FREE_TOP])
     parent = path[k - 1] if k > 0 else np.int64(-1)
-    for i in range(k, n):
+    for i in range(k, end_new):
         parent = add_state(A, parent, keys[i, 0], keys[i, 1], values[i], owner, clock)
     for i in range(k):
         set_field(A, path[i], R_RECENCY, clock)
-    if n > k:
+    if end_new > k:
         push_if_evictable(A, parent)
-    bump(A, H_INSERTED, n - k)
+    bump(A, H_INSERTED, end_new - k)
     end(A)
+    if end_new < n:
+        return ERR_PARTIAL, end_new - k, k, evicted[:n_ev]
     return OK, 0, k, evicted[:n_ev]
 
 
@@ -707,6 +852,14 @@ def clear_kernel(A):
     bump(A, H_CLEARS, 1)
     end(A)
     return out[:n_out]
+
+
+@njit(cache=True)
+def sync_kernel(A):
+    """Catch up with the readers' pin entries now; returns how many states
+    reader pins name."""
+    sync_reader_pins(A)
+    return A.meta[M_RPINNED]
 
 
 @njit(cache=True)
@@ -849,14 +1002,19 @@ def rebuild(A):
             step(A)
             store_relaxed(A.data, index + i, np.uint64(0))
     store_relaxed(A.data, H_MAX_PROBE, np.uint64(0))
+    store_relaxed(A.data, H_EVICTING, np.uint64(0))
     A.vmap[:] = 0
     A.links[:, :] = NIL
+    A.meta[M_HEAP_SIZE] = 0
+    forget_reader_pins(A)
+    sync_reader_pins(A)  # before the free list: records reader pins name stay out of it
     n_free = 0
     live = 0
     for s in range(cap - 1, -1, -1):
         if status[s] == S_FREE:
-            A.free[n_free] = s
-            n_free += 1
+            if A.rpin[s] == 0:
+                A.free[n_free] = s
+                n_free += 1
             continue
         live += 1
         parent[s] = parent_of(A, s)
@@ -897,6 +1055,7 @@ V_CHILD_LIST = 21
 V_VALUE_MAP = 22
 V_HEAP_MISSING = 23
 V_DUP_VALUE = 24
+V_READER_PINS = 25
 
 MAX_VIOLATIONS = 1000
 
@@ -988,12 +1147,16 @@ def check_private(A):
     top = A.meta[M_FREE_TOP]
     for i in range(top):
         s = A.free[i]
-        if s < 0 or s >= cap or is_live(A, s) or seen[s]:
+        if s < 0 or s >= cap or is_live(A, s) or seen[s] or A.rpin[s] != 0:
             n = report(out, n, V_FREE_LIST, i, s)
         elif s >= 0 and s < cap:
             seen[s] = 1
     n_live = np.int64(A.data[H_LIVE])
-    if top + n_live != cap:
+    held = 0  # free records a reader pin still names: out of the free list until unpinned
+    for s in range(cap):
+        if not is_live(A, s) and A.rpin[s] != 0:
+            held += 1
+    if top + n_live + held != cap:
         n = report(out, n, V_FREE_LIST, top, n_live)
     n_children = np.zeros(cap + 1, dtype=np.int64)
     for s in range(cap):
@@ -1025,8 +1188,19 @@ def check_private(A):
         f = value_lookup(A, np.int64(field(A, s, R_VALUE)), owner_of(A, s))
         if f != s:
             n = report(out, n, V_VALUE_MAP, s, f)
-        if is_leaf(A, s) and not is_protected(A, s) and not in_heap[s]:
+        if evictable_leaf(A, s) and not in_heap[s]:
             n = report(out, n, V_HEAP_MISSING, s, 0)
+    counts = np.zeros(cap, dtype=np.int32)
+    for e in A.rprev:
+        if 0 < e <= cap:
+            counts[e - 1] += 1
+    named = 0
+    for s in range(cap):
+        named += counts[s] > 0
+        if counts[s] != A.rpin[s]:
+            n = report(out, n, V_READER_PINS, s, counts[s])
+    if named != A.meta[M_RPINNED]:
+        n = report(out, n, V_READER_PINS, -1, named)
     return out[: min(n, MAX_VIOLATIONS)]
 
 

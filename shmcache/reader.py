@@ -6,8 +6,15 @@ the Numba matcher of ``shmcache.matcher``. It never takes a lock, never
 blocks the writer, and never unlinks anything, so a worker process may
 attach, detach and die freely.
 
+``match_and_pin`` also pins the matched blocks against eviction until
+``unpin`` (see ``shmcache.pins`` for the handshake that makes this safe
+without a lock). The pins live in this reader's slot of the reader table;
+if the process dies holding them, the writer reclaims them.
+
 A Reader is not thread-safe: give each thread its own (they are cheap), or
-serialise calls. Matching releases the GIL (the kernels are ``nogil``).
+serialise calls. Matching releases the GIL (the kernels are ``nogil``). Do
+not use a Reader in a process forked from the one that attached it: the
+reader table records the attaching process.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import numpy as np
 
 from . import segment
 from .atomics import publish_word, read_word, swap_word
-from .errors import ClosedError, SegmentCorruptError, SegmentRetiredError
+from .errors import ClosedError, InvalidInputError, PinLimitError, SegmentCorruptError, SegmentRetiredError
 from .identity import is_alive, me
 from .keys import KeyChain, Namespace, PrefixMatch, as_keys, as_tokens, bad_token_error
 from .layout import (
@@ -42,15 +49,18 @@ from .layout import (
     H_RECOVERED,
     RD_HIT_BLOCKS,
     RD_PID,
+    RD_PINNED,
     RD_QUERIES,
     RD_QUERY_BLOCKS,
     RD_START,
-    READER_WORDS,
+    RECLAIMING,
+    reader_word,
 )
-from .matcher import RETIRED, WS_HEADER, WS_ROOT, WS_TOO_SMALL, match_keys_kernel, match_tokens_kernel, workspace_words
+from .matcher import RETIRED, WS_HEADER, WS_ROOT, WS_TOO_SMALL, match_keys_kernel, match_tokens_kernel, workspace_path, workspace_words
 from .mutate import check_segment
+from .pins import PinnedMatch, clear_slot, pin_path_kernel, release_entries
 
-__all__ = ["Reader", "PrefixMatch"]
+__all__ = ["Reader", "PrefixMatch", "PinnedMatch"]
 
 
 def _match(length: int, values: np.ndarray) -> PrefixMatch:
@@ -102,6 +112,11 @@ class Reader:
         self.seed = int(mapping.data[H_SEED_LO]) | (int(mapping.data[H_SEED_HI]) << 64)
         self.incarnation = int(mapping.data[H_INCARNATION])
         self._chain = KeyChain(self.block_size, self.seed)
+        self._pins = mapping.wdata.view(np.uint32)
+        self.reader_pins = mapping.geometry.reader_pins
+        # Free entries of this reader's pin area, a stack: [0, _pin_top) are free.
+        self._pin_free = np.arange(self.reader_pins - 1, -1, -1, dtype=np.int64)
+        self._pin_top = self.reader_pins
         self._slot = self._register()
         self._geom[G_SLOT] = self._slot
         self._namespace: Namespace = None
@@ -131,18 +146,20 @@ class Reader:
     # --- reader table -------------------------------------------------------
 
     def _register(self) -> int:
-        """Claim a reader-table slot (reusing one of a dead process); -1 if all are live."""
+        """Claim a reader-table slot (reusing one of a dead process, whose
+        pins it clears); -1 if all are live."""
         pid, start = me()
         w = self._map.wdata
         for slot in range(int(self._geom[G_READER_SLOTS])):
-            base = slot * READER_WORDS
-            holder = int(read_word(w, base + RD_PID))
-            if holder != 0 and is_alive(holder, int(w[base + RD_START])):
+            holder = int(read_word(w, reader_word(slot, RD_PID)))
+            if holder == RECLAIMING or (holder != 0 and is_alive(holder, int(w[reader_word(slot, RD_START)]))):
                 continue
-            if swap_word(w, base + RD_PID, np.uint64(holder), np.uint64(pid)):
-                w[base + RD_START] = start
+            if swap_word(w, reader_word(slot, RD_PID), np.uint64(holder), np.uint64(pid)):
+                w[reader_word(slot, RD_START)] = start
                 for word in (RD_QUERIES, RD_QUERY_BLOCKS, RD_HIT_BLOCKS):
-                    w[base + word] = 0
+                    w[reader_word(slot, word)] = 0
+                if holder != 0:
+                    clear_slot(w, self._pins, self._geom, slot)
                 return slot
         return -1
 
@@ -176,13 +193,65 @@ class Reader:
             self._use_namespace(namespace)
         k = match_tokens_kernel(self._data, self._wdata, toks, self._ws)
         if k < 0:
-            if k == RETIRED:
-                raise self._retired()
-            if k != WS_TOO_SMALL:
-                raise bad_token_error(toks, -k - 1)
-            self._grow(toks.shape[0] // self.block_size)
-            return self.match_prefix(toks, namespace)
+            k = self._match_failed(k, toks)
         return _match(k * self.block_size, self._ws_values[:k].copy())
+
+    def _match_failed(self, code: int, toks: np.ndarray) -> int:
+        """Handle a negative kernel answer: raise, or grow the workspace and
+        match again; returns the matched block count."""
+        if code == RETIRED:
+            raise self._retired()
+        if code != WS_TOO_SMALL:
+            raise bad_token_error(toks, -code - 1)
+        self._grow(toks.shape[0] // self.block_size)
+        k = match_tokens_kernel(self._data, self._wdata, toks, self._ws)
+        return k if k >= 0 else self._match_failed(k, toks)
+
+    def match_and_pin(self, tokens: object, namespace: Namespace = None) -> PinnedMatch:
+        """Match like ``match_prefix`` and pin the matched blocks: none of them
+        is evicted until ``unpin(handle)`` (or the end of ``with handle:``).
+
+        A block the writer evicts while this call runs is never reported
+        pinned: the answer is then shorter. Pins protect against eviction
+        only; ``Writer.remove``/``clear`` still drop pinned blocks (their
+        owner freed the KV). If this process dies, the writer reclaims its
+        pins. Raises PinLimitError when this reader already holds
+        ``reader_pins`` pinned blocks, or when the reader table was full at
+        attach.
+        """
+        self._check_open()
+        if self._slot < 0:
+            raise PinLimitError(
+                f"this Reader has no reader-table slot (all {int(self._geom[G_READER_SLOTS])} were taken by live "
+                "processes when it attached), so it cannot pin: close idle readers and attach again"
+            )
+        match = self.match_prefix(tokens, namespace)
+        k = len(match.values)
+        if k > self._pin_top:
+            raise PinLimitError(
+                f"pinning {k} blocks would exceed this reader's {self.reader_pins} pin entries "
+                f"({self.reader_pins - self._pin_top} in use): unpin handles you no longer need, "
+                "or create the segment with a larger reader_pins"
+            )
+        path, versions = workspace_path(self._ws, len(tokens) // self.block_size)
+        entries = self._pin_free[self._pin_top - k : self._pin_top].copy()
+        m = pin_path_kernel(self._data, self._wdata, self._pins, self._geom, path, versions, k, entries)
+        base = self._pin_top - k  # entries came from [base, _pin_top); the unpinned go back
+        self._pin_free[base : base + k - m] = entries[m:]
+        self._pin_top = base + k - m
+        return PinnedMatch(m * self.block_size, match.values[:m], entries[:m], self)
+
+    def unpin(self, handle: PinnedMatch) -> None:
+        """Release the pins of a ``match_and_pin`` handle of this reader."""
+        self._check_open()
+        if not isinstance(handle, PinnedMatch) or handle._reader is not self:
+            raise InvalidInputError("unpin takes a handle returned by this Reader's match_and_pin")
+        if handle._entries is None:
+            raise InvalidInputError("this handle was already unpinned: unpin each handle once")
+        entries, handle._entries = handle._entries, None
+        release_entries(self._wdata, self._pins, self._geom, self._slot, entries)
+        self._pin_free[self._pin_top : self._pin_top + len(entries)] = entries
+        self._pin_top += len(entries)
 
     def match_keys(self, keys: np.ndarray) -> PrefixMatch:
         """Like ``match_prefix`` for precomputed ``(n, 2)`` uint64 keys
@@ -208,21 +277,25 @@ class Reader:
         self._check_open()
         out = header_stats(self._map.data, self._map.geometry)
         w = self._map.wdata
-        base = self._slot * READER_WORDS
-        mine = (int(w[base + RD_QUERIES]), int(w[base + RD_QUERY_BLOCKS]), int(w[base + RD_HIT_BLOCKS])) if self._slot >= 0 else (0, 0, 0)
+        mine = [int(w[reader_word(self._slot, f)]) if self._slot >= 0 else 0
+                for f in (RD_QUERIES, RD_QUERY_BLOCKS, RD_HIT_BLOCKS, RD_PINNED)]
         out.update(reader_slot=self._slot, queries=mine[0], query_blocks=mine[1], hit_blocks=mine[2],
-                   block_hit_rate=mine[2] / mine[1] if mine[1] else 0.0)
+                   block_hit_rate=mine[2] / mine[1] if mine[1] else 0.0, pinned_entries=mine[3])
         return out
 
     def check(self) -> None:
         """Verify the segment's structural invariants from this read-only view.
 
-        Raises SegmentCorruptError listing each violation. Meaningful when the
+        Raises IncompatibleSegmentError if the object was truncated or
+        resized since this Reader mapped it (matching it then risks SIGBUS),
+        SegmentCorruptError listing each violation. Meaningful when the
         writer is idle; during writes it may report transient states.
         """
         self._check_open()
         from .writer import describe_violations
 
+        if self._map.resized():
+            raise segment.resized_error(self.name)
         rows = check_segment(self._map.data, self._geom)
         if len(rows):
             raise SegmentCorruptError(f"segment {self.name!r} fails its invariant check", describe_violations(rows))
@@ -230,12 +303,15 @@ class Reader:
     # --- lifetime -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Leave the reader table and unmap. Never unlinks anything. Idempotent."""
+        """Release every pin, leave the reader table and unmap. Never unlinks
+        anything. Idempotent; handles of this reader are released with it."""
         if self._data is None:
             return
         if self._slot >= 0:
-            publish_word(self._wdata, self._slot * READER_WORDS + RD_PID, np.uint64(0))
-        self._data = self._wdata = None
+            if self._pin_top != self.reader_pins:
+                clear_slot(self._wdata, self._pins, self._geom, self._slot)
+            publish_word(self._wdata, reader_word(self._slot, RD_PID), np.uint64(0))
+        self._data = self._wdata = self._pins = None
         self._map.close()
 
     def __enter__(self) -> "Reader":

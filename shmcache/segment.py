@@ -44,6 +44,7 @@ from .layout import (
     H_CREATED_NS,
     H_INCARNATION,
     H_MAGIC,
+    H_READER_PINS,
     H_RETIRED,
     H_SEED_HI,
     H_SEED_LO,
@@ -54,6 +55,7 @@ from .layout import (
     MAGIC,
     MAX_BLOCK_SIZE,
     MAX_CAPACITY,
+    MAX_READER_PINS,
     Geometry,
 )
 
@@ -81,6 +83,26 @@ def sem_path(name: str) -> str:
     return "/" + PREFIX + name + ".writer"
 
 
+def check_semaphore(name: str) -> None:
+    """Refuse a writer semaphore that another user owns or others may post.
+
+    Linux keeps named semaphores as ``/dev/shm/sem.<name>`` files; one made
+    by someone else (before us, or after ours was unlinked) would let them
+    take or release the writer lock. Raises SegmentPermissionError.
+    """
+    path = "/dev/shm/sem." + sem_path(name)[1:]
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o022:
+        raise SegmentPermissionError(
+            f"the writer semaphore of segment {name!r} ({path}) belongs to uid {st.st_uid} with mode "
+            f"{stat.S_IMODE(st.st_mode):04o}: it was not made by this segment's writer; "
+            "check who made it, then remove it with shmcache.unlink(name)"
+        )
+
+
 @dataclass
 class Mapping:
     """A segment mapped into this process.
@@ -96,6 +118,15 @@ class Mapping:
     data: np.ndarray
     wdata: np.ndarray
     maps: list[mmap.mmap] = field(repr=False)
+    fd: int = -1  # a descriptor of the object, kept to notice resizing
+
+    def resized(self) -> bool:
+        """Whether the object's size is no longer the one it was mapped with.
+
+        A shrunk object's missing pages raise SIGBUS when touched, so this
+        only asks the kernel (fstat) and touches none of them.
+        """
+        return os.fstat(self.fd).st_size != self.geometry.total_bytes
 
     def close(self) -> None:
         self.data = self.wdata = None  # type: ignore[assignment]
@@ -105,6 +136,9 @@ class Mapping:
             except BufferError:
                 pass
         self.maps = []
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _map(fd: int, length: int, offset: int, writable: bool) -> mmap.mmap:
@@ -158,6 +192,7 @@ def create(name: str, geometry: Geometry, mode: int, seed: tuple[int, int]) -> M
         shm.close_fd()
         posix_ipc.unlink_shared_memory(shm_path(name))
         raise
+    fd = os.dup(shm.fd)
     shm.close_fd()
     words = _words(m)
     for word, value in geometry.header_fields().items():
@@ -168,7 +203,7 @@ def create(name: str, geometry: Geometry, mode: int, seed: tuple[int, int]) -> M
     words[H_CREATED_NS] = time.time_ns()
     publish_word(words, H_MAGIC, np.uint64(MAGIC))
     woff = geometry.wregion_offset // 8
-    return Mapping(name, geometry, words[:woff], words[woff:], [m])
+    return Mapping(name, geometry, words[:woff], words[woff:], [m], fd)
 
 
 def validate_header(words: np.ndarray, size: int, name: str) -> Geometry:
@@ -189,12 +224,13 @@ def validate_header(words: np.ndarray, size: int, name: str) -> Geometry:
             f"{LAYOUT_VERSION}: attach with the shmcache release that created it, or recreate it"
         )
     capacity, block_size = int(words[H_CAPACITY]), int(words[H_BLOCK_SIZE])
-    if not (1 <= capacity <= MAX_CAPACITY and 1 <= block_size <= MAX_BLOCK_SIZE):
+    reader_pins = int(words[H_READER_PINS])
+    if not (1 <= capacity <= MAX_CAPACITY and 1 <= block_size <= MAX_BLOCK_SIZE and 1 <= reader_pins <= MAX_READER_PINS):
         raise IncompatibleSegmentError(
-            f"segment {name!r} has an impossible capacity {capacity} or block size {block_size}: "
-            "it is damaged; remove it with shmcache.unlink(name) and create it again"
+            f"segment {name!r} has an impossible capacity {capacity}, block size {block_size} or pins per "
+            f"reader {reader_pins}: it is damaged; remove it with shmcache.unlink(name) and create it again"
         )
-    geometry = Geometry.for_capacity(capacity, block_size)
+    geometry = Geometry.for_capacity(capacity, block_size, reader_pins)
     for word, expected in geometry.header_fields().items():
         if int(words[word]) != expected:
             raise IncompatibleSegmentError(
@@ -244,10 +280,10 @@ def attach(name: str, writable: bool, allow_other_owner: bool = False) -> Mappin
         if writable:
             m = _map(shm.fd, geometry.total_bytes, 0, writable=True)
             words = _words(m)
-            return Mapping(name, geometry, words[: woff // 8], words[woff // 8 :], [m])
+            return Mapping(name, geometry, words[: woff // 8], words[woff // 8 :], [m], os.dup(shm.fd))
         ro = _map(shm.fd, woff, 0, writable=False)
         rw = _map(shm.fd, geometry.total_bytes - woff, woff, writable=True)
-        return Mapping(name, geometry, _words(ro), _words(rw), [ro, rw])
+        return Mapping(name, geometry, _words(ro), _words(rw), [ro, rw], os.dup(shm.fd))
     finally:
         shm.close_fd()
 
@@ -299,6 +335,13 @@ def retire(name: str) -> None:
         return
     finally:
         shm.close_fd()
+
+
+def resized_error(name: str) -> IncompatibleSegmentError:
+    return IncompatibleSegmentError(
+        f"segment {name!r} was truncated or resized while mapped here (only its owner can do that; "
+        "shmcache never does): stop using it, then remove and recreate it"
+    )
 
 
 def check_mode(mode: object) -> int:

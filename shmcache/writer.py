@@ -25,7 +25,14 @@ import posix_ipc
 
 from . import segment
 from .atomics import publish_word, read_word, swap_word
-from .errors import CacheFullError, ClosedError, InvalidInputError, SegmentCorruptError, SegmentExistsError, WriterBusyError
+from .errors import (
+    CacheFullError,
+    ClosedError,
+    InvalidInputError,
+    SegmentCorruptError,
+    SegmentExistsError,
+    WriterBusyError,
+)
 from .identity import is_alive, me
 from .keys import KeyChain, Namespace, PrefixMatch, as_int64_array, as_tokens, as_values, check_seed
 from .layout import (
@@ -34,12 +41,17 @@ from .layout import (
     H_WRITER_EPOCH,
     H_WRITER_PID,
     H_WRITER_START,
+    RD_PID,
+    RD_START,
+    RECLAIMING,
     Geometry,
     check_geometry_args,
+    reader_word,
 )
 from . import mutate
 from .mutate import WriterCrashed
-from .reader import header_stats
+from .pins import clear_slot
+from .reader import Reader, header_stats
 
 __all__ = ["Writer"]
 
@@ -50,6 +62,9 @@ OwnedEvictCallback = Callable[[np.ndarray, np.ndarray], None]
 #: but not yet recorded its identity (a window of microseconds in a live
 #: process) before deciding it died there.
 CLAIM_GRACE_S = 1.0
+#: Default seconds between two checks of the reader table for dead readers
+#: holding pins (``Writer.reap_interval``).
+REAP_INTERVAL_S = 1.0
 
 _VIOLATIONS = {
     mutate.V_ODD_VERSION: "state {a} has an odd version (a write was interrupted)",
@@ -68,6 +83,7 @@ _VIOLATIONS = {
     mutate.V_CHILD_LIST: "children list of {a} is inconsistent ({b})",
     mutate.V_VALUE_MAP: "state {a} is not found through the value map (found {b})",
     mutate.V_HEAP_MISSING: "evictable leaf {a} is missing from the LRU heap",
+    mutate.V_READER_PINS: "the writer counts a wrong number of reader pins on state {a} (entries name it {b} times)",
 }
 
 
@@ -94,9 +110,16 @@ class Writer:
     owner id of each value, for writers shared by several clients (the
     daemon). Explicit ``evict``/``remove``/``clear`` return their values
     instead (and owners, with ``with_owners=True``).
+
+    Readers' pins (``Reader.match_and_pin``) are honoured by every eviction.
+    Pins of a reader process that died are reclaimed by ``reap_readers``,
+    which the Writer runs itself before an operation once ``reap_interval``
+    seconds have passed since the last run, and before it gives up an insert
+    as full.
     """
 
     on_evict_owned: OwnedEvictCallback | None = None
+    reap_interval: float = REAP_INTERVAL_S
 
     def __init__(
         self, mapping: segment.Mapping, sem: posix_ipc.Semaphore, on_evict: EvictCallback | None, crash_at_step: int = 0
@@ -112,6 +135,7 @@ class Writer:
         self._chain = KeyChain(self.block_size, self.seed)
         self._A = mutate.new_arrays(mapping.data, mapping.wdata, mapping.geometry.vector())
         self._A.meta[mutate.M_CRASH] = crash_at_step
+        self._reaped_at = time.monotonic()
         #: States dropped by the repair when this Writer took the segment over.
         self.recovered = int(self._run(mutate.rebuild, self._A))
 
@@ -127,20 +151,24 @@ class Writer:
         seed: int | None = None,
         mode: int = 0o600,
         on_evict: EvictCallback | None = None,
+        reader_pins: int | None = None,
     ) -> "Writer":
         """Create segment ``name`` holding up to ``capacity`` blocks, and hold it.
 
         ``seed`` keys the hash chain (default: a random 128-bit secret, so
         prompts from outside cannot be crafted to collide; readers use the
         segment's seed automatically). ``mode`` is the object's permission
-        bits. Raises SegmentExistsError if the name is taken (WriterBusyError
-        if by a live writer), SegmentSpaceError if ``/dev/shm`` is too small.
+        bits. ``reader_pins`` is how many blocks each reader process may
+        hold pinned at once (default ``min(4096, capacity)``; 1 KiB of
+        segment per 1,024 across the 256 reader slots). Raises
+        SegmentExistsError if the name is taken (WriterBusyError if by a live
+        writer), SegmentSpaceError if ``/dev/shm`` is too small.
         """
         segment.validate_name(name)
-        check_geometry_args(capacity, block_size)
+        check_geometry_args(capacity, block_size, 1 if reader_pins is None else reader_pins)
         mode = segment.check_mode(mode)
         seed = secrets.randbits(128) if seed is None else check_seed(seed)
-        geometry = Geometry.for_capacity(int(capacity), int(block_size))
+        geometry = Geometry.for_capacity(int(capacity), int(block_size), None if reader_pins is None else int(reader_pins))
         try:
             sem = posix_ipc.Semaphore(segment.sem_path(name), posix_ipc.O_CREX, mode=mode, initial_value=0)
         except posix_ipc.ExistentialError:
@@ -159,16 +187,20 @@ class Writer:
 
     @staticmethod
     def _refuse_taken(name: str) -> None:
-        if segment.exists(name):
-            try:
-                m = segment.attach(name, writable=False)
-            except Exception:
-                m = None
-            if m is not None:
-                pid, start = _holder(m.data)
-                m.close()
-                if is_alive(pid, start):
-                    raise WriterBusyError(f"segment {name!r} is held by a live writer, pid {pid}", pid)
+        if not segment.exists(name):
+            raise SegmentExistsError(
+                f"the writer semaphore of segment {name!r} exists without its segment (left by a create that "
+                f"crashed, or made by someone else): it is never adopted; check, then shmcache.unlink({name!r})"
+            )
+        try:
+            m = segment.attach(name, writable=False)
+        except Exception:
+            m = None
+        if m is not None:
+            pid, start = _holder(m.data)
+            m.close()
+            if is_alive(pid, start):
+                raise WriterBusyError(f"segment {name!r} is held by a live writer, pid {pid}", pid)
         raise SegmentExistsError(
             f"segment {name!r} already exists: Writer.open({name!r}) takes it over, "
             f"or shmcache.unlink({name!r}) removes it"
@@ -195,6 +227,7 @@ class Writer:
 
     @staticmethod
     def _claim(name: str, data: np.ndarray) -> posix_ipc.Semaphore:
+        segment.check_semaphore(name)
         try:
             sem = posix_ipc.Semaphore(segment.sem_path(name))
         except posix_ipc.ExistentialError:
@@ -246,6 +279,8 @@ class Writer:
         """Run a mutation kernel; the crash test hook ends the process here."""
         if self._A is None:
             raise ClosedError(f"Writer for {self.name!r} is closed: open it again with Writer.open")
+        if time.monotonic() - self._reaped_at >= self.reap_interval:
+            self.reap_readers()
         try:
             return kernel(*args)
         except WriterCrashed:
@@ -283,6 +318,8 @@ class Writer:
         vals = as_values(values, n, toks.shape[0], self.block_size)
         check_owner(owner)
         status, info, cached, evicted = self._run(mutate.insert_kernel, self._A, keys, vals, n, owner)
+        if status == mutate.ERR_FULL and self.reap_readers():
+            status, info, cached, evicted = self._run(mutate.insert_kernel, self._A, keys, vals, n, owner)
         if status == mutate.ERR_DUP_VALUE:
             raise InvalidInputError(
                 f"value {int(vals[info])} of block {info} is already cached for another block: "
@@ -300,6 +337,14 @@ class Writer:
                 self.on_evict(evicted[:, 0].copy())
             if self.on_evict_owned is not None:
                 self.on_evict_owned(evicted[:, 0].copy(), evicted[:, 1].copy())
+        if status == mutate.ERR_PARTIAL:
+            raise CacheFullError(
+                f"readers pinned blocks while this insert evicted: only its first {info} new blocks "
+                f"(blocks {cached}..{cached + info - 1}) were cached, the other {n - cached - info} were not "
+                "(free their KV, or insert again)",
+                int(info),
+                int(cached) * self.block_size,
+            )
         return int(cached) * self.block_size
 
     def match_prefix(self, tokens: object, namespace: Namespace = None) -> PrefixMatch:
@@ -366,18 +411,49 @@ class Writer:
         """Chained keys of ``tokens`` under this segment's block size and seed."""
         return self._keys(tokens, namespace)[1]
 
+    def reap_readers(self) -> int:
+        """Reclaim the reader-table slots, and so the pins, of reader
+        processes that died; returns how many slots were reclaimed.
+
+        A holder is dead when its pid is gone or now names a process with
+        another start time (pid reuse). Live readers are never touched.
+        """
+        self._check_open()
+        self._reaped_at = time.monotonic()
+        A = self._A
+        reaped = 0
+        for slot in range(self.geometry.reader_slots):
+            pid = int(read_word(A.wdata, reader_word(slot, RD_PID)))
+            if pid == 0 or (pid != RECLAIMING and is_alive(pid, int(A.wdata[reader_word(slot, RD_START)]))):
+                continue
+            # RECLAIMING keeps readers off the slot while its entries are
+            # cleared; one left by a writer that died here is finished now.
+            if pid != RECLAIMING and not swap_word(A.wdata, reader_word(slot, RD_PID), np.uint64(pid), np.uint64(RECLAIMING)):
+                continue  # a new reader claimed it first and clears it itself
+            clear_slot(A.wdata, A.pins, A.geom, slot)
+            publish_word(A.wdata, reader_word(slot, RD_PID), np.uint64(0))
+            reaped += 1
+        if reaped:
+            mutate.sync_kernel(A)
+        return reaped
+
     # --- inspection -----------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Segment-wide figures (occupancy, counters, writer identity)."""
+        """Segment-wide figures (occupancy, counters, writer identity), and
+        ``reader_pinned_blocks``: blocks that reader pins keep cached."""
         self._check_open()
-        return header_stats(self._map.data, self.geometry)
+        out = header_stats(self._map.data, self.geometry)
+        out["reader_pinned_blocks"] = int(mutate.sync_kernel(self._A))
+        return out
 
     def check(self) -> None:
         """Verify every structural invariant of the segment and of this
         writer's private structures. Raises SegmentCorruptError listing each
-        violation."""
+        violation (IncompatibleSegmentError if the object was resized)."""
         self._check_open()
+        if self._map.resized():
+            raise segment.resized_error(self.name)
         rows = np.concatenate([mutate.check_segment(self._A.data, self._A.geom), mutate.check_private(self._A)])
         if len(rows):
             raise SegmentCorruptError(f"segment {self.name!r} fails its invariant check", describe_violations(rows))
@@ -426,6 +502,11 @@ def warm_up() -> None:
                 w.remove([1], owner=1)
                 w.remove_owner(1)
                 w.clear()
+            w.insert(np.arange(16), [1, 2, 3, 4])
+            with Reader.attach(name) as r, r.match_and_pin(np.arange(16)):
+                w.evict(4)
+            w.reap_readers()
+            w.stats()
             w.check()
         Writer.open(name).close()
     finally:

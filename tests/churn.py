@@ -31,8 +31,12 @@ def prompt_pool(seed: int, n: int = 48, alphabet: int = 3, max_blocks: int = 8) 
     return out
 
 
-def writer_main(name, capacity, seed, ready, stop, log_path, max_ops, max_seconds, crash_step=0):
-    """Create the segment and churn inserts, removes, evictions, pins and clears until told to stop."""
+def writer_main(name, capacity, seed, ready, stop, log_path, max_ops, max_seconds, crash_step=0, explicit_drops=True):
+    """Create the segment and churn inserts, removes, evictions, pins and clears until told to stop.
+
+    With ``explicit_drops=False`` blocks leave only by eviction (removes and
+    clears become evictions), as reader pins promise nothing against those.
+    """
     import shmcache
     from shmcache import CacheFullError, Writer
     from shmcache.layout import H_MUTATIONS
@@ -60,12 +64,19 @@ def writer_main(name, capacity, seed, ready, stop, log_path, max_ops, max_second
                 values = np.arange(next_value, next_value + n)
                 next_value += n
                 evicted.clear()
-                cached = w.insert(pool[i], values) // BS
+                try:
+                    cached = w.insert(pool[i], values) // BS
+                    end = n
+                except CacheFullError as e:
+                    if not e.inserted_blocks:
+                        raise
+                    cached = e.cached_tokens // BS  # readers pinned mid-insert: a prefix went in
+                    end = cached + e.inserted_blocks
                 events += [("del", key_of.pop(v)) for v in evicted]
-                for j in range(cached, n):
+                for j in range(cached, end):
                     key_of[int(values[j])] = keys[i][j]
                     events.append(("add", keys[i][j], int(values[j])))
-            elif r < 0.7:
+            elif r < 0.7 and explicit_drops:
                 live = list(key_of)
                 pick = [live[int(rng.integers(len(live)))]] if live else [10**12]
                 events += [("del", key_of.pop(v)) for v in w.remove(pick).tolist()]
@@ -78,7 +89,7 @@ def writer_main(name, capacity, seed, ready, stop, log_path, max_ops, max_second
                     i = int(rng.integers(len(pool)))
                     w.pin(pool[i])
                     pinned.append(i)
-            elif r < 0.905:
+            elif r < 0.905 and explicit_drops:
                 events += [("del", key_of.pop(v)) for v in w.clear().tolist()]
             else:
                 continue
@@ -90,7 +101,45 @@ def writer_main(name, capacity, seed, ready, stop, log_path, max_ops, max_second
     w.close()
 
 
-def reader_main(name, seed, ready, go, n_matches, out_path, stop_on=None):
+def run_churn(spawn, name, seed, tmp_path, reader_target, n_readers, per_reader, explicit_drops=True):
+    """Run ``writer_main`` (capacity 40) and ``n_readers`` spawned processes of
+    ``reader_target(name, seed, ready, go, per_reader, out_path)`` until the
+    readers finish. Returns the writer's op log and the readers' rows, stacked."""
+    ready, go, stop = spawn.Event(), spawn.Event(), spawn.Event()
+    log = tmp_path / "writer.pkl"
+    writer = spawn.Process(target=writer_main,
+                           args=(name, 40, seed, ready, stop, str(log), 2_000_000, 120, 0, explicit_drops))
+    outs = [tmp_path / f"reader{i}.npy" for i in range(n_readers)]
+    readers = [spawn.Process(target=reader_target, args=(name, seed, ready, go, per_reader, str(o))) for o in outs]
+    writer.start()
+    try:
+        for p in readers:
+            p.start()
+        assert ready.wait(120), "writer did not start"
+        go.set()
+        for p in readers:
+            p.join(300)
+            assert p.exitcode == 0, f"reader exited with {p.exitcode}"
+        stop.set()
+        writer.join(120)
+        assert writer.exitcode == 0
+    finally:
+        for p in [writer, *readers]:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    return pickle.loads(log.read_bytes()), np.concatenate([np.load(o) for o in outs])
+
+
+def pool_keys_of(name: str, seed: int) -> list[list[tuple[int, int]]]:
+    """The chained keys of every pool prompt, under segment ``name``'s seed."""
+    from shmcache import Reader
+
+    with Reader.attach(name) as r:
+        return [[(int(a), int(b)) for a, b in r.block_keys(p)] for p in prompt_pool(seed)]
+
+
+def reader_main(name, seed, ready, go, n_matches, out_path):
     """Attach and match random pool prompts; record (prompt, MUTATIONS before/after, result)."""
     from shmcache import Reader
     from shmcache.layout import H_MUTATIONS
@@ -176,3 +225,80 @@ def violations(timeline: Timeline, pool_keys: list, rows: np.ndarray) -> list[st
                 bad.append(f"prompt {i} window ops {c0 // 2}..{(c1 + 1) // 2}: blocks 0..{j} {vals[: j + 1]} never all present at once")
                 break
     return bad
+
+
+def pin_reader_main(name, seed, ready, go, n_rounds, out_path, hold=16):
+    """Alternate pinned and plain matches of pool prompts, holding each answer
+    for ``hold`` further matches; record MUTATIONS before the call, after it
+    and before the release, so the checker can see what the writer did while
+    the answer was held."""
+    from shmcache import Reader
+    from shmcache.layout import H_MUTATIONS
+
+    ready.wait()
+    r = Reader.attach(name)
+    data = r._map.data
+    pool = prompt_pool(seed)
+    rng = np.random.default_rng(os.getpid())
+    rows = np.zeros((n_rounds, 4 + 8), dtype=np.int64)
+    held = np.zeros((n_rounds, 2), dtype=np.int64)  # pinned?, MUTATIONS before release
+    go.wait()
+    for t in range(n_rounds):
+        i = int(rng.integers(len(pool)))
+        pin = t % 2 == 0
+        c0 = int(data[H_MUTATIONS])
+        m = r.match_and_pin(pool[i]) if pin else r.match_prefix(pool[i])
+        c1 = int(data[H_MUTATIONS])
+        for _ in range(hold):
+            r.match_prefix(pool[int(rng.integers(len(pool)))])
+        c2 = int(data[H_MUTATIONS])
+        if pin:
+            r.unpin(m)
+        k = m.length // BS
+        rows[t, :4] = (i, c0, c1, k)
+        rows[t, 4 : 4 + k] = m.values
+        held[t] = (pin, c2)
+    np.save(out_path, np.concatenate([rows, held], axis=1))
+    del data
+    r.close()
+
+
+def dropped_by_op(ops: list[tuple[int, list]]) -> dict[int, set[int]]:
+    """Values each logged op dropped (a "del" names a key; its value is the
+    one the key held then)."""
+    value_of: dict = {}
+    out: dict[int, set[int]] = {}
+    for op, events in ops:
+        for ev in events:
+            if ev[0] == "add":
+                value_of[ev[1]] = ev[2]
+            else:
+                out.setdefault(op, set()).add(value_of.pop(ev[1]))
+    return out
+
+
+def dropped_while_held(dropped: dict[int, set[int]], rows: np.ndarray) -> list[int]:
+    """Rows (``pin_reader_main`` format) some of whose values an op dropped
+    after the match returned and before the answer was released: ops
+    numbered ``c1 // 2 + 1 .. c2 // 2`` (op m ends when MUTATIONS reaches
+    2m; one in flight at ``c1`` counts, as it could still evict)."""
+    bad = []
+    for t, row in enumerate(rows.tolist()):
+        c1, k, c2 = row[2], row[3], row[-1]
+        values = set(row[4 : 4 + k])
+        if values and any(values & dropped.get(op, set()) for op in range(c1 // 2 + 1, c2 // 2 + 1)):
+            bad.append(t)
+    return bad
+
+
+def pin_and_hold(name, prompts, ready, release, out):
+    """Attach, pin each prompt with ``match_and_pin``, report what was pinned,
+    then hold the pins until ``release`` (or 120 s) or until killed."""
+    from shmcache import Reader
+
+    r = Reader.attach(name)
+    handles = [r.match_and_pin(p) for p in prompts]
+    out.put([h.values.tolist() for h in handles])
+    ready.set()
+    release.wait(120)
+    r.close()

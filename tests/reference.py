@@ -5,6 +5,13 @@ shares no code and no hashing with shmcache. Every writer operation ticks
 the clock; inserts and matches stamp their path with it; eviction takes the
 unpinned leaf with the oldest recency, and a parent inherits the recency of
 a child evicted under it.
+
+Reader matches tick nothing: they stamp the deepest state with the current
+clock + 0.5 (after the last writer operation, before the next). Reader pins
+are held by handles naming nodes (not prefixes: a prefix removed and
+inserted again is a new node). A node with reader pins is never evicted; if
+a remove or clear drops it, its record stays taken (a *ghost*) until the
+last handle naming it is released.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ class RefError(Exception):
 class Node:
     value: int
     parent: tuple | None
-    recency: int
+    recency: float
     pins: int = 0
+    rpins: int = 0
     children: set = field(default_factory=set)
 
 
@@ -34,6 +42,7 @@ class RefCache:
         self.capacity = capacity
         self.bs = block_size
         self.nodes: dict[tuple, Node] = {}
+        self.ghosts: list[Node] = []
         self.clock = 0
 
     def _blocks(self, tokens) -> list[tuple]:
@@ -62,10 +71,13 @@ class RefCache:
         assert not node.children
         if node.parent is not None:
             self.nodes[node.parent].children.discard(p)
+        if node.rpins:
+            self.ghosts.append(node)
         return node.value
 
     def _evict_one(self, protect: tuple | None) -> int | None:
-        leaves = [(n.recency, p) for p, n in self.nodes.items() if not n.children and n.pins == 0 and p != protect]
+        leaves = [(n.recency, p) for p, n in self.nodes.items()
+                  if not n.children and n.pins == 0 and n.rpins == 0 and p != protect]
         if not leaves:
             return None
         recency, p = min(leaves)
@@ -85,9 +97,9 @@ class RefCache:
             raise RefError("dup")
         if len(set(new_values)) != len(new_values):
             raise RefError("dup")
-        need = len(new_values) - (self.capacity - len(self.nodes))
+        need = len(new_values) - (self.capacity - len(self.nodes) - len(self.ghosts))
         if need > 0:
-            unprotected = {p for p in self.nodes if not self.protected(p)}
+            unprotected = {p for p, n in self.nodes.items() if not self.protected(p) and n.rpins == 0}
             if need > len(unprotected - set(path)):
                 raise RefError("full")
         clock = self._tick()
@@ -147,5 +159,22 @@ class RefCache:
     def clear(self) -> list[int]:
         self._tick()
         values = [n.value for n in self.nodes.values()]
+        self.ghosts += [n for n in self.nodes.values() if n.rpins]
         self.nodes.clear()
         return values
+
+    def reader_match(self, tokens) -> list[Node]:
+        """A reader's match: the path's nodes; stamps the deepest as a use."""
+        path = [self.nodes[p] for p in self._path(tokens)]
+        if path:
+            path[-1].recency = max(path[-1].recency, self.clock + 0.5)
+        return path
+
+    def reader_pin(self, nodes: list[Node]) -> None:
+        for n in nodes:
+            n.rpins += 1
+
+    def reader_unpin(self, nodes: list[Node]) -> None:
+        for n in nodes:
+            n.rpins -= 1
+        self.ghosts = [g for g in self.ghosts if g.rpins]

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import pickle
-
 import numpy as np
-import pytest
 
-from shmcache import Reader
-
-from churn import Timeline, prompt_pool, reader_main, violations, writer_main
+from churn import Timeline, pool_keys_of, reader_main, run_churn, violations
 
 SEED = 20261128
 N_READERS = 2
@@ -17,36 +12,9 @@ MATCHES_PER_READER = 50_000
 
 
 def test_readers_never_wrong_under_churn(shm_name, spawn, tmp_path):
-    ready, go, stop = spawn.Event(), spawn.Event(), spawn.Event()
-    log = tmp_path / "writer.pkl"
-    writer = spawn.Process(target=writer_main, args=(shm_name, 40, SEED, ready, stop, str(log), 2_000_000, 120))
-    writer.start()
-    outs = [tmp_path / f"reader{i}.npy" for i in range(N_READERS)]
-    readers = [
-        spawn.Process(target=reader_main, args=(shm_name, SEED, ready, go, MATCHES_PER_READER, str(out)))
-        for out in outs
-    ]
-    try:
-        for p in readers:
-            p.start()
-        assert ready.wait(120), "writer did not start"
-        go.set()
-        for p in readers:
-            p.join(300)
-            assert p.exitcode == 0, f"reader exited with {p.exitcode}"
-        stop.set()
-        writer.join(120)
-        assert writer.exitcode == 0
-    finally:
-        for p in [writer, *readers]:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    ops = pickle.loads(log.read_bytes())
+    ops, rows = run_churn(spawn, shm_name, SEED, tmp_path, reader_main, N_READERS, MATCHES_PER_READER)
     timeline = Timeline.from_log(ops)
-    with Reader.attach(shm_name) as r:
-        pool_keys = [[(int(a), int(b)) for a, b in r.block_keys(p)] for p in prompt_pool(SEED)]
-    rows = np.concatenate([np.load(out) for out in outs])
+    pool_keys = pool_keys_of(shm_name, SEED)
     assert len(rows) >= 100_000
     bad = violations(timeline, pool_keys, rows)
     assert not bad, f"{len(bad)} wrong answers, first: {bad[:5]}"

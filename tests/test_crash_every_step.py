@@ -13,7 +13,6 @@ import multiprocessing as mp
 import os
 import signal
 
-import pytest
 
 from shmcache import Writer
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -186,3 +187,43 @@ def test_serve_bad_arguments_exit_1_with_one_line(shm_name, args, fragment):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], done.stderr
     assert not shmcache.exists(shm_name)
+
+
+def test_daemon_reclaims_a_dead_readers_pins_within_its_interval(served, spawn):
+    """A reader process pins blocks and is SIGKILLed; the idle daemon frees
+    its reader slot and pins within its reap interval (1 s), and the room
+    they held can be used again."""
+    from churn import pin_and_hold
+
+    with Client.connect(served.name) as keeper:
+        pinned = np.arange(100_000, 100_000 + 4 * 1024)
+        keeper.insert(pinned, np.arange(1024))
+        ready, release, out = spawn.Event(), spawn.Event(), spawn.Queue()
+        p = spawn.Process(target=pin_and_hold, args=(served.name, [pinned], ready, release, out))
+        p.start()
+        try:
+            assert ready.wait(120)
+            assert len(out.get(timeout=10)[0]) == 1024
+            with pytest.raises(shmcache.CacheFullError):
+                keeper.insert(np.arange(4 * 4096), np.arange(10_000, 14_096))  # needs the pinned room
+            p.kill()
+            p.join(30)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 10 and _reader_slot_of(keeper.reader, p.pid) is not None:
+                time.sleep(0.01)
+            reclaimed_s = time.monotonic() - t0
+        finally:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        assert _reader_slot_of(keeper.reader, p.pid) is None
+        assert reclaimed_s < 3.0, f"reclaimed after {reclaimed_s:.2f} s"
+        assert keeper.insert(np.arange(4 * 4096), np.arange(10_000, 14_096)) == 0
+    print(f"dead reader's 1,024 pins reclaimed {reclaimed_s * 1e3:.0f} ms after SIGKILL")
+
+
+def _reader_slot_of(reader, pid):
+    from shmcache.layout import RD_PID, reader_word
+
+    w = reader._wdata
+    return next((s for s in range(256) if int(w[reader_word(s, RD_PID)]) == pid), None)

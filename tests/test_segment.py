@@ -45,18 +45,71 @@ def test_header_mismatch_is_refused_with_a_typed_error(shm_name, word, value, fr
         Reader.attach(shm_name).close()
 
 
-def test_resized_segment_is_refused(shm_name):
-    with Writer.create(shm_name, capacity=8, block_size=4) as w:
+@pytest.mark.parametrize("delta", [65536, -65536], ids=["grown", "shrunk"])
+def test_resized_segment_is_refused_and_noticed_by_mapped_handles(shm_name, delta):
+    """Attach refuses a resized object; handles that mapped it before notice
+    it in check(), which asks the kernel and touches no page (a shrunk
+    object's missing pages would raise SIGBUS)."""
+    with Writer.create(shm_name, capacity=8, block_size=4) as w, Reader.attach(shm_name) as r:
+        w.insert(np.arange(8), [1, 2])
         size = w.geometry.total_bytes
         shm = posix_ipc.SharedMemory(f"/shmcache.{shm_name}")
         try:
-            os.ftruncate(shm.fd, size + 65536)
-            with pytest.raises(IncompatibleSegmentError, match="truncated or resized"):
-                Reader.attach(shm_name)
+            os.ftruncate(shm.fd, size + delta)
+            for attach in (Reader.attach, Writer.open):
+                with pytest.raises(IncompatibleSegmentError, match="truncated or resized"):
+                    attach(shm_name)
+            for handle in (r, w):
+                with pytest.raises(IncompatibleSegmentError, match="while mapped here"):
+                    handle.check()
             os.ftruncate(shm.fd, size)
         finally:
             shm.close_fd()
+        r.check()
+        w.check()
+        assert r.match_prefix(np.arange(8)).values.tolist() == [1, 2]
         Reader.attach(shm_name).close()
+
+
+def test_precreated_semaphore_is_never_adopted(shm_name):
+    """Someone else's semaphore under a segment's writer name is refused: at
+    create (exclusive), and at open when ours was replaced."""
+    sem = posix_ipc.Semaphore(f"/shmcache.{shm_name}.writer", posix_ipc.O_CREX, mode=0o666, initial_value=1)
+    try:
+        with pytest.raises(SegmentExistsError, match="never adopted"):
+            Writer.create(shm_name, capacity=8, block_size=4)
+        assert not shmcache.exists(shm_name)
+        assert sem.value == 1  # untouched
+    finally:
+        sem.unlink()
+        sem.close()
+    w = Writer.create(shm_name, capacity=8, block_size=4)
+    w.close()
+    posix_ipc.unlink_semaphore(f"/shmcache.{shm_name}.writer")
+    old = os.umask(0)
+    try:
+        sem = posix_ipc.Semaphore(f"/shmcache.{shm_name}.writer", posix_ipc.O_CREX, mode=0o666, initial_value=1)
+    finally:
+        os.umask(old)
+    try:
+        with pytest.raises(SegmentPermissionError, match="writer semaphore"):
+            Writer.open(shm_name)
+        assert sem.value == 1
+    finally:
+        sem.close()
+
+
+def test_precreated_socket_path_is_never_adopted(shm_name, tmp_path):
+    """The daemon's socket path holding something that is not a dead
+    daemon's socket is refused, and left alone."""
+    from shmcache.daemon import Daemon
+
+    squatter = tmp_path / "squat.sock"
+    squatter.write_text("not a socket")
+    with pytest.raises(shmcache.ShmCacheError, match="not a socket of yours"):
+        Daemon(shm_name, capacity=8, block_size=4, sock_path=str(squatter))
+    assert squatter.read_text() == "not a socket"
+    assert not shmcache.exists(shm_name)  # the daemon that could not listen removed what it created
 
 
 def test_precreated_world_writable_object_is_never_adopted(shm_name):

@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-import shmcache
-from shmcache import CacheFullError, InvalidInputError, Writer
+from shmcache import CacheFullError, InvalidInputError, PinLimitError, Reader, Writer
 
 from helpers import children_before_parents, live_states
 from reference import RefCache, RefError
@@ -33,9 +32,12 @@ class CacheMachine(RuleBasedStateMachine):
         self.w = Writer.create(self.name, capacity=CAPACITY, block_size=BS, on_evict=lambda v: self.evicted.extend(v.tolist()))
         self.ref = RefCache(CAPACITY, BS)
         self.next_value = 1000
+        self.r = Reader.attach(self.name)
+        self.handles: list = []  # (PinnedMatch, the model's nodes it pins)
 
     def teardown(self):
         if hasattr(self, "w"):
+            self.r.close()
             self.w.close(unlink=True)
 
     def _parents_by_value(self) -> dict[int, int | None]:
@@ -96,6 +98,33 @@ class CacheMachine(RuleBasedStateMachine):
                 return
             raise AssertionError("writer unpinned a block that is not pinned")
         assert (self.w.unpin(toks) if unpin else self.w.pin(toks)) == want
+
+    @rule(block_ids=ids, pin=st.booleans())
+    def reader_match(self, block_ids, pin):
+        # A writer operation first: two reader hits between the same two
+        # writer operations carry equal LRU stamps, and their order is a tie.
+        assert self.w.match_prefix([]).length == 0 and self.ref.match([]) == []
+        toks = tokens_of(block_ids, 0)
+        nodes = self.ref.reader_match(toks)
+        in_use = sum(len(n) for _, n in self.handles)
+        if pin and in_use + len(nodes) > self.r.reader_pins:
+            try:
+                self.r.match_and_pin(toks)
+            except PinLimitError:
+                return
+            raise AssertionError("the reader pinned past its reader_pins")
+        m = self.r.match_and_pin(toks) if pin else self.r.match_prefix(toks)
+        assert m.values.tolist() == [n.value for n in nodes] and m.length == len(nodes) * BS
+        if pin:
+            self.ref.reader_pin(nodes)
+            self.handles.append((m, nodes))
+
+    @rule(pick=st.integers(0, 10))
+    def reader_unpin(self, pick):
+        if self.handles:
+            handle, nodes = self.handles.pop(pick % len(self.handles))
+            self.r.unpin(handle)
+            self.ref.reader_unpin(nodes)
 
     @rule()
     def clear(self):

@@ -1,0 +1,162 @@
+"""Reader pins: the reader's half of the pin handshake, and the pin handles.
+
+A reader that must keep matched KV alive between its match and its use
+pins the matched path with ``Reader.match_and_pin``. Readers cannot write
+the state table, so a pin is an *entry* in the reader's own slot of the pin
+area (``layout``: writable part), holding ``state + 1``. The writer never
+evicts a state that any entry names; it learns about entries by rescanning
+the slots whose ``RD_PIN_SEQ`` changed since it last looked (cheap: it only
+looks when the segment-wide ``W_PIN_SEQ`` moved).
+
+The race between a new pin and an eviction already under way is closed with
+a hazard-pointer handshake (Michael, 2004), sequentially consistent fences
+on both sides:
+
+* reader: store entries; bump RD_PIN_SEQ (release) and W_PIN_SEQ (atomic);
+  fence; load EVICTING (acquire), then the version of each pinned state.
+* writer (``mutate.reader_pinned``): store EVICTING = victim + 1; fence;
+  load W_PIN_SEQ and rescan changed slots; drop the victim only if no entry
+  names it; then EVICTING = 0 (release).
+
+If the reader's loads miss the writer's mark, the writer's load of
+W_PIN_SEQ sees the reader's bump, so the writer finds the entry and skips
+the victim. Otherwise the reader sees EVICTING naming the victim, or (the
+eviction finished) its changed version, and reports the path pinned only up
+to the block before it. A state named by an entry is therefore never
+evicted after ``match_and_pin`` returns it; explicit ``remove``/``clear``
+still drop it (its KV was freed by its owner), as with writer pins.
+
+Pins of a reader that dies stay in its slot until the writer reclaims them
+(``Writer.reap_readers``): it checks each holder's pid and start time,
+marks the slot ``RECLAIMING``, clears the entries and frees the slot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .atomics import fence_seq_cst, fetch_add, load_acquire, load_relaxed, store_relaxed, store_release
+from .layout import (
+    G_PINS,
+    G_READER_PINS,
+    G_SLOT,
+    G_STATES,
+    H_EVICTING,
+    R_VERSION,
+    RD_PIN_SEQ,
+    RD_PINNED,
+    READER_WORDS,
+    READERS_WORD,
+    RECORD_WORDS,
+    W_PIN_SEQ,
+)
+
+_ONE = np.uint64(1)
+
+
+@njit(inline="always")
+def announce(wdata, slot, delta_pinned):
+    """Publish a change to ``slot``'s entries: its PIN_SEQ, then W_PIN_SEQ.
+
+    The release store orders the entry stores before the new PIN_SEQ; the
+    atomic add on W_PIN_SEQ orders both before it, so a writer that sees
+    the new W_PIN_SEQ sees the entries.
+    """
+    base = READERS_WORD + slot * READER_WORDS
+    store_relaxed(wdata, base + RD_PINNED, np.uint64(np.int64(load_relaxed(wdata, base + RD_PINNED)) + delta_pinned))
+    store_release(wdata, base + RD_PIN_SEQ, load_relaxed(wdata, base + RD_PIN_SEQ) + _ONE)
+    fetch_add(wdata, W_PIN_SEQ, _ONE)
+
+
+@njit(cache=True, nogil=True)
+def pin_path_kernel(data, wdata, pins, ws_geom, path, versions, k, entries):
+    """Pin the first ``k`` states of a just-matched ``path`` through this
+    reader's ``entries`` (indices into its slot's pin area).
+
+    ``versions`` are the states' versions as matched. Returns ``m <= k``:
+    states ``path[:m]`` are pinned and were unchanged from the match until
+    the pins were visible to the writer; the entries of ``path[m:]`` are
+    cleared again.
+    """
+    slot = ws_geom[G_SLOT]
+    area = ws_geom[G_PINS] + slot * ws_geom[G_READER_PINS]
+    for i in range(k):
+        store_relaxed(pins, area + entries[i], np.uint32(path[i] + 1))
+    announce(wdata, slot, k)
+    fence_seq_cst()
+    evicting = load_acquire(data, H_EVICTING)
+    states = ws_geom[G_STATES]
+    m = k
+    for i in range(k):
+        if evicting == np.uint64(path[i] + 1) or load_relaxed(data, states + path[i] * RECORD_WORDS + R_VERSION) != versions[i]:
+            m = i
+            break
+    if m < k:
+        for i in range(k - 1, m - 1, -1):
+            store_relaxed(pins, area + entries[i], np.uint32(0))
+        announce(wdata, slot, m - k)
+    return m
+
+
+@njit(cache=True, nogil=True)
+def release_entries(wdata, pins, geom, slot, entries):
+    """Clear ``entries`` of reader ``slot``'s pin area (deepest first) and announce it."""
+    area = geom[G_PINS] + slot * geom[G_READER_PINS]
+    for i in range(entries.shape[0] - 1, -1, -1):
+        store_relaxed(pins, area + entries[i], np.uint32(0))
+    announce(wdata, slot, -entries.shape[0])
+
+
+@njit(cache=True, nogil=True)
+def clear_slot(wdata, pins, geom, slot):
+    """Clear every pin entry of reader ``slot`` (its holder died or it is
+    being reused) and announce it; returns how many were set."""
+    area = geom[G_PINS] + slot * geom[G_READER_PINS]
+    n = 0
+    for i in range(geom[G_READER_PINS]):
+        if load_relaxed(pins, area + i) != 0:
+            store_relaxed(pins, area + i, np.uint32(0))
+            n += 1
+    base = READERS_WORD + slot * READER_WORDS
+    store_relaxed(wdata, base + RD_PINNED, np.uint64(0))
+    store_release(wdata, base + RD_PIN_SEQ, load_relaxed(wdata, base + RD_PIN_SEQ) + _ONE)
+    fetch_add(wdata, W_PIN_SEQ, _ONE)
+    return n
+
+
+class PinnedMatch:
+    """The answer of ``Reader.match_and_pin``: a ``PrefixMatch`` whose blocks
+    stay cached (never evicted) until ``Reader.unpin(handle)`` or the end of
+    a ``with`` block.
+
+    ``length`` (tokens) and ``values`` (int64, one per block) are as in
+    ``PrefixMatch``, and it unpacks the same way: ``length, values = h``.
+    A handle belongs to the Reader that made it.
+    """
+
+    __slots__ = ("length", "values", "_entries", "_reader")
+
+    def __init__(self, length: int, values: np.ndarray, entries: np.ndarray, reader) -> None:
+        self.length = length
+        self.values = values
+        self._entries = entries
+        self._reader = reader
+
+    @property
+    def pinned(self) -> bool:
+        """True until the handle is unpinned or its Reader closed."""
+        return self._entries is not None and self._reader._data is not None
+
+    def __iter__(self):
+        return iter((self.length, self.values))
+
+    def __enter__(self) -> "PinnedMatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pinned:
+            self._reader.unpin(self)
+
+    def __repr__(self) -> str:
+        return f"<PinnedMatch length={self.length} blocks={len(self.values)} {'pinned' if self.pinned else 'released'}>"
