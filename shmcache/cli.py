@@ -33,6 +33,7 @@ def serve(args: argparse.Namespace) -> int:
             allow_uids=tuple(args.allow_uid),
             keep_on_disconnect=args.on_disconnect == "keep",
             unlink_on_exit=not args.keep,
+            **({} if args.spin_us is None else {"spin_us": args.spin_us}),
         )
     except (ShmCacheError, OSError) as e:
         print(f"shmcache serve: cannot start: {e}", file=sys.stderr)
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--on-disconnect", choices=("remove", "keep"), default="remove",
                    help="what happens to a client's blocks when it disconnects or dies")
     v.add_argument("--keep", action="store_true", help="leave the segment in place on exit")
+    v.add_argument("--spin-us", type=int,
+                   help="microseconds to poll for requests before sleeping (default 200; 0: sleep at once)")
     v.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     v.set_defaults(func=serve)
     d = sub.add_parser("demo", help="daemon + worker processes replaying the bundled request trace")

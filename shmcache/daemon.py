@@ -8,7 +8,10 @@ never goes through the daemon: clients read the segment lock-free.
 One thread runs a selector loop. Each wake-up drains every readable
 connection, applies all complete requests in arrival order in one pass of
 the Writer, then queues replies and pushes each client the values of its
-blocks the cache dropped (exactly once, in drop order), and flushes.
+blocks the cache dropped (exactly once, in drop order), and flushes. Before
+it sleeps in the kernel it polls for ``spin_us`` microseconds, so a client
+that sends its next request soon does not pay for waking it (tens of
+microseconds on a virtualised host); an idle daemon uses no CPU.
 
 Ownership: every block records the owner id of the client that inserted
 it. When a client disconnects or dies, its blocks are removed with their
@@ -43,6 +46,8 @@ log = logging.getLogger("shmcache.daemon")
 
 _CRED = struct.Struct("3i")
 _RECV = 1 << 20
+#: Default microseconds the loop polls for work before it sleeps.
+SPIN_US = 200
 
 
 def socket_path(name: str) -> str:
@@ -77,8 +82,12 @@ class Daemon:
         allow_uids: tuple[int, ...] = (),
         keep_on_disconnect: bool = False,
         unlink_on_exit: bool = True,
+        spin_us: int = SPIN_US,
     ) -> None:
         segment.validate_name(name)
+        if isinstance(spin_us, bool) or not isinstance(spin_us, int) or not 0 <= spin_us <= 1_000_000:
+            raise InvalidInputError(f"spin_us must be an int of microseconds in [0, 1000000], got {spin_us!r}")
+        self.spin_s = spin_us / 1e6
         self.name = name
         warm_up()
         created = not segment.exists(name)
@@ -182,7 +191,7 @@ class Daemon:
                         log.info("reclaimed the reader-table slots and pins of %d dead reader(s)", reaped)
                     next_reap = time.monotonic() + self.writer.reap_interval
                 batch: list[tuple[_Conn, int, int, bytes]] = []
-                for key, mask in self._sel.select(timeout=max(0.0, next_reap - time.monotonic())):
+                for key, mask in self._wait(next_reap):
                     if key.data == "listen":
                         self._accept()
                     elif key.data == "wake":
@@ -205,6 +214,15 @@ class Daemon:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._shutdown()
+
+    def _wait(self, next_reap: float) -> list:
+        """Ready connections: polled for ``spin_s``, then slept for until the next reap."""
+        spin_until = time.perf_counter() + self.spin_s
+        while True:
+            ready = self._sel.select(timeout=0)
+            if ready or time.perf_counter() >= spin_until:
+                break
+        return ready or self._sel.select(timeout=max(0.0, next_reap - time.monotonic()))
 
     def _accept(self) -> None:
         while True:
@@ -237,6 +255,8 @@ class Daemon:
                 conn.eof = True
                 break
             conn.inbuf += self._rview[:n]
+            if n < len(self._rbuf):
+                break  # drained: asking again costs a syscall and an exception; epoll reports more
         while not conn.closing and len(conn.inbuf) >= P.HEADER.size:
             try:
                 kind, request, length = P.parse_header(bytes(conn.inbuf[: P.HEADER.size]))

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from .atomics import fence_release, fence_seq_cst, load_acquire, load_relaxed, store_relaxed, store_release
+from .atomics import fence_release, fence_seq_cst, load_acquire, load_relaxed, prefetch, store_relaxed, store_release
 from .layout import (
     G_CAPACITY,
     G_HITS,
@@ -280,11 +280,25 @@ def publish(A, s, key_lo, key_hi, value, link, recency, pins):
 
 
 @njit(inline="always")
-def value_home(value, owner, n_slots):
+def value_hash(value, owner):
+    """A well-mixed 64-bit hash of ``(owner, value)`` (splitmix64's finaliser)."""
     z = np.uint64(value) ^ (np.uint64(owner) * np.uint64(0x9E3779B97F4A7C15))
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return home_slot(z ^ (z >> np.uint64(31)), n_slots)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(inline="always")
+def value_home(value, owner, n_slots):
+    return home_slot(value_hash(value, owner), n_slots)
+
+
+@njit(inline="always")
+def value_tag(value, owner):
+    """The value map's slot tag: low hash bits, independent of the home
+    (which the high bits pick), so a probe skips foreign slots without
+    reading their records."""
+    return value_hash(value, owner) << np.uint64(32)
 
 
 @njit(inline="always")
@@ -299,7 +313,7 @@ def table(A, kind):
 def entry_of(A, kind, s):
     if kind == K_INDEX:
         return (field(A, s, R_KEY_LO) & _TAG) | np.uint64(s + 1)
-    return np.uint64(s + 1)
+    return value_tag(field(A, s, R_VALUE), owner_of(A, s)) | np.uint64(s + 1)
 
 
 @njit(inline="always")
@@ -375,12 +389,13 @@ def value_lookup(A, value, owner):
     """State holding ``value`` for ``owner``, or -1."""
     n = A.vmap.shape[0]
     pos = value_home(value, owner, n)
+    tag = value_tag(value, owner)
     for _ in range(n):
         w = A.vmap[pos]
         if w == 0:
             return -1
-        s = np.int64(w) - 1
-        if np.int64(field(A, s, R_VALUE)) == value and owner_of(A, s) == owner:
+        s = np.int64(w & _SLOT) - 1
+        if (w & _TAG) == tag and np.int64(field(A, s, R_VALUE)) == value and owner_of(A, s) == owner:
             return s
         pos += 1
         if pos == n:
@@ -717,6 +732,23 @@ def evictable_count(A, path, k, need):
 # --- operations -------------------------------------------------------------------
 
 
+@njit
+def prefetch_new_blocks(A, keys, values, k, n, owner):
+    """Ask for every cache line the insert of blocks ``k..n`` will touch at
+    random (value-map and index home slots, the records it will take and
+    their hit stamps) before touching any: one at a time, each is a memory
+    round trip; asked together, they overlap."""
+    index, n_slots, n_vmap = A.geom[G_INDEX], A.geom[G_SLOTS], A.vmap.shape[0]
+    for i in range(k, n):
+        prefetch(A.vmap, value_home(values[i], owner, n_vmap))
+        prefetch(A.data, index + home_slot(keys[i, 1], n_slots))
+    top = A.meta[M_FREE_TOP]
+    for j in range(min(n - k, top)):
+        s = A.free[top - 1 - j]
+        prefetch(A.wdata, A.geom[G_HITS] + s)
+        prefetch(A.data, rec(A, s))
+
+
 @njit(cache=True)
 def insert_kernel(A, keys, values, n, owner):
     """Insert the chain ``keys[:n]`` with ``values[:n]`` (values of blocks
@@ -729,6 +761,7 @@ def insert_kernel(A, keys, values, n, owner):
     versions = np.empty(n, dtype=np.uint64)
     old_values = np.empty(n, dtype=np.int64)
     k = walk(A.data, A.geom, keys, n, path, versions, old_values)
+    prefetch_new_blocks(A, keys, values, k, n, owner)
     evicted = np.empty((max(n - k, 0), 2), dtype=np.int64)
     for i in range(k, n):
         if value_lookup(A, values[i], owner) >= 0:

@@ -8,6 +8,7 @@ import pytest
 
 from shmcache import (
     CacheFullError,
+    Client,
     InvalidInputError,
     InvalidNameError,
     Reader,
@@ -73,6 +74,7 @@ CASES = [
     ("open unknown segment", lambda w, r, n: Writer.open(n + "-missing"), SegmentNotFoundError, "start its writer first"),
     ("attach unknown segment", lambda w, r, n: Reader.attach(n + "-missing"), SegmentNotFoundError, "no shmcache segment"),
     ("attach invalid name", lambda w, r, n: Reader.attach("a/b"), InvalidNameError, "invalid segment name"),
+    ("client negative spin", lambda w, r, n: Client.connect(n, spin_us=-1), InvalidInputError, "spin_us"),
 ]
 
 

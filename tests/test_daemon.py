@@ -179,6 +179,9 @@ def test_keep_on_disconnect_leaves_a_clients_blocks(shm_name, spawn):
     (["--capacity", "0"], "capacity must be between"),
     (["--capacity", "64", "--block-size", "0"], "block_size must be between"),
     (["--capacity", "64", "--socket", "/x" * 80], "too long for a Unix socket"),
+    (["--capacity", "64", "--spin-us", "-1"], "spin_us must be"),
+    (["--capacity", str(min(2**31 - 1, os.statvfs("/dev/shm").f_blocks * os.statvfs("/dev/shm").f_frsize // 80))],
+     "/dev/shm cannot hold"),
 ])
 def test_serve_bad_arguments_exit_1_with_one_line(shm_name, args, fragment):
     done = subprocess.run([sys.executable, "-m", "shmcache.cli", "serve", shm_name, *args],

@@ -71,6 +71,20 @@ def test_resized_segment_is_refused_and_noticed_by_mapped_handles(shm_name, delt
         Reader.attach(shm_name).close()
 
 
+def test_a_segment_larger_than_dev_shm_fails_at_create_and_leaves_nothing(shm_name):
+    """The space is reserved at create (posix_fallocate), so a /dev/shm that
+    cannot hold the segment is a SegmentSpaceError there, never a SIGBUS
+    later. Asking for more than the whole filesystem fails at once: the
+    kernel refuses it before allocating a page."""
+    fs = os.statvfs("/dev/shm")
+    capacity = fs.f_blocks * fs.f_frsize // 80  # > 80 bytes a block, so more than /dev/shm holds
+    assert capacity <= 2**31 - 1, "/dev/shm is larger than the biggest segment: this test needs a smaller one"
+    with pytest.raises(shmcache.SegmentSpaceError, match="free space there or ask for a smaller capacity"):
+        Writer.create(shm_name, capacity=capacity, block_size=16)
+    assert not shmcache.exists(shm_name)
+    assert not os.path.exists(f"/dev/shm/sem.shmcache.{shm_name}.writer")
+
+
 def test_precreated_semaphore_is_never_adopted(shm_name):
     """Someone else's semaphore under a segment's writer name is refused: at
     create (exclusive), and at open when ours was replaced."""

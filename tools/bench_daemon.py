@@ -1,6 +1,6 @@
 """Benchmark: inserts through the writer daemon, from 1 and 2 producer processes.
 
-    python tools/bench_daemon.py [--prompts 2000]
+    python tools/bench_daemon.py [--prompts 2000] [--spin-us 200]
 
 Starts ``shmcache serve`` as a child process, then producer processes that
 each insert distinct 128-block prompts (2,048 tokens, block size 16) through
@@ -9,7 +9,9 @@ per-insert round trip p50/p99, next to the same inserts into an embedded
 Writer in this process (the baseline: no socket, no daemon). Then the round
 trip of small requests (a 1-block insert, an empty remove) beside the floor
 of this machine: a bare Python ping-pong over a Unix socket between two
-processes. Prints the machine it ran on.
+processes. ``--spin-us`` sets how long the daemon and the clients poll
+before they sleep (``shmcache serve --spin-us``, ``Client.connect(spin_us=)``).
+Prints the machine it ran on.
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ def prompt(producer: int, i: int) -> np.ndarray:
     return (np.arange(base, base + TOKENS, dtype=np.int64) * 2_654_435_761) % 4_000_000_000
 
 
-def produce(name: str, index: int, n: int, go, q) -> None:
+def produce(name: str, index: int, n: int, go, q, spin_us: int) -> None:
     from shmcache import Client
 
-    c = Client.connect(name)
+    c = Client.connect(name, spin_us=spin_us)
     samples = []
     go.wait()
     t_all = time.perf_counter()
@@ -55,9 +57,10 @@ def produce(name: str, index: int, n: int, go, q) -> None:
     c.close()
 
 
-def serve(name: str, capacity: int) -> subprocess.Popen:
+def serve(name: str, capacity: int, spin_us: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "shmcache.cli", "serve", name, "--capacity", str(capacity),
-                             "--block-size", str(BS), "--on-disconnect", "keep", "--log-level", "warning"],
+                             "--block-size", str(BS), "--on-disconnect", "keep", "--log-level", "warning",
+                             "--spin-us", str(spin_us)],
                             stdout=subprocess.PIPE, text=True)
     if not select.select([proc.stdout], [], [], 120)[0]:
         proc.kill()
@@ -66,12 +69,12 @@ def serve(name: str, capacity: int) -> subprocess.Popen:
     return proc
 
 
-def run(n_producers: int, n: int) -> tuple[float, list[int]]:
+def run(n_producers: int, n: int, spin_us: int) -> tuple[float, list[int]]:
     name = f"benchd-{uuid.uuid4().hex[:8]}"
-    proc = serve(name, n_producers * n * 128 + 1024)
+    proc = serve(name, n_producers * n * 128 + 1024, spin_us)
     ctx = mp.get_context("spawn")
     go, q = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=produce, args=(name, i, n, go, q)) for i in range(n_producers)]
+    procs = [ctx.Process(target=produce, args=(name, i, n, go, q, spin_us)) for i in range(n_producers)]
     try:
         for p in procs:
             p.start()
@@ -130,13 +133,13 @@ def ping_pong_floor(n: int = 5000) -> list[int]:
     return samples[n // 10 :]
 
 
-def small_round_trips(n: int = 3000) -> tuple[list[int], list[int]]:
+def small_round_trips(spin_us: int, n: int = 3000) -> tuple[list[int], list[int]]:
     from shmcache import Client
 
     name = f"benchr-{uuid.uuid4().hex[:8]}"
-    proc = serve(name, n + 1024)
+    proc = serve(name, n + 1024, spin_us)
     try:
-        c = Client.connect(name)
+        c = Client.connect(name, spin_us=spin_us)
         one, empty = [], []
         for i in range(n):
             toks = np.arange(BS, dtype=np.int64) + BS * i
@@ -156,19 +159,20 @@ def small_round_trips(n: int = 3000) -> tuple[list[int], list[int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=2000, help="128-block prompts per producer")
+    ap.add_argument("--spin-us", type=int, default=200, help="daemon and client poll time before sleeping")
     args = ap.parse_args()
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; spin {args.spin_us} µs")
     print(f"{'case':38s} {'blocks/s':>12s} {'p50 µs':>9s} {'p99 µs':>9s}")
     rate, samples = embedded(args.prompts)
     p50, p99 = percentiles(samples)
     print(f"{'embedded Writer (baseline, no socket)':38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f}")
     for n in (1, 2):
-        rate, samples = run(n, args.prompts)
+        rate, samples = run(n, args.prompts, args.spin_us)
         p50, p99 = percentiles(samples)
         print(f"{f'daemon, {n} producer process(es)':38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f}")
     print()
     print(f"{'round trip':38s} {'':>12s} {'p50 µs':>9s} {'p99 µs':>9s}")
-    one, empty = small_round_trips()
+    one, empty = small_round_trips(args.spin_us)
     for label, samples in (("bare Python Unix-socket ping-pong (floor)", ping_pong_floor()),
                            ("daemon: 1-block insert", one), ("daemon: empty remove", empty)):
         p50, p99 = percentiles(samples)
