@@ -126,7 +126,8 @@ class Client:
                 if not block:
                     return None
                 if not wait:
-                    continue  # still spinning
+                    os.sched_yield()  # spinning, but never at the expense of the daemon
+                    continue
                 raise self._unavailable(f"no reply in {self._timeout} s") from None
             except OSError as e:
                 raise self._unavailable(e.strerror or str(e)) from None

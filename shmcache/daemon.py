@@ -222,6 +222,7 @@ class Daemon:
             ready = self._sel.select(timeout=0)
             if ready or time.perf_counter() >= spin_until:
                 break
+            os.sched_yield()  # a spinning loop must not starve the clients it waits for
         return ready or self._sel.select(timeout=max(0.0, next_reap - time.monotonic()))
 
     def _accept(self) -> None:

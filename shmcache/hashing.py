@@ -239,36 +239,50 @@ def _len_129to240(src, length):
 
 
 @njit(inline="always")
+def _mul32(k):
+    return (k & _MASK32) * (k >> np.uint64(32))
+
+
+@njit(inline="always")
+def _accumulate_pair(a_even, a_odd, src, off, soff):
+    """Lanes 2j and 2j+1 of one stripe: each lane adds its neighbour's input
+    and the 32x32 product of its own keyed input."""
+    v_even = _rd(src, off)
+    v_odd = _rd(src, off + 8)
+    return (a_even + v_odd + _mul32(v_even ^ _sec(soff)), a_odd + v_even + _mul32(v_odd ^ _sec(soff + 8)))
+
+
+@njit(inline="always")
 def _accumulate_512(acc, src, off, soff):
-    for i in range(8):
-        v = _rd(src, off + 8 * i)
-        k = v ^ _sec(soff + 8 * i)
-        acc[i ^ 1] += v
-        acc[i] += (k & _MASK32) * (k >> np.uint64(32))
+    """One 64-byte stripe into the 8 accumulators (a tuple: the kernels that
+    hash allocate nothing, so they run without Numba's reference counting)."""
+    a0, a1 = _accumulate_pair(acc[0], acc[1], src, off, soff)
+    a2, a3 = _accumulate_pair(acc[2], acc[3], src, off + 16, soff + 16)
+    a4, a5 = _accumulate_pair(acc[4], acc[5], src, off + 32, soff + 32)
+    a6, a7 = _accumulate_pair(acc[6], acc[7], src, off + 48, soff + 48)
+    return (a0, a1, a2, a3, a4, a5, a6, a7)
+
+
+@njit(inline="always")
+def _scramble(a, soff):
+    return (_xorshift(a, 47) ^ _sec(soff)) * _P32_1
 
 
 @njit
 def _hash_long(src, length):
-    acc = np.empty(8, dtype=np.uint64)
-    acc[0] = _P32_3
-    acc[1] = _P64_1
-    acc[2] = _P64_2
-    acc[3] = _P64_3
-    acc[4] = _P64_4
-    acc[5] = _P32_2
-    acc[6] = _P64_5
-    acc[7] = _P32_1
+    acc = (_P32_3, _P64_1, _P64_2, _P64_3, _P64_4, _P32_2, _P64_5, _P32_1)
     n_blocks = (length - 1) // _BLOCK_LEN
+    last = _SECRET_SIZE - _STRIPE
     for b in range(n_blocks):
         for s in range(_STRIPES_PER_BLOCK):
-            _accumulate_512(acc, src, b * _BLOCK_LEN + s * _STRIPE, s * 8)
-        for i in range(8):
-            a = _xorshift(acc[i], 47) ^ _sec(_SECRET_SIZE - _STRIPE + 8 * i)
-            acc[i] = a * _P32_1
+            acc = _accumulate_512(acc, src, b * _BLOCK_LEN + s * _STRIPE, s * 8)
+        acc = (_scramble(acc[0], last), _scramble(acc[1], last + 8), _scramble(acc[2], last + 16),
+               _scramble(acc[3], last + 24), _scramble(acc[4], last + 32), _scramble(acc[5], last + 40),
+               _scramble(acc[6], last + 48), _scramble(acc[7], last + 56))
     n_stripes = ((length - 1) - _BLOCK_LEN * n_blocks) // _STRIPE
     for s in range(n_stripes):
-        _accumulate_512(acc, src, n_blocks * _BLOCK_LEN + s * _STRIPE, s * 8)
-    _accumulate_512(acc, src, length - _STRIPE, _SECRET_SIZE - _STRIPE - 7)
+        acc = _accumulate_512(acc, src, n_blocks * _BLOCK_LEN + s * _STRIPE, s * 8)
+    acc = _accumulate_512(acc, src, length - _STRIPE, _SECRET_SIZE - _STRIPE - 7)
     n = np.uint64(length)
     lo = n * _P64_1
     hi = ~(n * _P64_2)
