@@ -164,10 +164,8 @@ class Client:
 
     def _prompt(self, tokens: object, values: np.ndarray | None, namespace: Namespace) -> bytes:
         toks = as_tokens(tokens)
-        if toks.dtype != np.uint32 and toks.size:
-            bad = np.flatnonzero((toks < 0) | (toks > 0xFFFFFFFF))
-            if bad.size:
-                raise bad_token_error(toks, int(bad[0]))
+        if toks.dtype != np.uint32 and toks.size and (toks.min() < 0 or toks.max() > 0xFFFFFFFF):
+            raise bad_token_error(toks, int(np.flatnonzero((toks < 0) | (toks > 0xFFFFFFFF))[0]))
         n = toks.shape[0] // self.block_size
         if values is not None:
             values = as_values(values, n, toks.shape[0], self.block_size)

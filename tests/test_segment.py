@@ -175,3 +175,16 @@ def test_a_recreated_segment_is_noticed_never_answered_from(shm_name):
         with Reader.attach(shm_name) as fresh:
             assert fresh.match_prefix(np.arange(8)).values.tolist() == [7, 8]
             assert fresh.incarnation != r.incarnation
+
+
+def test_a_segment_of_another_uid_is_refused_unless_asked_for(shm_name, monkeypatch):
+    """Seen from another uid (simulated: this process claims a different
+    euid), the segment is refused by default and attached when asked."""
+    with Writer.create(shm_name, capacity=8, block_size=4) as w:
+        w.insert(np.arange(8), [1, 2])
+        owner = os.geteuid()
+        monkeypatch.setattr(shmcache.segment.os, "geteuid", lambda: owner + 1)
+        with pytest.raises(SegmentPermissionError, match=f"belongs to uid {owner}"):
+            Reader.attach(shm_name)
+        with Reader.attach(shm_name, allow_other_owner=True) as r:
+            assert r.match_prefix(np.arange(8)).values.tolist() == [1, 2]
