@@ -583,13 +583,21 @@ def forget_reader_pins(A):
 
 
 @njit(inline="always")
-def reader_pinned(A, s):
-    """Announce that leaf ``s`` is about to be evicted and say whether a
-    reader pins it (then the announcement is withdrawn). On False the
-    caller drops ``s`` and then clears H_EVICTING with a release store."""
+def announce_drop(A, s):
+    """Store H_EVICTING = ``s`` + 1, fence, and catch up with reader pins:
+    after it, either ``rpin[s]`` counts every reader pin that will ever be
+    reported on ``s``, or that reader sees the mark (or the drop) and
+    reports the block unpinned. ``drop_state`` clears the mark."""
     store_relaxed(A.data, H_EVICTING, np.uint64(s + 1))
     fence_seq_cst()
     sync_reader_pins(A)
+
+
+@njit(inline="always")
+def reader_pinned(A, s):
+    """Announce that leaf ``s`` is about to be evicted and say whether a
+    reader pins it (then the announcement is withdrawn)."""
+    announce_drop(A, s)
     if A.rpin[s] > 0:
         store_release(A.data, H_EVICTING, np.uint64(0))
         return True
@@ -617,7 +625,14 @@ def add_state(A, parent, key_lo, key_hi, value, owner, clock):
 
 @helper
 def drop_state(A, s, out, n_out):
-    """Unindex and free the leaf ``s``; its (value, owner) go to ``out[n_out]``."""
+    """Unindex and free the leaf ``s``; its (value, owner) go to ``out[n_out]``.
+
+    Evictions have announced ``s`` already (``reader_pinned``); removes and
+    clears announce it here, so whether a reader pin holds the record back
+    is decided on current knowledge, race included.
+    """
+    if load_relaxed(A.data, H_EVICTING) != np.uint64(s + 1):
+        announce_drop(A, s)
     out[n_out, 0] = np.int64(field(A, s, R_VALUE))
     out[n_out, 1] = owner_of(A, s)
     table_delete(A, K_INDEX, s)
@@ -631,6 +646,7 @@ def drop_state(A, s, out, n_out):
     # else a reader pin still names it (a remove or clear dropped a pinned
     # block): reused now, it would protect an unrelated block. It is freed
     # when its last reader pin goes (count_reader_pin).
+    store_release(A.data, H_EVICTING, np.uint64(0))
     bump(A, H_LIVE, -1)
     return n_out + 1
 
@@ -701,7 +717,6 @@ def evict_into(A, need, protect, out, n_out):
             continue  # pushed back when its last reader pin goes
         p = parent_of(A, s)
         n_out = drop_state(A, s, out, n_out)
-        store_release(A.data, H_EVICTING, np.uint64(0))
         done += 1
         if p >= 0:
             if field(A, p, R_RECENCY) < e:
@@ -760,6 +775,30 @@ def prefetch_new_blocks(A, keys, values, k, n, owner):
         prefetch(A.data, rec(A, s))
 
 
+@helper
+def first_cached_value(A, values, k, n, owner):
+    """First ``i`` in ``k..n`` whose value ``owner`` already has cached, or -1.
+    (The kernels' loops over blocks live in helpers: a kernel passing the
+    Arrays tuple to a helper pays its reference counting on every call.)"""
+    for i in range(k, n):
+        if value_lookup(A, values[i], owner) >= 0:
+            return i
+    return -1
+
+
+@helper
+def add_chain(A, path, k, keys, values, end, owner, clock):
+    """Add blocks ``k..end`` below ``path[:k]`` (whose recency becomes
+    ``clock``), each the child of the one before."""
+    parent = path[k - 1] if k > 0 else np.int64(-1)
+    for i in range(k, end):
+        parent = add_state(A, parent, keys[i, 0], keys[i, 1], values[i], owner, clock)
+    for i in range(k):
+        set_field(A, path[i], R_RECENCY, clock)
+    if end > k:
+        push_if_evictable(A, parent)
+
+
 @njit(cache=True)
 def insert_kernel(A, keys, values, n, owner):
     """Insert the chain ``keys[:n]`` with ``values[:n]`` (values of blocks
@@ -774,14 +813,15 @@ def insert_kernel(A, keys, values, n, owner):
     k = walk(A.data, A.geom, keys, n, path, versions, old_values)
     prefetch_new_blocks(A, keys, values, k, n, owner)
     evicted = np.empty((max(n - k, 0), 2), dtype=np.int64)
-    for i in range(k, n):
-        if value_lookup(A, values[i], owner) >= 0:
-            return ERR_DUP_VALUE, i, k, evicted[:0]
+    i = first_cached_value(A, values, k, n, owner)
+    if i >= 0:
+        return ERR_DUP_VALUE, i, k, evicted[:0]
     if n - k > 1:
         order = np.argsort(values[k:n], kind="mergesort")
         for j in range(1, n - k):
             if values[k + order[j]] == values[k + order[j - 1]]:
                 return ERR_DUP_IN_CALL, k + order[j], k, evicted[:0]
+    sync_reader_pins(A)  # records reader pins held back may have been released
     need = (n - k) - A.meta[M_FREE_TOP]
     if need > 0:
         evictable = evictable_count(A, path, k, need)
@@ -795,13 +835,7 @@ def insert_kernel(A, keys, values, n, owner):
     # Short only if readers pinned blocks while this call evicted: insert
     # what fits (a prefix of the new blocks, so the tree stays prefix-closed).
     end_new = min(n, k + A.meta[M_FREE_TOP])
-    parent = path[k - 1] if k > 0 else np.int64(-1)
-    for i in range(k, end_new):
-        parent = add_state(A, parent, keys[i, 0], keys[i, 1], values[i], owner, clock)
-    for i in range(k):
-        set_field(A, path[i], R_RECENCY, clock)
-    if end_new > k:
-        push_if_evictable(A, parent)
+    add_chain(A, path, k, keys, values, end_new, owner, clock)
     bump(A, H_INSERTED, end_new - k)
     end(A)
     if end_new < n:

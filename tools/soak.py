@@ -165,8 +165,12 @@ def soak(minutes: float, readers: int, rate: float, capacity: int, out_dir: str,
         writer.writeheader()
         writer.writerows(rows)
 
+    def after_warmup(series: list) -> list:
+        """Samples from ``warmup_s`` on (processes start, attach and compile first)."""
+        return [x for r, x in zip(rows, series) if r["t_s"] >= warmup_s] or series
+
     def growth(series: list[tuple[float, float]]) -> float:
-        after = [u for t, u in series if t >= warmup_s] or [u for _, u in series]
+        after = [u for _, u in after_warmup(series)]
         return after[-1] - after[0]
 
     summary = {
@@ -176,7 +180,7 @@ def soak(minutes: float, readers: int, rate: float, capacity: int, out_dir: str,
         "violations": sum(counters[2 + 2 * i] for i in range(readers)),
         "uss_start_end_mib": {k: (v[0][1], v[-1][1]) for k, v in uss.items()},
         "uss_growth_after_warmup_mib": {k: round(growth(v), 2) for k, v in uss.items()},
-        "fds_start_end": {k: (v[0], v[-1]) for k, v in fds.items()},
+        "fds_start_end": {k: (after_warmup(v)[0], v[-1]) for k, v in fds.items()},
         "shm_entries_start_end": (rows[0]["shm_entries"], rows[-1]["shm_entries"]),
         "occupancy_min_max": (min(r["occupancy"] for r in rows), max(r["occupancy"] for r in rows)),
         "evicted_blocks": final["evicted_blocks"],
