@@ -14,16 +14,19 @@ on both sides:
 
 * reader: store entries; bump RD_PIN_SEQ (release) and W_PIN_SEQ (atomic);
   fence; load EVICTING (acquire), then the version of each pinned state.
-* writer (``mutate.reader_pinned``): store EVICTING = victim + 1; fence;
-  load W_PIN_SEQ and rescan changed slots; drop the victim only if no entry
-  names it; then EVICTING = 0 (release).
+* writer (``mutate.announce_drop``, before every record it drops): store
+  EVICTING = state + 1; fence; load W_PIN_SEQ and rescan changed slots. An
+  eviction then skips the state if an entry names it; a remove or clear
+  drops it anyway but keeps its record out of the free list until the last
+  entry naming it goes. Then EVICTING = 0 (release).
 
 If the reader's loads miss the writer's mark, the writer's load of
 W_PIN_SEQ sees the reader's bump, so the writer finds the entry and skips
 the victim. Otherwise the reader sees EVICTING naming the victim, or (the
 eviction finished) its changed version, and reports the path pinned only up
 to the block before it. A state named by an entry is therefore never
-evicted after ``match_and_pin`` returns it; explicit ``remove``/``clear``
+evicted after ``match_and_pin`` returns it, and its record is never reused
+for another block while the entry lasts; explicit ``remove``/``clear``
 still drop it (its KV was freed by its owner), as with writer pins.
 
 Pins of a reader that dies stay in its slot until the writer reclaims them
