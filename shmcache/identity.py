@@ -23,6 +23,11 @@ def start_time_us(pid: int) -> int | None:
         return None
 
 
+def is_gone(pid: int) -> bool:
+    """Whether no running process has this pid (a zombie counts as gone)."""
+    return pid <= 0 or start_time_us(pid) is None
+
+
 def is_alive(pid: int, start_us: int) -> bool:
     """Whether the process recorded as ``(pid, start_us)`` is still running."""
     if pid <= 0:

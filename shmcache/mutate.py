@@ -107,6 +107,7 @@ class Arrays(NamedTuple):
     meta: np.ndarray  # int64: M_* below
     pins: np.ndarray  # uint32 view of the writable part (readers' pin entries at G_PINS)
     rpin: np.ndarray  # int32 (capacity,): reader pin entries naming each state
+    held: np.ndarray  # bool (capacity,): free records kept off the free stack while a reader pin names them
     rprev: np.ndarray  # uint32: the pin area as last scanned
     rseen: np.ndarray  # uint64 (reader slots,): each slot's PIN_SEQ as last scanned
 
@@ -153,6 +154,7 @@ def new_arrays(data: np.ndarray, wdata: np.ndarray, geom: np.ndarray) -> Arrays:
         meta=np.zeros(M_WORDS, dtype=np.int64),
         pins=wdata.view(np.uint32),
         rpin=np.zeros(cap, dtype=np.int32),
+        held=np.zeros(cap, dtype=np.bool_),
         rprev=np.zeros(int(geom[G_READER_SLOTS]) * int(geom[G_READER_PINS]), dtype=np.uint32),
         rseen=np.zeros(int(geom[G_READER_SLOTS]), dtype=np.uint64),
     )
@@ -537,8 +539,11 @@ def count_reader_pin(A, entry, delta):
         A.meta[M_RPINNED] -= 1
         if is_live(A, s):
             push_if_evictable(A, s)
-        else:
+        elif A.held[s]:
+            A.held[s] = False
             free_record(A, s)
+        # else the record is on the free stack already: an entry a reader
+        # stored and withdrew (its validation failed), or a stray value.
 
 
 @helper
@@ -588,7 +593,9 @@ def announce_drop(A, s):
     after it, either ``rpin[s]`` counts every reader pin that will ever be
     reported on ``s``, or that reader sees the mark (or the drop) and
     reports the block unpinned. ``drop_state`` clears the mark."""
-    store_relaxed(A.data, H_EVICTING, np.uint64(s + 1))
+    # Release, not relaxed: a reader that reads this mark must also see the
+    # drops announced before it (its version loads are relaxed).
+    store_release(A.data, H_EVICTING, np.uint64(s + 1))
     fence_seq_cst()
     sync_reader_pins(A)
 
@@ -643,9 +650,11 @@ def drop_state(A, s, out, n_out):
     publish(A, s, np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(LINK_FREE), np.uint64(0), np.uint64(0))
     if A.rpin[s] == 0:
         free_record(A, s)
-    # else a reader pin still names it (a remove or clear dropped a pinned
-    # block): reused now, it would protect an unrelated block. It is freed
-    # when its last reader pin goes (count_reader_pin).
+    else:
+        # A reader pin still names it (a remove or clear dropped a pinned
+        # block): reused now, it would protect an unrelated block. It is
+        # freed when its last reader pin goes (count_reader_pin).
+        A.held[s] = True
     store_release(A.data, H_EVICTING, np.uint64(0))
     bump(A, H_LIVE, -1)
     return n_out + 1
@@ -1088,11 +1097,14 @@ def rebuild(A):
     sync_reader_pins(A)  # before the free list: records reader pins name stay out of it
     n_free = 0
     live = 0
+    A.held[:] = False
     for s in range(cap - 1, -1, -1):
         if status[s] == S_FREE:
             if A.rpin[s] == 0:
                 A.free[n_free] = s
                 n_free += 1
+            else:
+                A.held[s] = True
             continue
         live += 1
         parent[s] = parent_of(A, s)
@@ -1225,15 +1237,17 @@ def check_private(A):
     top = A.meta[M_FREE_TOP]
     for i in range(top):
         s = A.free[i]
-        if s < 0 or s >= cap or is_live(A, s) or seen[s] or A.rpin[s] != 0:
+        if s < 0 or s >= cap or is_live(A, s) or seen[s] or A.held[s]:
             n = report(out, n, V_FREE_LIST, i, s)
         elif s >= 0 and s < cap:
             seen[s] = 1
     n_live = np.int64(A.data[H_LIVE])
     held = 0  # free records a reader pin still names: out of the free list until unpinned
     for s in range(cap):
-        if not is_live(A, s) and A.rpin[s] != 0:
+        if A.held[s]:
             held += 1
+            if is_live(A, s) or A.rpin[s] == 0:
+                n = report(out, n, V_FREE_LIST, -1, s)
     if top + n_live + held != cap:
         n = report(out, n, V_FREE_LIST, top, n_live)
     n_children = np.zeros(cap + 1, dtype=np.int64)

@@ -24,7 +24,7 @@ import numpy as np
 from . import segment
 from .atomics import publish_word, read_word, swap_word
 from .errors import ClosedError, InvalidInputError, PinLimitError, SegmentCorruptError, SegmentRetiredError
-from .identity import is_alive, me
+from .identity import is_alive, is_gone, me
 from .keys import KeyChain, Namespace, PrefixMatch, as_keys, as_tokens, bad_token_error
 from .layout import (
     G_READER_SLOTS,
@@ -146,13 +146,19 @@ class Reader:
     # --- reader table -------------------------------------------------------
 
     def _register(self) -> int:
-        """Claim a reader-table slot (reusing one of a dead process, whose
-        pins it clears); -1 if all are live."""
+        """Claim a reader-table slot (reusing one whose process is gone, and
+        clearing its pins); -1 if none is free.
+
+        A slot whose pid runs with another start time is left alone: its
+        holder may be a reader between claiming the pid word and writing
+        its start time. The writer reclaims real pid reuse
+        (``Writer.reap_readers``).
+        """
         pid, start = me()
         w = self._map.wdata
         for slot in range(int(self._geom[G_READER_SLOTS])):
             holder = int(read_word(w, reader_word(slot, RD_PID)))
-            if holder == RECLAIMING or (holder != 0 and is_alive(holder, int(w[reader_word(slot, RD_START)]))):
+            if holder == RECLAIMING or (holder != 0 and not is_gone(holder)):
                 continue
             if swap_word(w, reader_word(slot, RD_PID), np.uint64(holder), np.uint64(pid)):
                 w[reader_word(slot, RD_START)] = start
@@ -225,7 +231,8 @@ class Reader:
                 f"this Reader has no reader-table slot (all {int(self._geom[G_READER_SLOTS])} were taken by live "
                 "processes when it attached), so it cannot pin: close idle readers and attach again"
             )
-        match = self.match_prefix(tokens, namespace)
+        toks = as_tokens(tokens)
+        match = self.match_prefix(toks, namespace)
         k = len(match.values)
         if k > self._pin_top:
             raise PinLimitError(
@@ -233,7 +240,7 @@ class Reader:
                 f"({self.reader_pins - self._pin_top} in use): unpin handles you no longer need, "
                 "or create the segment with a larger reader_pins"
             )
-        path, versions = workspace_path(self._ws, len(tokens) // self.block_size)
+        path, versions = workspace_path(self._ws, toks.shape[0] // self.block_size)
         entries = self._pin_free[self._pin_top - k : self._pin_top].copy()
         m = pin_path_kernel(self._data, self._wdata, self._pins, self._geom, path, versions, k, entries)
         base = self._pin_top - k  # entries came from [base, _pin_top); the unpinned go back

@@ -33,7 +33,7 @@ from .errors import (
     SegmentExistsError,
     WriterBusyError,
 )
-from .identity import is_alive, me
+from .identity import is_alive, is_gone, me
 from .keys import KeyChain, Namespace, PrefixMatch, as_int64_array, as_tokens, as_values, check_seed
 from .layout import (
     H_SEED_HI,
@@ -136,6 +136,7 @@ class Writer:
         self._A = mutate.new_arrays(mapping.data, mapping.wdata, mapping.geometry.vector())
         self._A.meta[mutate.M_CRASH] = crash_at_step
         self._reaped_at = time.monotonic()
+        self._suspects: dict[int, tuple[int, int, float]] = {}  # slot -> (pid, start, first seen): see reap_readers
         #: States dropped by the repair when this Writer took the segment over.
         self.recovered = int(self._run(mutate.rebuild, self._A))
 
@@ -415,17 +416,31 @@ class Writer:
         """Reclaim the reader-table slots, and so the pins, of reader
         processes that died; returns how many slots were reclaimed.
 
-        A holder is dead when its pid is gone or now names a process with
-        another start time (pid reuse). Live readers are never touched.
+        A holder is dead when its pid is gone (reclaimed at once), or when
+        its pid names a process with another start time through two passes
+        at least ``CLAIM_GRACE_S`` apart (pid reuse; a single sighting may
+        be a reader between claiming the slot and writing its start time).
+        Live readers are never touched.
         """
         self._check_open()
-        self._reaped_at = time.monotonic()
+        now = self._reaped_at = time.monotonic()
         A = self._A
         reaped = 0
+        suspects, self._suspects = self._suspects, {}
         for slot in range(self.geometry.reader_slots):
             pid = int(read_word(A.wdata, reader_word(slot, RD_PID)))
-            if pid == 0 or (pid != RECLAIMING and is_alive(pid, int(A.wdata[reader_word(slot, RD_START)]))):
+            if pid == 0:
                 continue
+            if pid != RECLAIMING and not is_gone(pid):
+                start = int(A.wdata[reader_word(slot, RD_START)])
+                if is_alive(pid, start):
+                    continue
+                first = suspects.get(slot)
+                if first is None or first[:2] != (pid, start):
+                    first = (pid, start, now)
+                if now - first[2] < CLAIM_GRACE_S:
+                    self._suspects[slot] = first  # look again at a later pass
+                    continue
             # RECLAIMING keeps readers off the slot while its entries are
             # cleared; one left by a writer that died here is finished now.
             if pid != RECLAIMING and not swap_word(A.wdata, reader_word(slot, RD_PID), np.uint64(pid), np.uint64(RECLAIMING)):

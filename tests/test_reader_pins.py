@@ -165,3 +165,51 @@ def test_pinned_answers_are_never_evicted_while_held(shm_name, spawn, tmp_path):
     control = len(dropped_while_held(dropped, plain))
     assert control >= 20, f"only {control} plain answers were dropped while held: the churn does not test pins"
     print(f"{(pinned[:, 3] > 0).sum()} pinned answers held, none dropped; {control} plain answers dropped while held")
+
+
+def _stray_entry(r, slot, value):
+    """Write pin entry 0 of reader ``slot`` and announce it, as a reader does
+    (single-threaded here, so plain stores suffice)."""
+    from shmcache.layout import G_PINS, G_READER_PINS, RD_PIN_SEQ, W_PIN_SEQ, reader_word
+
+    r._pins[int(r._geom[G_PINS]) + slot * int(r._geom[G_READER_PINS])] = value
+    r._wdata[reader_word(slot, RD_PIN_SEQ)] += 1
+    r._wdata[W_PIN_SEQ] += 1
+
+
+def test_a_withdrawn_entry_on_a_free_record_never_frees_it_twice(shm_name):
+    """A reader stores an entry, fails validation (its block was just
+    evicted) and withdraws it; a writer catching up in between must not put
+    the record on the free stack a second time when the entry goes."""
+    with Writer.create(shm_name, capacity=4, block_size=BS) as w, Reader.attach(shm_name) as r:
+        w.insert(prompt(0, 2), [1, 2])
+        assert len(w.evict(2)) == 2
+        _stray_entry(r, r._slot, 1)  # names record 0, now free
+        assert w.stats()["reader_pinned_blocks"] == 1
+        _stray_entry(r, r._slot, 0)
+        assert w.stats()["reader_pinned_blocks"] == 0
+        w.check()
+        assert w.insert(prompt(100, 4), [10, 11, 12, 13]) == 0  # all four records, each once
+        w.check()
+        assert r.match_prefix(prompt(100, 4)).values.tolist() == [10, 11, 12, 13]
+
+
+def test_a_slot_whose_pid_runs_with_another_start_time_is_reclaimed_only_after_a_grace(shm_name, monkeypatch):
+    """A live pid with a wrong start time is either pid reuse or a reader
+    between claiming the slot and writing its start time: neither another
+    reader nor the first reap takes it; a reap a grace period later does."""
+    import os
+
+    import shmcache.writer
+    from shmcache.layout import RD_PID, RD_START, reader_word
+
+    with Writer.create(shm_name, capacity=8, block_size=BS) as w, Reader.attach(shm_name) as r:
+        slot = 5
+        r._wdata[reader_word(slot, RD_START)] = 12345
+        r._wdata[reader_word(slot, RD_PID)] = os.getpid()
+        with Reader.attach(shm_name) as other:
+            assert other._slot != slot
+        assert w.reap_readers() == 0 and int(r._wdata[reader_word(slot, RD_PID)]) == os.getpid()
+        monkeypatch.setattr(shmcache.writer, "CLAIM_GRACE_S", 0.0)
+        assert w.reap_readers() == 1 and int(r._wdata[reader_word(slot, RD_PID)]) == 0
+        assert r.match_and_pin(prompt(0, 1)).length == 0  # the real reader's own slot is untouched
