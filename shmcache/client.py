@@ -28,16 +28,13 @@ from typing import Callable
 import numpy as np
 
 from . import protocol as P
-from .daemon import socket_path
+from .daemon import SPIN_US, socket_path
 from .errors import CacheFullError, ClosedError, DaemonUnavailableError, InvalidInputError
 from .keys import Namespace, as_int64_array, as_tokens, as_values, bad_token_error, namespace_bytes
 from .pins import PinnedMatch
 from .reader import Reader
 
 __all__ = ["Client"]
-
-#: Default microseconds a Client polls for a reply before it blocks.
-SPIN_US = 200
 
 _ERRORS = {P.E_INVALID: InvalidInputError, P.E_FULL: CacheFullError, P.E_PROTOCOL: P.ProtocolError}
 

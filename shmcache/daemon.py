@@ -46,7 +46,8 @@ log = logging.getLogger("shmcache.daemon")
 
 _CRED = struct.Struct("3i")
 _RECV = 1 << 20
-#: Default microseconds the loop polls for work before it sleeps.
+#: Default microseconds the daemon polls for work, and a Client for its
+#: reply, before sleeping.
 SPIN_US = 200
 
 

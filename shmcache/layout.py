@@ -129,6 +129,7 @@ import mmap
 from dataclasses import dataclass
 
 import numpy as np
+from numba.extending import register_jitable
 
 MAGIC = int.from_bytes(b"SHMCACHE", "little")
 LAYOUT_VERSION = 2
@@ -219,8 +220,10 @@ PIN_ALIGN = 16  # entries: keeps each slot's pin area on its own cache lines
 MAX_READER_PINS = 1 << 20
 
 
+@register_jitable
 def reader_word(slot: int, field: int) -> int:
-    """Word of the writable part holding ``field`` (``RD_*``) of reader ``slot``."""
+    """Word of the writable part holding ``field`` (``RD_*``) of reader
+    ``slot``. A plain function in Python, inlined into the kernels."""
     return READERS_WORD + slot * READER_WORDS + field
 
 # --- limits ------------------------------------------------------------------

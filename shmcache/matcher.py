@@ -55,8 +55,7 @@ from .layout import (
     RD_HIT_BLOCKS,
     RD_QUERIES,
     RD_QUERY_BLOCKS,
-    READER_WORDS,
-    READERS_WORD,
+    reader_word,
     RECORD_WORDS,
     SLOT_STATE_MASK,
     TAG_MASK,
@@ -181,6 +180,13 @@ def walk(data, geom, keys, n_blocks, path, versions, values):
 
 
 @njit(inline="always")
+def add_relaxed(words, at, delta):
+    """``words[at] += delta`` as two relaxed atomics: one process owns the
+    word, others only read it."""
+    store_relaxed(words, at, load_relaxed(words, at) + delta)
+
+
+@njit(inline="always")
 def note_hits(data, wdata, geom, path, n, n_blocks):
     """Stamp the deepest matched state with the clock and count the query.
 
@@ -195,10 +201,9 @@ def note_hits(data, wdata, geom, path, n, n_blocks):
             store_relaxed(wdata, at, clock)
     slot = geom[G_SLOT]
     if 0 <= slot < geom[G_READER_SLOTS]:
-        base = READERS_WORD + slot * READER_WORDS
-        store_relaxed(wdata, base + RD_QUERIES, load_relaxed(wdata, base + RD_QUERIES) + _ONE)
-        store_relaxed(wdata, base + RD_QUERY_BLOCKS, load_relaxed(wdata, base + RD_QUERY_BLOCKS) + np.uint64(n_blocks))
-        store_relaxed(wdata, base + RD_HIT_BLOCKS, load_relaxed(wdata, base + RD_HIT_BLOCKS) + np.uint64(n))
+        add_relaxed(wdata, reader_word(slot, RD_QUERIES), _ONE)
+        add_relaxed(wdata, reader_word(slot, RD_QUERY_BLOCKS), np.uint64(n_blocks))
+        add_relaxed(wdata, reader_word(slot, RD_HIT_BLOCKS), np.uint64(n))
 
 
 #: The two reader kernels below allocate nothing (every array they use is a

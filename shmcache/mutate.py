@@ -67,8 +67,7 @@ from .layout import (
     R_VALUE,
     R_VERSION,
     RD_PIN_SEQ,
-    READER_WORDS,
-    READERS_WORD,
+    reader_word,
     RECORD_WORDS,
     SLOT_STATE_MASK,
     TAG_MASK,
@@ -561,7 +560,7 @@ def sync_reader_pins(A):
     per = A.geom[G_READER_PINS]
     area = A.geom[G_PINS]
     for slot in range(A.geom[G_READER_SLOTS]):
-        seq = load_acquire(A.wdata, READERS_WORD + slot * READER_WORDS + RD_PIN_SEQ)
+        seq = load_acquire(A.wdata, reader_word(slot, RD_PIN_SEQ))
         if seq == A.rseen[slot]:
             continue
         A.rseen[slot] = seq

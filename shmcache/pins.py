@@ -40,6 +40,7 @@ import numpy as np
 from numba import njit
 
 from .atomics import fence_seq_cst, fetch_add, load_acquire, load_relaxed, store_relaxed, store_release
+from .matcher import add_relaxed
 from .layout import (
     G_PINS,
     G_READER_PINS,
@@ -49,8 +50,7 @@ from .layout import (
     R_VERSION,
     RD_PIN_SEQ,
     RD_PINNED,
-    READER_WORDS,
-    READERS_WORD,
+    reader_word,
     RECORD_WORDS,
     W_PIN_SEQ,
 )
@@ -66,9 +66,9 @@ def announce(wdata, slot, delta_pinned):
     atomic add on W_PIN_SEQ orders both before it, so a writer that sees
     the new W_PIN_SEQ sees the entries.
     """
-    base = READERS_WORD + slot * READER_WORDS
-    store_relaxed(wdata, base + RD_PINNED, np.uint64(np.int64(load_relaxed(wdata, base + RD_PINNED)) + delta_pinned))
-    store_release(wdata, base + RD_PIN_SEQ, load_relaxed(wdata, base + RD_PIN_SEQ) + _ONE)
+    add_relaxed(wdata, reader_word(slot, RD_PINNED), np.uint64(np.int64(delta_pinned)))  # wraps for negatives
+    seq = reader_word(slot, RD_PIN_SEQ)
+    store_release(wdata, seq, load_relaxed(wdata, seq) + _ONE)
     fetch_add(wdata, W_PIN_SEQ, _ONE)
 
 
@@ -121,10 +121,10 @@ def clear_slot(wdata, pins, geom, slot):
         if load_relaxed(pins, area + i) != 0:
             store_relaxed(pins, area + i, np.uint32(0))
             n += 1
-    base = READERS_WORD + slot * READER_WORDS
-    store_relaxed(wdata, base + RD_PINNED, np.uint64(0))
-    store_release(wdata, base + RD_PIN_SEQ, load_relaxed(wdata, base + RD_PIN_SEQ) + _ONE)
-    fetch_add(wdata, W_PIN_SEQ, _ONE)
+    # Zero the count outright: a dead reader may have died between its
+    # entry stores and its count update.
+    store_relaxed(wdata, reader_word(slot, RD_PINNED), np.uint64(0))
+    announce(wdata, slot, 0)
     return n
 
 

@@ -139,16 +139,21 @@ def pool_keys_of(name: str, seed: int) -> list[list[tuple[int, int]]]:
         return [[(int(a), int(b)) for a, b in r.block_keys(p)] for p in prompt_pool(seed)]
 
 
-def reader_main(name, seed, ready, go, n_matches, out_path):
-    """Attach and match random pool prompts; record (prompt, MUTATIONS before/after, result)."""
+def _attach_reader(name, seed, ready):
+    """A reader process's start: wait for the writer, attach; returns the
+    Reader, its header words, the prompt pool and a per-process RNG."""
     from shmcache import Reader
-    from shmcache.layout import H_MUTATIONS
 
     ready.wait()
     r = Reader.attach(name)
-    data = r._map.data
-    pool = prompt_pool(seed)
-    rng = np.random.default_rng(os.getpid())
+    return r, r._map.data, prompt_pool(seed), np.random.default_rng(os.getpid())
+
+
+def reader_main(name, seed, ready, go, n_matches, out_path):
+    """Attach and match random pool prompts; record (prompt, MUTATIONS before/after, result)."""
+    from shmcache.layout import H_MUTATIONS
+
+    r, data, pool, rng = _attach_reader(name, seed, ready)
     rows = np.zeros((n_matches, 4 + 8), dtype=np.int64)
     go.wait()
     for t in range(n_matches):
@@ -232,14 +237,9 @@ def pin_reader_main(name, seed, ready, go, n_rounds, out_path, hold=16):
     for ``hold`` further matches; record MUTATIONS before the call, after it
     and before the release, so the checker can see what the writer did while
     the answer was held."""
-    from shmcache import Reader
     from shmcache.layout import H_MUTATIONS
 
-    ready.wait()
-    r = Reader.attach(name)
-    data = r._map.data
-    pool = prompt_pool(seed)
-    rng = np.random.default_rng(os.getpid())
+    r, data, pool, rng = _attach_reader(name, seed, ready)
     rows = np.zeros((n_rounds, 4 + 8), dtype=np.int64)
     held = np.zeros((n_rounds, 2), dtype=np.int64)  # pinned?, MUTATIONS before release
     go.wait()
