@@ -63,10 +63,18 @@ from .pins import PinnedMatch, clear_slot, pin_path_kernel, release_entries
 __all__ = ["Reader", "PrefixMatch", "PinnedMatch"]
 
 
+#: The hot path builds its PrefixMatch with tuple.__new__ directly (the
+#: NamedTuple constructor is Python code), skips ``as_tokens`` for the token
+#: arrays callers usually hold, and allocates the values array before the
+#: kernel fills it (cheaper than copying it out of the workspace).
+_new_tuple = tuple.__new__
+_empty = np.empty
+_INT64 = np.dtype(np.int64)
+_KERNEL_DTYPES = frozenset(np.dtype(t) for t in (np.int64, np.int32, np.uint32, np.uint64))
+
+
 def _match(length: int, values: np.ndarray) -> PrefixMatch:
-    # tuple.__new__ directly: the NamedTuple constructor is Python code, and
-    # this sits on the hot path.
-    return tuple.__new__(PrefixMatch, (length, values))
+    return _new_tuple(PrefixMatch, (length, values))
 
 
 def header_stats(data: np.ndarray, geometry) -> dict:
@@ -126,9 +134,9 @@ class Reader:
     def _grow(self, n_blocks: int) -> None:
         """Size the workspace for prompts of ``n_blocks`` blocks (header kept)."""
         ws = np.zeros(workspace_words(n_blocks, self.block_size), dtype=np.uint64)
-        ws[:WS_HEADER] = self._geom.view(np.uint64).tolist() + list(self._chain.root(self._namespace))
+        ws[:WS_HEADER] = (self._geom.view(np.uint64).tolist() + list(self._chain.root(self._namespace))
+                          + [self._data.ctypes.data, self._data.shape[0], self._wdata.ctypes.data, self._wdata.shape[0]])
         self._ws = ws
-        self._ws_values = ws[WS_HEADER:].view(np.int64)
 
     def _use_namespace(self, namespace: Namespace) -> None:
         self._ws[WS_ROOT : WS_ROOT + 2] = self._chain.root(namespace)
@@ -189,29 +197,31 @@ class Reader:
         with the returned value, at one instant during the call; under
         concurrent writes the answer may be shorter, never wrong.
         """
-        if self._data is None:
+        data = self._data
+        if data is None:
             self._check_open()
-        if type(tokens) is np.ndarray and tokens.ndim == 1 and tokens.dtype.kind in "iu" and tokens.flags.c_contiguous:
-            toks = tokens
-        else:
-            toks = as_tokens(tokens)
+        if not (type(tokens) is np.ndarray and tokens.dtype in _KERNEL_DTYPES and tokens.ndim == 1
+                and tokens.flags.c_contiguous):
+            tokens = as_tokens(tokens)
         if namespace is not self._namespace:
             self._use_namespace(namespace)
-        k = match_tokens_kernel(self._data, self._wdata, toks, self._ws)
+        n = len(tokens) // self.block_size
+        values = _empty(n, _INT64)
+        k = match_tokens_kernel(tokens, self._ws, values)
         if k < 0:
-            k = self._match_failed(k, toks)
-        return _match(k * self.block_size, self._ws_values[:k].copy())
+            k = self._match_failed(k, tokens, values)
+        return _new_tuple(PrefixMatch, (k * self.block_size, values if k == n else values[:k]))
 
-    def _match_failed(self, code: int, toks: np.ndarray) -> int:
+    def _match_failed(self, code: int, toks: np.ndarray, values: np.ndarray) -> int:
         """Handle a negative kernel answer: raise, or grow the workspace and
         match again; returns the matched block count."""
         if code == RETIRED:
             raise self._retired()
         if code != WS_TOO_SMALL:
             raise bad_token_error(toks, -code - 1)
-        self._grow(toks.shape[0] // self.block_size)
-        k = match_tokens_kernel(self._data, self._wdata, toks, self._ws)
-        return k if k >= 0 else self._match_failed(k, toks)
+        self._grow(len(values))
+        k = match_tokens_kernel(toks, self._ws, values)
+        return k if k >= 0 else self._match_failed(k, toks, values)
 
     def match_and_pin(self, tokens: object, namespace: Namespace = None) -> PinnedMatch:
         """Match like ``match_prefix`` and pin the matched blocks: none of them
@@ -265,12 +275,14 @@ class Reader:
         (from ``block_keys`` with this segment's seed, or ``self.block_keys``)."""
         self._check_open()
         keys = as_keys(keys)
-        if workspace_words(keys.shape[0], self.block_size) > self._ws.shape[0]:
-            self._grow(keys.shape[0])
-        k = match_keys_kernel(self._data, self._wdata, keys, self._ws)
+        n = keys.shape[0]
+        if workspace_words(n, self.block_size) > self._ws.shape[0]:
+            self._grow(n)
+        values = _empty(n, _INT64)
+        k = match_keys_kernel(keys, self._ws, values)
         if k == RETIRED:
             raise self._retired()
-        return _match(k * self.block_size, self._ws_values[:k].copy())
+        return _match(k * self.block_size, values if k == n else values[:k])
 
     def block_keys(self, tokens: object, namespace: Namespace = None) -> np.ndarray:
         """Chained keys of ``tokens`` under this segment's block size and seed."""
