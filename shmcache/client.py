@@ -30,6 +30,7 @@ import numpy as np
 from . import protocol as P
 from .daemon import SPIN_US, socket_path
 from .errors import CacheFullError, ClosedError, DaemonUnavailableError, InvalidInputError
+from .hashing import narrow_tokens
 from .keys import Namespace, as_int64_array, as_tokens, as_values, bad_token_error, namespace_bytes
 from .pins import PinnedMatch
 from .reader import Reader
@@ -111,7 +112,7 @@ class Client:
         spin_until = time.perf_counter() + self._spin_s if block else 0.0
         while True:
             if len(self._inbuf) >= P.HEADER.size:
-                kind, request, length = P.parse_header(bytes(self._inbuf[: P.HEADER.size]))
+                kind, request, length = P.parse_header(self._inbuf)
                 if len(self._inbuf) >= P.HEADER.size + length:
                     payload = bytes(self._inbuf[P.HEADER.size : P.HEADER.size + length])
                     del self._inbuf[: P.HEADER.size + length]
@@ -140,13 +141,18 @@ class Client:
             self._evicted.append(values)
 
     def _call(self, kind: int, payload: bytes) -> int:
+        return self._call_frame(kind, bytearray(P.HEADER.size) + payload)
+
+    def _call_frame(self, kind: int, frame: bytearray) -> int:
+        """Send ``frame`` (header space reserved, ``protocol.seal`` fills it)
+        and wait for its reply; returns the reply's result."""
         if self._sock is None:
             if self.reader._data is None:
                 raise ClosedError(f"Client for {self.name!r} is closed")
             raise DaemonUnavailableError(f"the shmcache daemon for {self.name!r} is gone; reconnect with Client.connect")
         self._request = (self._request + 1) & 0xFFFFFFFF or 1
         try:
-            self._sock.sendall(P.frame(kind, self._request, payload))
+            self._sock.sendall(P.seal(frame, kind, self._request))
         except OSError as e:
             raise self._unavailable(e.strerror or str(e)) from None
         while True:
@@ -159,15 +165,19 @@ class Client:
                 code, message = P.decode_error(body)
                 raise _ERRORS.get(code, DaemonUnavailableError)(message)
 
-    def _prompt(self, tokens: object, values: np.ndarray | None, namespace: Namespace) -> bytes:
+    def _prompt(self, tokens: object, values: object, namespace: Namespace) -> bytearray:
+        """The frame of an INSERT/PIN/UNPIN of ``tokens``, checked here so the
+        daemon never sees a bad id: ids travel as uint32."""
         toks = as_tokens(tokens)
-        if toks.dtype != np.uint32 and toks.size and (toks.min() < 0 or toks.max() > 0xFFFFFFFF):
-            raise bad_token_error(toks, int(np.flatnonzero((toks < 0) | (toks > 0xFFFFFFFF))[0]))
         n = toks.shape[0] // self.block_size
         if values is not None:
             values = as_values(values, n, toks.shape[0], self.block_size)
         tag, ns = namespace_bytes(namespace)
-        return P.encode_prompt(toks[: n * self.block_size].astype(np.uint32), values, tag, ns)
+        frame, wire_tokens = P.prompt_frame(n * self.block_size, values, tag, ns)
+        bad = narrow_tokens(toks, wire_tokens)
+        if bad >= 0:
+            raise bad_token_error(toks, bad)
+        return frame
 
     # --- operations ------------------------------------------------------------------
 
@@ -178,7 +188,7 @@ class Client:
         owned by this client: dropped ones come back through ``on_evict`` /
         ``poll_evicted``, and all are removed when this client disconnects.
         """
-        return self._call(P.K_INSERT, self._prompt(tokens, values, namespace))
+        return self._call_frame(P.K_INSERT, self._prompt(tokens, values, namespace))
 
     def remove(self, values: object) -> int:
         """Drop this client's blocks holding ``values`` and their subtrees; returns blocks removed."""
@@ -186,7 +196,7 @@ class Client:
 
     def pin(self, tokens: object, namespace: Namespace = None) -> int:
         """Pin the cached blocks of ``tokens``; released when this client disconnects."""
-        return self._call(P.K_PIN, self._prompt(tokens, None, namespace))
+        return self._call_frame(P.K_PIN, self._prompt(tokens, None, namespace))
 
     def unpin(self, tokens: object, namespace: Namespace = None) -> int:
         """Undo one ``pin(tokens)`` through the daemon; returns blocks unpinned.
@@ -195,7 +205,7 @@ class Client:
         if isinstance(tokens, PinnedMatch):
             self.reader.unpin(tokens)
             return len(tokens.values)
-        return self._call(P.K_UNPIN, self._prompt(tokens, None, namespace))
+        return self._call_frame(P.K_UNPIN, self._prompt(tokens, None, namespace))
 
     def poll_evicted(self) -> np.ndarray:
         """Values of this client's blocks the cache dropped since the last poll (int64)."""

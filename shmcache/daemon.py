@@ -261,7 +261,7 @@ class Daemon:
                 break  # drained: asking again costs a syscall and an exception; epoll reports more
         while not conn.closing and len(conn.inbuf) >= P.HEADER.size:
             try:
-                kind, request, length = P.parse_header(bytes(conn.inbuf[: P.HEADER.size]))
+                kind, request, length = P.parse_header(conn.inbuf)
                 if kind not in P.REQUESTS:
                     raise P.ProtocolError(f"unknown request kind {kind}")
             except P.ProtocolError as e:
@@ -269,7 +269,7 @@ class Daemon:
                 return
             if len(conn.inbuf) < P.HEADER.size + length:
                 break
-            payload = bytes(conn.inbuf[P.HEADER.size : P.HEADER.size + length])
+            payload = conn.inbuf[P.HEADER.size : P.HEADER.size + length]  # a private copy: decoding keeps views of it
             del conn.inbuf[: P.HEADER.size + length]
             batch.append((conn, kind, request, payload))
 

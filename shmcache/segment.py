@@ -141,9 +141,17 @@ class Mapping:
             self.fd = -1
 
 
-def _map(fd: int, length: int, offset: int, writable: bool) -> mmap.mmap:
+#: The writer's whole-segment mapping is pre-faulted (MAP_POPULATE): the
+#: pages are reserved at create anyway, and a first touch inside an insert
+#: costs a page fault per 4 KB, which a fresh segment's inserts measured at
+#: up to twice their time. Readers map lazily: attach stays fast.
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _map(fd: int, length: int, offset: int, writable: bool, populate: bool = False) -> mmap.mmap:
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+    flags = mmap.MAP_SHARED | (_POPULATE if populate else 0)
+    return mmap.mmap(fd, length, flags=flags, prot=prot, offset=offset)
 
 
 def _words(m: mmap.mmap) -> np.ndarray:
@@ -187,7 +195,7 @@ def create(name: str, geometry: Geometry, mode: int, seed: tuple[int, int]) -> M
                     f"capacity {geometry.capacity}): free space there or ask for a smaller capacity",
                 ) from None
             raise
-        m = _map(shm.fd, geometry.total_bytes, 0, writable=True)
+        m = _map(shm.fd, geometry.total_bytes, 0, writable=True, populate=True)
     except BaseException:
         shm.close_fd()
         posix_ipc.unlink_shared_memory(shm_path(name))
@@ -278,7 +286,7 @@ def attach(name: str, writable: bool, allow_other_owner: bool = False) -> Mappin
         geometry = validate_header(header, st.st_size, name)
         woff = geometry.wregion_offset
         if writable:
-            m = _map(shm.fd, geometry.total_bytes, 0, writable=True)
+            m = _map(shm.fd, geometry.total_bytes, 0, writable=True, populate=True)
             words = _words(m)
             return Mapping(name, geometry, words[: woff // 8], words[woff // 8 :], [m], os.dup(shm.fd))
         ro = _map(shm.fd, woff, 0, writable=False)
