@@ -373,10 +373,10 @@ def narrow_tokens(tokens, out):
 
 
 @njit(inline="always")
-def _chain(t32, n_blocks, block_size, lo, hi, out):
+def _chain(hash_fn, t32, n_blocks, block_size, lo, hi, out):
     length = 16 + 4 * block_size
     for b in range(n_blocks):
-        lo, hi = xxh3_128((lo, hi, 16, t32, 4 * b * block_size), length)
+        lo, hi = hash_fn((lo, hi, 16, t32, 4 * b * block_size), length)
         out[b, 0] = lo
         out[b, 1] = hi
 
@@ -386,13 +386,14 @@ def chain_into(t32, n_blocks, block_size, lo, hi, out):
     """Write the chained keys of the first ``n_blocks`` blocks of the uint32
     tokens ``t32`` from root ``(lo, hi)`` into ``out``.
 
-    Block size 16 (vLLM's default) gets its own copy of the loop, with the
-    input length a constant: measured 7.7 -> 6.4 ns per block.
+    Block size 16 (vLLM's default) gets its own loop, calling XXH3's
+    17-128-byte path directly with a constant length (80 bytes): measured
+    7.7 -> 6.4 ns per block, for little extra compile time.
     """
     if block_size == 16:
-        _chain(t32, n_blocks, 16, lo, hi, out)
+        _chain(_len_17to128, t32, n_blocks, 16, lo, hi, out)
     else:
-        _chain(t32, n_blocks, block_size, lo, hi, out)
+        _chain(xxh3_128, t32, n_blocks, block_size, lo, hi, out)
 
 
 @njit(cache=True, nogil=True, _nrt=False)
