@@ -320,6 +320,22 @@ def first_bad(tokens):
     return -1
 
 
+@njit(cache=True, nogil=True, _nrt=False)
+def narrow_tokens(tokens, out):
+    """Write ``tokens[:len(out)]`` into the uint32 array ``out``; returns the
+    index of the first token of ``tokens`` (all of them) outside
+    ``[0, 2**32)``, or -1. One pass: the check rides along the copy."""
+    n = out.shape[0]
+    acc = np.int64(0)
+    for i in range(n):
+        t = np.int64(tokens[i])
+        acc |= t
+        out[i] = np.uint32(t & 0xFFFFFFFF)
+    for i in range(n, tokens.shape[0]):
+        acc |= np.int64(tokens[i])
+    return first_bad(tokens) if acc >> 32 != 0 else -1
+
+
 def tokens_u32(tokens, scratch):
     """The tokens as a uint32 array and the index of the first one outside
     ``[0, 2**32)`` (-1 if none). Compiled per dtype: uint32 is used as it is,
@@ -344,32 +360,10 @@ def _tokens_u32(tokens, scratch):
         return impl
 
     def impl(tokens, scratch):
-        n = tokens.shape[0]
-        out = scratch[:n]
-        acc = np.uint64(0)
-        for i in range(n):
-            t = np.uint64(tokens[i])
-            acc |= t
-            out[i] = np.uint32(t & _MASK32)
-        return out, (first_bad(tokens) if acc > _MASK32 else -1)
+        out = scratch[: tokens.shape[0]]
+        return out, narrow_tokens(tokens, out)
 
     return impl
-
-
-@njit(cache=True, nogil=True, _nrt=False)
-def narrow_tokens(tokens, out):
-    """Write ``tokens[:len(out)]`` into the uint32 array ``out``; returns the
-    index of the first token of ``tokens`` (all of them) outside
-    ``[0, 2**32)``, or -1. One pass: the check rides along the copy."""
-    n = out.shape[0]
-    acc = np.int64(0)
-    for i in range(n):
-        t = np.int64(tokens[i])
-        acc |= t
-        out[i] = np.uint32(t & 0xFFFFFFFF)
-    for i in range(n, tokens.shape[0]):
-        acc |= np.int64(tokens[i])
-    return first_bad(tokens) if acc >> 32 != 0 else -1
 
 
 @njit(inline="always")

@@ -60,8 +60,8 @@ class ProtocolError(ShmCacheError):
     """A frame that does not follow this protocol."""
 
 
-def frame(kind: int, request: int, payload: bytes = b"") -> bytes:
-    return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, request, len(payload)) + payload
+def frame(kind: int, request: int, payload: bytes = b"") -> bytearray:
+    return seal(bytearray(HEADER.size) + payload, kind, request)
 
 
 def parse_header(buf: bytes | bytearray) -> tuple[int, int, int]:
