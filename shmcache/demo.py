@@ -63,9 +63,12 @@ def _start_daemon(name: str, capacity: int, block_size: int) -> tuple[subprocess
          "--block-size", str(block_size), "--log-level", "warning"],
         stdout=subprocess.PIPE, text=True,
     )
-    if not select.select([proc.stdout], [], [], 900)[0]:  # a fresh install compiles first
-        proc.kill()
-        raise RuntimeError("the daemon did not start")
+    if not select.select([proc.stdout], [], [], 5)[0]:
+        print("  the daemon is compiling its Numba kernels into the on-disk cache (once per install, about 2 "
+              "minutes)", file=sys.stderr, flush=True)
+        if not select.select([proc.stdout], [], [], 900)[0]:
+            proc.kill()
+            raise RuntimeError("the daemon did not start")
     line = proc.stdout.readline().strip()
     if not line.startswith("ready"):
         proc.wait()
