@@ -21,6 +21,7 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core.imputils import impl_ret_borrowed
 from numba.np.arrayobj import populate_array
 from numba import njit
 from numba.extending import intrinsic
@@ -244,6 +245,24 @@ def words_at(typingctx, address, n_words):
         return ary._getvalue()
 
     return sig, codegen
+
+
+@intrinsic
+def weakest_view(typingctx, arr):
+    """``arr`` itself, typed read-only and possibly misaligned.
+
+    Every array of the same dtype, dimensions and layout converts to that
+    type, so a kernel that is handed only such views compiles once for all
+    of them (the key chain's kernel: a minute of compiling per copy).
+    """
+    if not isinstance(arr, types.Array):
+        return None
+    weak = types.Array(arr.dtype, arr.ndim, arr.layout, readonly=True, aligned=False)
+
+    def codegen(context, builder, signature, args):
+        return impl_ret_borrowed(context, builder, weak, args[0])
+
+    return weak(arr), codegen
 
 
 # --- Python-callable wrappers, for the few words Python code touches ---------

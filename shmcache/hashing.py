@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .atomics import load_u64_unaligned, mul128
+from .atomics import load_u64_unaligned, mul128, weakest_view
 
 # --- XXH3 constants (xxhash.h, XXH3 specification) -------------------------
 _P32_1 = np.uint64(0x9E3779B1)
@@ -346,8 +346,9 @@ def tokens_u32(tokens, scratch):
 
 @overload(tokens_u32, jit_options={"nogil": True})
 def _tokens_u32(tokens, scratch):
+    # Each returns a weakest_view, so that chain_into compiles once for all.
     if tokens.dtype == types.uint32:
-        return lambda tokens, scratch: (tokens, -1)
+        return lambda tokens, scratch: (weakest_view(tokens), -1)
 
     if tokens.dtype == types.int32:
 
@@ -355,13 +356,13 @@ def _tokens_u32(tokens, scratch):
             acc = np.int32(0)
             for i in range(tokens.shape[0]):
                 acc |= tokens[i]
-            return tokens.view(np.uint32), (first_bad(tokens) if acc < 0 else -1)
+            return weakest_view(tokens.view(np.uint32)), (first_bad(tokens) if acc < 0 else -1)
 
         return impl
 
     def impl(tokens, scratch):
         out = scratch[: tokens.shape[0]]
-        return out, narrow_tokens(tokens, out)
+        return weakest_view(out), narrow_tokens(tokens, out)
 
     return impl
 

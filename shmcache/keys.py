@@ -43,7 +43,8 @@ def _first_bad_token(seq) -> str:
 
 
 def as_tokens(tokens: object) -> np.ndarray:
-    """A 1-D C-contiguous integer array of the token ids, without copying arrays.
+    """A 1-D C-contiguous integer array of the token ids in native byte order,
+    copying an array only when it is not one.
 
     Accepts a NumPy integer array or a list/tuple/range of ints. The range
     ``[0, 2**32)`` of an array's ids is checked by the hashing kernel (it
@@ -58,6 +59,8 @@ def as_tokens(tokens: object) -> np.ndarray:
             raise InvalidInputError(
                 f"tokens must have an integer dtype, got {tokens.dtype}: convert with tokens.astype(np.int64)"
             )
+        if not tokens.dtype.isnative:  # Numba reads native byte order only
+            return tokens.astype(tokens.dtype.newbyteorder("="))
         return tokens if tokens.flags.c_contiguous else np.ascontiguousarray(tokens)
     if isinstance(tokens, (list, tuple, range)):
         try:

@@ -19,6 +19,8 @@ reader table records the attaching process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from . import segment
@@ -56,7 +58,7 @@ from .layout import (
     RECLAIMING,
     reader_word,
 )
-from .matcher import RETIRED, WS_HEADER, WS_ROOT, WS_TOO_SMALL, match_keys_kernel, match_tokens_kernel, workspace_path, workspace_words
+from .matcher import RETIRED, WS_HEADER, WS_ROOT, WS_TOO_SMALL, match_keys_kernel, token_kernel, workspace_path, workspace_words
 from .mutate import check_segment
 from .pins import PinnedMatch, clear_slot, pin_path_kernel, release_entries
 
@@ -64,13 +66,32 @@ __all__ = ["Reader", "PrefixMatch", "PinnedMatch"]
 
 
 #: The hot path builds its PrefixMatch with tuple.__new__ directly (the
-#: NamedTuple constructor is Python code), skips ``as_tokens`` for the token
-#: arrays callers usually hold, and allocates the values array before the
-#: kernel fills it (cheaper than copying it out of the workspace).
+#: NamedTuple constructor is Python code), calls the match kernel's entry
+#: point for the token arrays callers usually hold (``_KERNELS``), and
+#: allocates the values array before the kernel fills it (cheaper than
+#: copying it out of the workspace).
 _new_tuple = tuple.__new__
 _empty = np.empty
 _INT64 = np.dtype(np.int64)
-_KERNEL_DTYPES = frozenset(np.dtype(t) for t in (np.int64, np.int32, np.uint32, np.uint64))
+_NDARRAY = np.ndarray
+
+#: Per token dtype met so far: the strides of a 1-D C-contiguous array of it,
+#: and the match kernel's entry point for it (``matcher.token_kernel``). An
+#: array whose type is exactly ndarray, whose dtype is here and which has
+#: these strides fits that entry point, so the hot path calls it directly;
+#: anything else goes through ``checked_tokens`` first.
+_KERNELS: dict[np.dtype, tuple[tuple[int, ...], Callable[[np.ndarray, np.ndarray, np.ndarray], int]]] = {}
+
+
+def checked_tokens(tokens: object) -> tuple[np.ndarray, Callable[[np.ndarray, np.ndarray, np.ndarray], int]]:
+    """``tokens`` as ``as_tokens`` makes them (a 1-D C-contiguous integer
+    array in native byte order), with the match kernel entry point for
+    their dtype."""
+    toks = as_tokens(tokens)
+    entry = _KERNELS.get(toks.dtype)
+    if entry is None:
+        entry = _KERNELS[toks.dtype] = ((toks.dtype.itemsize,), token_kernel(toks.dtype))
+    return toks, entry[1]
 
 
 def _match(length: int, values: np.ndarray) -> PrefixMatch:
@@ -197,22 +218,23 @@ class Reader:
         with the returned value, at one instant during the call; under
         concurrent writes the answer may be shorter, never wrong.
         """
-        data = self._data
-        if data is None:
+        if self._data is None:
             self._check_open()
-        if not (type(tokens) is np.ndarray and tokens.dtype in _KERNEL_DTYPES and tokens.ndim == 1
-                and tokens.flags.c_contiguous):
-            tokens = as_tokens(tokens)
+        entry = _KERNELS.get(tokens.dtype) if type(tokens) is _NDARRAY else None
+        if entry is not None and tokens.strides == entry[0]:
+            kernel = entry[1]
+        else:
+            tokens, kernel = checked_tokens(tokens)
         if namespace is not self._namespace:
             self._use_namespace(namespace)
         n = len(tokens) // self.block_size
         values = _empty(n, _INT64)
-        k = match_tokens_kernel(tokens, self._ws, values)
+        k = kernel(tokens, self._ws, values)
         if k < 0:
-            k = self._match_failed(k, tokens, values)
+            k = self._match_failed(k, tokens, values, kernel)
         return _new_tuple(PrefixMatch, (k * self.block_size, values if k == n else values[:k]))
 
-    def _match_failed(self, code: int, toks: np.ndarray, values: np.ndarray) -> int:
+    def _match_failed(self, code: int, toks: np.ndarray, values: np.ndarray, kernel: Callable) -> int:
         """Handle a negative kernel answer: raise, or grow the workspace and
         match again; returns the matched block count."""
         if code == RETIRED:
@@ -220,8 +242,8 @@ class Reader:
         if code != WS_TOO_SMALL:
             raise bad_token_error(toks, -code - 1)
         self._grow(len(values))
-        k = match_tokens_kernel(toks, self._ws, values)
-        return k if k >= 0 else self._match_failed(k, toks, values)
+        k = kernel(toks, self._ws, values)
+        return k if k >= 0 else self._match_failed(k, toks, values, kernel)
 
     def match_and_pin(self, tokens: object, namespace: Namespace = None) -> PinnedMatch:
         """Match like ``match_prefix`` and pin the matched blocks: none of them

@@ -52,6 +52,41 @@ def test_reader_sees_writer_content_and_match_keys_agrees(shm_name, w):
         assert s["queries"] == 5 and s["hit_blocks"] == 12 and s["live_blocks"] == 3
 
 
+def token_forms(toks: np.ndarray) -> dict[str, object]:
+    """The same ids in every form a caller may hold them: each dtype and byte
+    order, strided, read-only, misaligned, an ndarray subclass, a list."""
+    forms: dict[str, object] = {str(np.dtype(t)): toks.astype(t) for t in
+                                (np.int64, np.int32, np.uint32, np.uint64, np.int16, np.uint16, np.uint8)}
+    forms["big-endian"] = toks.astype(">i8")
+    forms["strided"] = np.repeat(toks, 2)[::2]
+    readonly = toks.copy()
+    readonly.flags.writeable = False
+    forms["read-only"] = readonly
+    misaligned = np.zeros(toks.size * 8 + 4, np.uint8)[4:].view(np.int64)
+    misaligned[:] = toks
+    forms["misaligned"] = misaligned
+    forms["subclass"] = toks.view(np.memmap)
+    forms["list"] = toks.tolist()
+    return forms
+
+
+def test_every_token_form_gets_the_same_answer(shm_name, w):
+    w.insert(prompt(1, 2, 3), [10, 11, 12])
+    assert not token_forms(prompt(1))["misaligned"].flags.aligned
+    with Reader.attach(shm_name) as r:
+        # Twice: a dtype's first reader match goes through the checked path,
+        # later ones of a 1-D C-contiguous array call the kernel directly.
+        for _ in range(2):
+            for form, toks in token_forms(prompt(1, 2, 3, 9)).items():
+                for m in (r.match_prefix(toks), w.match_prefix(toks)):
+                    assert (m.length, m.values.tolist()) == (12, [10, 11, 12]), form
+            for form, toks in token_forms(prompt(1, 7, 3, 9)).items():
+                assert r.match_prefix(toks).values.tolist() == [10], form
+    for form, toks in token_forms(prompt(5, 6)).items():
+        assert w.insert(toks, [50, 51]) == (0 if form == "int64" else 8), form
+    assert w.match_prefix(prompt(5, 6)).values.tolist() == [50, 51]
+
+
 def test_namespaces_never_share_blocks(w):
     w.insert(prompt(1, 2), [1, 2], namespace="model-a")
     assert w.match_prefix(prompt(1, 2), namespace="model-b").length == 0
