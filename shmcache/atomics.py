@@ -221,7 +221,7 @@ def words_at(typingctx, address, n_words):
     """The ``n_words`` uint64 words at ``address`` as a 1-D array (no owner).
 
     For kernels handed a mapping's address instead of its array (each array
-    argument costs the Numba dispatcher about 30 ns per call). The caller
+    argument costs about 30 ns a call to type and unbox). The caller
     keeps the mapping alive and passes only addresses it took from a live
     array of at least ``n_words`` words.
     """

@@ -64,8 +64,8 @@ def _start_daemon(name: str, capacity: int, block_size: int) -> tuple[subprocess
         stdout=subprocess.PIPE, text=True,
     )
     if not select.select([proc.stdout], [], [], 5)[0]:
-        print("  the daemon is compiling its Numba kernels into the on-disk cache (once per install, about 2 "
-              "minutes)", file=sys.stderr, flush=True)
+        print("  the daemon is not ready after 5 s: the first run after an install compiles its Numba kernels "
+              "into the on-disk cache (about 2 minutes, once)", file=sys.stderr, flush=True)
         if not select.select([proc.stdout], [], [], 900)[0]:
             proc.kill()
             raise RuntimeError("the daemon did not start")

@@ -362,7 +362,7 @@ def _tokens_u32(tokens, scratch):
 
     def impl(tokens, scratch):
         out = scratch[: tokens.shape[0]]
-        return weakest_view(out), narrow_tokens(tokens, out)
+        return weakest_view(out), narrow_tokens(weakest_view(tokens), out)
 
     return impl
 

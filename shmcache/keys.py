@@ -55,7 +55,7 @@ def as_tokens(tokens: object) -> np.ndarray:
             raise InvalidInputError(
                 f"tokens must be a 1-D array of token ids, got shape {tokens.shape}: pass one prompt per call"
             )
-        if tokens.dtype.kind not in "iu":
+        if tokens.dtype.kind not in "iu" or tokens.dtype.fields is not None:
             raise InvalidInputError(
                 f"tokens must have an integer dtype, got {tokens.dtype}: convert with tokens.astype(np.int64)"
             )

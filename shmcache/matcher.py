@@ -226,10 +226,9 @@ def note_hits(data, wdata, geom, path, n, n_blocks):
 #: with a header: the geometry vector (``layout.G_*``, slot included), the
 #: key-chain root of the current namespace, and the address and length in
 #: words of the segment's two mapped parts; the per-call arrays follow
-#: (path, versions, keys, token scratch). The Numba dispatcher's cost grows
-#: by about 30 ns with every array argument, so a match passes three: the
-#: tokens or keys, the workspace, and the fresh array that receives the
-#: values. The Reader unmaps the parts only after it stops calling kernels.
+#: (path, versions, keys, token scratch). Each array argument costs about
+#: 30 ns a call to type and unbox, so a match passes three: the tokens or
+#: keys, the workspace, and the fresh array that receives the values. The Reader unmaps the parts only after it stops calling kernels.
 WS_ROOT = G_WORDS
 WS_DATA = G_WORDS + 2
 WS_WDATA = G_WORDS + 4
@@ -330,9 +329,11 @@ def token_kernel(dtype: np.dtype) -> Callable[[np.ndarray, np.ndarray, np.ndarra
 
     Calling the entry point skips Numba's dispatcher, which on every call
     derives the three argument types and picks an overload: about 0.1 µs of
-    a 2.5 µs warm match. Nothing checks the arguments then, so the caller
-    must pass: tokens of ``dtype`` (native byte order), 1-D and
-    C-contiguous; a reader workspace; a 1-D int64 values array. The tokens
+    a 2.5 µs warm match. The entry point checks only that each argument is
+    an ndarray of the right item size, so the caller must pass: tokens of
+    ``dtype`` (native byte order), 1-D and C-contiguous; a reader
+    workspace; a 1-D int64 values array. An array of more dimensions would
+    overrun the one-dimensional argument struct it is unboxed into. The tokens
     are typed read-only and possibly misaligned, the weakest assumptions,
     so every such array fits (the kernel only reads them, with loads that
     assume no alignment: as fast on aligned arrays).

@@ -58,7 +58,17 @@ from .layout import (
     RECLAIMING,
     reader_word,
 )
-from .matcher import RETIRED, WS_HEADER, WS_ROOT, WS_TOO_SMALL, match_keys_kernel, token_kernel, workspace_path, workspace_words
+from .matcher import (
+    RETIRED,
+    WS_HEADER,
+    WS_ROOT,
+    WS_TOO_SMALL,
+    match_keys_kernel,
+    match_tokens_kernel,
+    token_kernel,
+    workspace_path,
+    workspace_words,
+)
 from .mutate import check_segment
 from .pins import PinnedMatch, clear_slot, pin_path_kernel, release_entries
 
@@ -77,9 +87,9 @@ _NDARRAY = np.ndarray
 
 #: Per token dtype met so far: the strides of a 1-D C-contiguous array of it,
 #: and the match kernel's entry point for it (``matcher.token_kernel``). An
-#: array whose type is exactly ndarray, whose dtype is here and which has
-#: these strides fits that entry point, so the hot path calls it directly;
-#: anything else goes through ``checked_tokens`` first.
+#: array whose type is exactly ndarray, whose dtype is here and whose strides
+#: are this one-element tuple (so it is 1-D) fits that entry point, and the
+#: hot path calls it directly; anything else goes through ``checked_tokens``.
 _KERNELS: dict[np.dtype, tuple[tuple[int, ...], Callable[[np.ndarray, np.ndarray, np.ndarray], int]]] = {}
 
 
@@ -216,34 +226,37 @@ class Reader:
         ``tokens``: 1-D integer array or list of ids in ``[0, 2**32)``; a
         trailing partial block is ignored. Every returned block was present,
         with the returned value, at one instant during the call; under
-        concurrent writes the answer may be shorter, never wrong.
+        concurrent writes the answer may be shorter, never wrong. Another
+        thread must not reshape the array in place (assign its ``shape``)
+        during the call.
         """
         if self._data is None:
             self._check_open()
+        if namespace is not self._namespace:
+            self._use_namespace(namespace)
         entry = _KERNELS.get(tokens.dtype) if type(tokens) is _NDARRAY else None
         if entry is not None and tokens.strides == entry[0]:
             kernel = entry[1]
         else:
             tokens, kernel = checked_tokens(tokens)
-        if namespace is not self._namespace:
-            self._use_namespace(namespace)
         n = len(tokens) // self.block_size
         values = _empty(n, _INT64)
         k = kernel(tokens, self._ws, values)
         if k < 0:
-            k = self._match_failed(k, tokens, values, kernel)
+            k = self._match_failed(k, tokens, values)
         return _new_tuple(PrefixMatch, (k * self.block_size, values if k == n else values[:k]))
 
-    def _match_failed(self, code: int, toks: np.ndarray, values: np.ndarray, kernel: Callable) -> int:
+    def _match_failed(self, code: int, toks: np.ndarray, values: np.ndarray) -> int:
         """Handle a negative kernel answer: raise, or grow the workspace and
-        match again; returns the matched block count."""
+        match again (through Numba's dispatcher, which checks ``toks`` as it
+        calls: growing runs Python code); returns the matched block count."""
         if code == RETIRED:
             raise self._retired()
         if code != WS_TOO_SMALL:
             raise bad_token_error(toks, -code - 1)
         self._grow(len(values))
-        k = kernel(toks, self._ws, values)
-        return k if k >= 0 else self._match_failed(k, toks, values, kernel)
+        k = match_tokens_kernel(toks, self._ws, values)
+        return k if k >= 0 else self._match_failed(k, toks, values)
 
     def match_and_pin(self, tokens: object, namespace: Namespace = None) -> PinnedMatch:
         """Match like ``match_prefix`` and pin the matched blocks: none of them

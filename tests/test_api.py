@@ -54,11 +54,13 @@ def test_reader_sees_writer_content_and_match_keys_agrees(shm_name, w):
 
 def token_forms(toks: np.ndarray) -> dict[str, object]:
     """The same ids in every form a caller may hold them: each dtype and byte
-    order, strided, read-only, misaligned, an ndarray subclass, a list."""
+    order, strided, reversed, read-only, misaligned, an ndarray subclass, a
+    list."""
     forms: dict[str, object] = {str(np.dtype(t)): toks.astype(t) for t in
                                 (np.int64, np.int32, np.uint32, np.uint64, np.int16, np.uint16, np.uint8)}
     forms["big-endian"] = toks.astype(">i8")
     forms["strided"] = np.repeat(toks, 2)[::2]
+    forms["reversed view"] = toks[::-1].copy()[::-1]
     readonly = toks.copy()
     readonly.flags.writeable = False
     forms["read-only"] = readonly
@@ -70,18 +72,37 @@ def token_forms(toks: np.ndarray) -> dict[str, object]:
     return forms
 
 
-def test_every_token_form_gets_the_same_answer(shm_name, w):
+#: Forms the Reader's hot path takes straight to the kernel (1-D C-contiguous
+#: ndarrays) once their dtype has been met; the dtype forms come first.
+DTYPE_FORMS = {"int64", "int32", "uint32", "uint64", "int16", "uint16", "uint8"}
+DIRECT_FORMS = DTYPE_FORMS | {"read-only", "misaligned"}
+
+
+def test_every_token_form_gets_the_same_answer(shm_name, w, monkeypatch):
+    from shmcache import reader
+
     w.insert(prompt(1, 2, 3), [10, 11, 12])
     assert not token_forms(prompt(1))["misaligned"].flags.aligned
+    monkeypatch.setattr(reader, "_KERNELS", {})  # every dtype's first match takes the checked path
+    checked, real = [], reader.checked_tokens
+
+    def spy(tokens):
+        checked.append(tokens)
+        return real(tokens)
+
+    monkeypatch.setattr(reader, "checked_tokens", spy)
     with Reader.attach(shm_name) as r:
-        # Twice: a dtype's first reader match goes through the checked path,
-        # later ones of a 1-D C-contiguous array call the kernel directly.
-        for _ in range(2):
+        for rnd in range(2):
+            checked.clear()
             for form, toks in token_forms(prompt(1, 2, 3, 9)).items():
                 for m in (r.match_prefix(toks), w.match_prefix(toks)):
                     assert (m.length, m.values.tolist()) == (12, [10, 11, 12]), form
+                first_of_dtype = rnd == 0 and form in DTYPE_FORMS
+                assert any(t is toks for t in checked) == (first_of_dtype or form not in DIRECT_FORMS), form
             for form, toks in token_forms(prompt(1, 7, 3, 9)).items():
                 assert r.match_prefix(toks).values.tolist() == [10], form
+        for toks in (np.zeros(0, np.int64), prompt(1)[:1], np.repeat(prompt(1), 3)[::12]):  # empty; 1 element, odd strides
+            assert r.match_prefix(toks).length == 0
     for form, toks in token_forms(prompt(5, 6)).items():
         assert w.insert(toks, [50, 51]) == (0 if form == "int64" else 8), form
     assert w.match_prefix(prompt(5, 6)).values.tolist() == [50, 51]

@@ -21,6 +21,8 @@ from shmcache import (
 from helpers import live_states
 
 GOOD = np.arange(16, dtype=np.int64)
+# Compares equal to int64 (but hashes apart), yet Numba would see a record.
+INT_WITH_FIELDS = np.dtype((np.int64, {"lo": (np.int32, 0), "hi": (np.int32, 4)}))
 
 # (id, call(w, r, name), exception, message fragment)
 CASES = [
@@ -47,6 +49,10 @@ CASES = [
     ("reader match huge uint64", lambda w, r, n: r.match_prefix(np.full(16, 2**63, dtype=np.uint64)), InvalidInputError, "[0, 2**32)"),
     ("reader match bool array", lambda w, r, n: r.match_prefix(np.ones(16, dtype=bool)), InvalidInputError, "integer dtype"),
     ("reader match str list", lambda w, r, n: r.match_prefix(["a"] * 16), InvalidInputError, "not an int"),
+    ("reader match 2-D column", lambda w, r, n: r.match_prefix(GOOD.reshape(16, 1)), InvalidInputError, "1-D"),
+    ("reader match 2-D row", lambda w, r, n: r.match_prefix(GOOD.reshape(1, 16)), InvalidInputError, "1-D"),
+    ("reader match 0-d array", lambda w, r, n: r.match_prefix(GOOD[:1].reshape(())), InvalidInputError, "1-D"),
+    ("reader match int with fields", lambda w, r, n: r.match_prefix(GOOD.view(INT_WITH_FIELDS)), InvalidInputError, "integer dtype"),
     ("match_keys int64", lambda w, r, n: r.match_keys(np.zeros((2, 2), dtype=np.int64)), InvalidInputError, "uint64"),
     ("match_keys 1-D", lambda w, r, n: r.match_keys(np.zeros(4, dtype=np.uint64)), InvalidInputError, "(n, 2)"),
     ("match_keys list", lambda w, r, n: r.match_keys([[1, 2]]), InvalidInputError, "(n, 2)"),
