@@ -64,7 +64,6 @@ from .matcher import (
     WS_ROOT,
     WS_TOO_SMALL,
     match_keys_kernel,
-    match_tokens_kernel,
     token_kernel,
     workspace_path,
     workspace_words,
@@ -248,14 +247,14 @@ class Reader:
 
     def _match_failed(self, code: int, toks: np.ndarray, values: np.ndarray) -> int:
         """Handle a negative kernel answer: raise, or grow the workspace and
-        match again (through Numba's dispatcher, which checks ``toks`` as it
-        calls: growing runs Python code); returns the matched block count."""
+        match again; returns the matched block count."""
         if code == RETIRED:
             raise self._retired()
         if code != WS_TOO_SMALL:
             raise bad_token_error(toks, -code - 1)
         self._grow(len(values))
-        k = match_tokens_kernel(toks, self._ws, values)
+        toks, kernel = checked_tokens(toks)  # checked again: growing ran Python code
+        k = kernel(toks, self._ws, values)
         return k if k >= 0 else self._match_failed(k, toks, values)
 
     def match_and_pin(self, tokens: object, namespace: Namespace = None) -> PinnedMatch:
