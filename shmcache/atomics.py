@@ -40,6 +40,7 @@ __all__ = [
     "mul128",
     "prefetch",
     "words_at",
+    "weakest_view",
     "publish_word",
     "swap_word",
     "read_word",

@@ -15,10 +15,11 @@ Protocol (the writer's half is in ``shmcache.mutate``):
   and after the walk. Equal and even: no writer operation overlapped the
   walk, and every state was as read at any instant in it. Otherwise, after
   an acquire fence, the version of every visited state is read again, in
-  path order; the path is cut before the first one that changed. Each kept state held its content
-  from its first read to its second, and all first reads precede all second
-  reads, so the kept prefix was entirely present at the instant between the
-  passes. Versions never repeat, so a freed-and-reused record is noticed.
+  path order; the path is cut before the first one that changed. Each kept
+  state held its content from its first read to its second, and all first
+  reads precede all second reads, so the kept prefix was entirely present
+  at the instant between the passes. Versions never repeat, so a
+  freed-and-reused record is noticed.
 * Every index read from shared memory is bounds-checked before it is
   followed, and every loop is bounded (probes by MAX_PROBE and the slot
   count, the walk by the number of blocks), so a corrupt segment costs
@@ -228,7 +229,8 @@ def note_hits(data, wdata, geom, path, n, n_blocks):
 #: words of the segment's two mapped parts; the per-call arrays follow
 #: (path, versions, keys, token scratch). Each array argument costs about
 #: 30 ns a call to type and unbox, so a match passes three: the tokens or
-#: keys, the workspace, and the fresh array that receives the values. The Reader unmaps the parts only after it stops calling kernels.
+#: keys, the workspace, and the fresh array that receives the values. The
+#: Reader unmaps the parts only after it stops calling kernels.
 WS_ROOT = G_WORDS
 WS_DATA = G_WORDS + 2
 WS_WDATA = G_WORDS + 4
