@@ -41,6 +41,7 @@ __all__ = [
     "prefetch",
     "words_at",
     "weakest_view",
+    "hide_data",
     "publish_word",
     "swap_word",
     "read_word",
@@ -264,6 +265,29 @@ def weakest_view(typingctx, arr):
         return impl_ret_borrowed(context, builder, weak, args[0])
 
     return weak(arr), codegen
+
+
+@intrinsic
+def hide_data(typingctx, arr):
+    """``arr`` itself, its data pointer passed through an empty asm statement.
+
+    LLVM then cannot tell that the array is constant, so it loads the
+    elements from memory instead of folding them into instructions. For a
+    table of 64-bit constants read in a hot loop (the XXH3 secret) this is
+    cheaper: an immediate costs a separate ``movabs`` per use, a load folds
+    into the instruction that consumes it.
+    """
+    if not (isinstance(arr, types.Array) and arr.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (arrty,) = signature.args
+        ary = context.make_array(arrty)(context, builder, args[0])
+        ptr = ary.data
+        ary.data = builder.asm(ir.FunctionType(ptr.type, [ptr.type]), "", "=r,0", [ptr], side_effect=False)
+        return impl_ret_borrowed(context, builder, arrty, ary._getvalue())
+
+    return arr(arr), codegen
 
 
 # --- Python-callable wrappers, for the few words Python code touches ---------
