@@ -251,7 +251,10 @@ def _accumulate_pair(a_even, a_odd, src, off, soff):
     and the 32x32 product of its own keyed input."""
     v_even = _rd(src, off)
     v_odd = _rd(src, off + 8)
-    return (a_even + v_odd + _mul32(v_even ^ _sec(src, soff)), a_odd + v_even + _mul32(v_odd ^ _sec(src, soff + 8)))
+    return (
+        a_even + v_odd + _mul32(v_even ^ _sec(src, soff)),
+        a_odd + v_even + _mul32(v_odd ^ _sec(src, soff + 8)),
+    )
 
 
 @njit(inline="always")
@@ -278,9 +281,12 @@ def _hash_long(src, length):
     for b in range(n_blocks):
         for s in range(_STRIPES_PER_BLOCK):
             acc = _accumulate_512(acc, src, b * _BLOCK_LEN + s * _STRIPE, s * 8)
-        acc = (_scramble(src, acc[0], last), _scramble(src, acc[1], last + 8), _scramble(src, acc[2], last + 16),
-               _scramble(src, acc[3], last + 24), _scramble(src, acc[4], last + 32), _scramble(src, acc[5], last + 40),
-               _scramble(src, acc[6], last + 48), _scramble(src, acc[7], last + 56))
+        acc = (
+            _scramble(src, acc[0], last), _scramble(src, acc[1], last + 8),
+            _scramble(src, acc[2], last + 16), _scramble(src, acc[3], last + 24),
+            _scramble(src, acc[4], last + 32), _scramble(src, acc[5], last + 40),
+            _scramble(src, acc[6], last + 48), _scramble(src, acc[7], last + 56),
+        )
     n_stripes = ((length - 1) - _BLOCK_LEN * n_blocks) // _STRIPE
     for s in range(n_stripes):
         acc = _accumulate_512(acc, src, n_blocks * _BLOCK_LEN + s * _STRIPE, s * 8)
