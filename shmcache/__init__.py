@@ -33,6 +33,9 @@ from .reader import Reader  # noqa: E402
 from .segment import exists, unlink  # noqa: E402
 from .writer import Writer  # noqa: E402
 from .client import Client  # noqa: E402
+from . import jitcache  # noqa: E402
+
+jitcache.sync()  # before any kernel loads from Numba's cache: see shmcache.jitcache
 
 __version__ = "0.1.0"
 
