@@ -10,6 +10,10 @@ import sys
 if sys.byteorder != "little":  # pragma: no cover - no big-endian host to test on
     raise ImportError("shmcache needs a little-endian host: the segment format is little-endian words")
 
+from . import jitcache  # noqa: E402
+
+_KERNEL_DIGEST = jitcache.source_digest()  # before the kernel modules load: see shmcache.jitcache
+
 from .errors import (  # noqa: E402
     CacheFullError,
     ClosedError,
@@ -33,9 +37,8 @@ from .reader import Reader  # noqa: E402
 from .segment import exists, unlink  # noqa: E402
 from .writer import Writer  # noqa: E402
 from .client import Client  # noqa: E402
-from . import jitcache  # noqa: E402
 
-jitcache.sync()  # before any kernel loads from Numba's cache: see shmcache.jitcache
+jitcache.sync(_KERNEL_DIGEST)  # before any kernel loads from Numba's cache
 
 __version__ = "0.1.0"
 

@@ -1,34 +1,39 @@
 """Keeps Numba's on-disk kernel cache consistent with shmcache's sources.
 
 Numba keys a cached kernel on its own source file only. A kernel that calls
-a kernel of another module (the matcher and the writer call
-``hashing.chain_into``) or reads another module's constants (every kernel
-reads ``layout``'s offsets) keeps the old code, loaded from the cache, after
-that other module changes: Numba documents that its cache invalidation
-"fails to recognize changes in symbols defined in a different file". Stale
-code would read a segment with old field offsets, or hash with an old key
-chain.
+a kernel of another module (the matcher's calls ``hashing.chain_into``,
+the writer's call ``matcher.walk`` and ``find_state``, the pin kernels
+``matcher.add_relaxed``) or reads another module's constants (the matcher,
+writer and pin kernels read ``layout``'s offsets) keeps the old code, loaded
+from the cache, after that other module changes: Numba documents that its
+cache invalidation "fails to recognize changes in symbols defined in a
+different file". Stale code would read a segment with old field offsets, or
+hash with an old key chain. Cache files are not part of an installed
+distribution, so this holds for upgrades of an installed package as much as
+for an edited checkout.
 
-So at import, ``sync`` hashes the sources of every module the kernels are
-built from (``KERNEL_MODULES``). Where that digest differs from the one
-stamped in Numba's cache directory, it deletes the package's cached kernels
-there and stamps the new digest; Numba then compiles them afresh. A wheel
-install writes every file anew, which invalidates every kernel anyway: this
-is for editable installs and source checkouts.
+So ``shmcache/__init__.py`` takes a digest of the sources of every module
+the kernels are built from (``KERNEL_MODULES``) before it imports any of
+them, and once they are imported (no kernel loads at import) calls
+``sync``: where the digest stamped in Numba's cache directory differs, it
+deletes the package's cached kernels there and stamps the new digest; Numba
+then compiles them afresh.
 
-Best effort: a cache directory that cannot be listed or written is left as
-it is (Numba does not cache there either). A process still running the old
-code that compiles a kernel after the stamp changed can write a stale entry
-again; restart such processes when the sources change.
+Best effort: a frozen application without sources is left alone; a cached
+kernel that cannot be deleted leaves the stamp as it was and raises a
+warning saying what to delete. A process still running old code that
+compiles a kernel after the stamp changed can write a stale entry again:
+restart such processes when the sources change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import tempfile
+import warnings
 from pathlib import Path
-
-from .hashing import chain_into
 
 #: The modules whose source the compiled kernels depend on: those that
 #: define cached kernels, and the shmcache modules they import
@@ -42,13 +47,24 @@ STAMP = "shmcache-kernels.sha256"
 _PACKAGE_DIR = Path(__file__).parent
 
 
-def source_digest(package_dir: Path = _PACKAGE_DIR, modules: tuple[str, ...] = KERNEL_MODULES) -> str:
-    """SHA-256 (hex) over the names and contents of the kernel modules' sources."""
+def source_digest(package_dir: Path = _PACKAGE_DIR, modules: tuple[str, ...] = KERNEL_MODULES) -> str | None:
+    """SHA-256 (hex) over the names and contents of the kernel modules'
+    sources, or None when one cannot be read (a frozen application)."""
     h = hashlib.sha256()
-    for name in modules:
-        h.update(name.encode() + b"\0")
-        h.update((package_dir / f"{name}.py").read_bytes())
+    try:
+        for name in modules:
+            h.update(name.encode() + b"\0")
+            h.update((package_dir / f"{name}.py").read_bytes())
+    except OSError:
+        return None
     return h.hexdigest()
+
+
+def _read_stamp(stamp: Path) -> bytes | None:
+    try:
+        return stamp.read_bytes()
+    except OSError:
+        return None
 
 
 def sync_dir(cache_dir: Path, digest: str, modules: tuple[str, ...] = KERNEL_MODULES) -> list[str]:
@@ -57,37 +73,59 @@ def sync_dir(cache_dir: Path, digest: str, modules: tuple[str, ...] = KERNEL_MOD
     If its stamp says otherwise (or it has none), deletes the cached kernels
     (index ``.nbi`` and object ``.nbc`` files) of ``modules`` and writes the
     stamp. Returns the names of the files it deleted. Files of other modules
-    or packages are never touched.
+    or packages are never touched. Warns (RuntimeWarning), and leaves the
+    stamp as it was, when a kernel file cannot be deleted.
     """
     stamp = cache_dir / STAMP
+    if _read_stamp(stamp) == digest.encode():
+        return []
+    removed, kept = [], []
     try:
-        if stamp.read_text() == digest:
-            return []
-    except OSError:
-        pass
-    removed = []
+        cache_dir.mkdir(parents=True, exist_ok=True)  # when called before Numba created it
+        entries = list(os.scandir(cache_dir))
+    except OSError as e:
+        warnings.warn(f"shmcache: cannot check Numba's cache directory {cache_dir}: {e}", RuntimeWarning, 2)
+        return removed
+    for entry in entries:
+        module, _, rest = entry.name.partition(".")
+        if module in modules and rest.endswith((".nbi", ".nbc")):
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+            except FileNotFoundError:  # another process got there first
+                pass
+            except OSError:
+                kept.append(entry.name)
+    if kept:
+        warnings.warn(
+            f"shmcache: could not delete {len(kept)} cached kernels compiled from older sources "
+            f"in {cache_dir} (e.g. {kept[0]}); delete them, or set NUMBA_CACHE_DIR to a directory "
+            "you own",
+            RuntimeWarning,
+            2,
+        )
+        return removed
+    tmp = None
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)  # else the first kernels cached there go unstamped
-        for entry in os.scandir(cache_dir):
-            module, _, rest = entry.name.partition(".")
-            if module in modules and rest.endswith((".nbi", ".nbc")):
-                try:
-                    os.unlink(entry.path)
-                    removed.append(entry.name)
-                except FileNotFoundError:  # another process got there first
-                    pass
-        tmp = cache_dir / f"{STAMP}.{os.getpid()}.tmp"
-        tmp.write_text(digest)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{STAMP}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(digest.encode())
         os.replace(tmp, stamp)
-    except OSError:
-        pass
+    except OSError:  # left unstamped: the next import checks again, so no stale kernel survives
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return removed
 
 
-def sync() -> list[str]:
-    """Run ``sync_dir`` on the cache directory Numba uses for shmcache's
-    kernels, before any of them is loaded; returns the deleted file names."""
+def sync(digest: str | None) -> list[str]:
+    """Run ``sync_dir`` with ``digest`` (from ``source_digest``, taken before
+    the kernel modules were imported) on the cache directory Numba uses for
+    shmcache's kernels. Call it before any kernel is loaded; returns the
+    deleted file names."""
+    from .hashing import chain_into  # only now: the digest must predate this import
+
     cache_path = getattr(getattr(chain_into, "_cache", None), "cache_path", None)
-    if cache_path is None:  # caching disabled, or a Numba without the attribute
+    if digest is None or cache_path is None:  # no sources, caching disabled, or JIT off
         return []
-    return sync_dir(Path(cache_path), source_digest())
+    return sync_dir(Path(cache_path), digest)

@@ -34,7 +34,16 @@ import numpy as np
 from numba import from_dtype, njit, types
 from numba.extending import register_jitable
 
-from .atomics import fence_acquire, load_acquire, load_relaxed, mul128, prefetch, store_relaxed, words_at
+from .atomics import (
+    as_pairs,
+    fence_acquire,
+    load_acquire,
+    load_relaxed,
+    mul128,
+    prefetch,
+    store_relaxed,
+    words_at,
+)
 from .hashing import chain_into, tokens_u32
 from .layout import (
     G_BLOCK_SIZE,
@@ -312,7 +321,7 @@ def match_tokens_kernel(tokens, ws, values):
     if ws.shape[0] < workspace_words(n_blocks, block_size) or values.shape[0] < n_blocks:
         return WS_TOO_SMALL
     work = ws[WS_HEADER:]
-    keys = work[2 * n_blocks : 4 * n_blocks].reshape((n_blocks, 2))
+    keys = as_pairs(work[2 * n_blocks : 4 * n_blocks])
     t32, bad = tokens_u32(tokens[: n_blocks * block_size], work[4 * n_blocks :].view(np.uint32))
     if bad >= 0:
         return -bad - 1

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 from pathlib import Path
+
+import pytest
 
 import shmcache
 from shmcache import jitcache
@@ -14,12 +17,20 @@ PACKAGE = Path(shmcache.__file__).parent
 
 
 def package_imports(module: str) -> set[str]:
-    """The shmcache modules ``module`` imports (``from .x import ...`` or ``from . import x``)."""
+    """The shmcache modules ``module`` imports, relatively or by absolute name."""
     tree = ast.parse((PACKAGE / f"{module}.py").read_text())
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found.update([node.module] if node.module else [a.name for a in node.names])
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                name = node.module
+            elif node.level == 0 and (node.module == "shmcache" or node.module.startswith("shmcache.")):
+                name = node.module.removeprefix("shmcache").lstrip(".")
+            else:
+                continue
+            found.update([name.split(".")[0]] if name else [a.name for a in node.names])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("shmcache."))
     return found
 
 
@@ -50,7 +61,11 @@ def touch(directory: Path, *names: str) -> None:
 
 
 def test_a_new_digest_drops_the_packages_kernels_and_nothing_else(tmp_path):
-    ours = ["hashing.chain_into-379.py311.nbi", "hashing.chain_into-379.py311.1.nbc", "matcher.walk-9.py311.nbi"]
+    ours = [
+        "hashing.chain_into-379.py311.nbi",
+        "hashing.chain_into-379.py311.1.nbc",
+        "matcher.walk-9.py311.nbi",
+    ]
     theirs = ["other.f-1.py311.nbi", "hashing.cpython-311.pyc", "layoutx.g-2.py311.nbc"]
     touch(tmp_path, *ours, *theirs)
     (tmp_path / jitcache.STAMP).write_text("old")
@@ -84,6 +99,27 @@ def test_the_digest_changes_with_any_kernel_modules_source(tmp_path):
     layout = tmp_path / "layout.py"
     layout.write_text(layout.read_text() + "\n")
     assert jitcache.source_digest(tmp_path) != before
+
+
+def test_a_kernel_that_cannot_be_deleted_keeps_the_old_stamp_and_warns(tmp_path, monkeypatch):
+    touch(tmp_path, "mutate.insert_kernel-7.py311.nbi", "mutate.insert_kernel-7.py311.1.nbc")
+    (tmp_path / jitcache.STAMP).write_text("old")
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if str(path).endswith(".nbc"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.warns(RuntimeWarning, match="could not delete 1 cached kernels.*NUMBA_CACHE_DIR"):
+        assert jitcache.sync_dir(tmp_path, "new") == ["mutate.insert_kernel-7.py311.nbi"]
+    assert (tmp_path / jitcache.STAMP).read_text() == "old"
+
+
+def test_a_frozen_application_without_sources_is_left_alone(tmp_path):
+    assert jitcache.source_digest(tmp_path) is None
+    assert jitcache.sync(None) == []
 
 
 def test_importing_shmcache_stamped_numbas_cache_directory():
