@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import TextIO
 
 import numpy as np
 
@@ -61,23 +62,57 @@ def _start_daemon(name: str, capacity: int, block_size: int) -> tuple[subprocess
     proc = subprocess.Popen(
         [sys.executable, "-m", "shmcache.cli", "serve", name, "--capacity", str(capacity),
          "--block-size", str(block_size), "--log-level", "warning"],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, bufsize=0,
     )
-    if not select.select([proc.stdout], [], [], 5)[0]:
-        print("  the daemon is not ready after 5 s: the first run after an install compiles its Numba kernels "
-              "into the on-disk cache (about 2 minutes, once)", file=sys.stderr, flush=True)
-        if not select.select([proc.stdout], [], [], 900)[0]:
-            proc.kill()
-            raise RuntimeError("the daemon did not start")
-    line = proc.stdout.readline().strip()
-    if not line.startswith("ready"):
-        proc.wait()
-        raise RuntimeError(f"the daemon did not start: {line or 'no output'}")
-    return proc, line
+    return proc, wait_ready(proc)
+
+
+COMPILING_HINT = ("  the daemon is not ready after 5 s: the first run after an install compiles its Numba kernels "
+                  "into the on-disk cache (about 2 minutes, once)")
+
+
+def wait_ready(proc: subprocess.Popen, timeout: float = 900.0, hint_after: float = 5.0) -> str:
+    """The ``ready ...`` line a daemon started with an unbuffered stdout pipe prints.
+
+    Lines it prints before that (a library's output) are passed on to stderr.
+    After ``hint_after`` seconds it says, once, that a first run compiles. If
+    the daemon exits first, or is not ready in ``timeout`` seconds, it is
+    killed (if still running) and reaped, and RuntimeError is raised.
+    """
+    fd = proc.stdout.fileno()
+    start = time.monotonic()
+    pending = b""
+    hinted = False
+    while (elapsed := time.monotonic() - start) < timeout:
+        wait = hint_after - elapsed if not hinted and elapsed < hint_after else timeout - elapsed
+        if not select.select([fd], [], [], wait)[0]:
+            if not hinted and time.monotonic() - start >= hint_after:
+                print(COMPILING_HINT, file=sys.stderr, flush=True)
+                hinted = True
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            proc.wait()
+            raise RuntimeError(
+                f"the daemon exited (status {proc.returncode}) before it was ready: see its errors above"
+            )
+        *lines, pending = (pending + chunk).split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith("ready"):
+                return line
+            if line:
+                print(f"  daemon: {line}", file=sys.stderr, flush=True)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"the daemon was not ready after {timeout:.0f} s")
 
 
 def run(workers: int = 4, requests: int | None = None, capacity_fraction: float = 0.25, block_size: int = 16,
-        out=sys.stdout) -> int:
+        out: TextIO | None = None) -> int:
+    """Run the demo, printing to ``out`` (``sys.stdout`` at call time); 0 if
+    every eviction reached its owner and the segment checked clean, else 1."""
+    out = sys.stdout if out is None else out
     trace = load_trace(limit=requests)
     uniq = unique_blocks(trace, block_size)
     capacity = max(1, int(uniq * capacity_fraction))

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 from shmcache import Writer
 from shmcache.cli import main
+from shmcache.demo import COMPILING_HINT, wait_ready
 from shmcache.layout import H_LIVE
 
 
@@ -25,6 +29,47 @@ def test_demo_runs_daemon_and_workers_end_to_end(capsys):
     evicted, delivered = re.findall(r"evictions ([\d,]+), delivered to their owners ([\d,]+)", line)[0]
     assert evicted == delivered and int(evicted.replace(",", "")) > 0
     assert demo_objects() == before
+
+
+def fake_daemon(code: str) -> subprocess.Popen:
+    """A child that runs ``code``, then waits for its stdin to close (the test's cue to end)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", f"import sys\n{code}\nsys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+    )
+
+
+def test_demo_waits_past_other_output_for_the_daemons_ready_line(capsys):
+    # Two writes, so "ready" may arrive in the same read as the noise or after it.
+    proc = fake_daemon(
+        "print('[cache] index loaded', flush=True)\nprint('x' * 70000)\nprint('ready name=d', flush=True)"
+    )
+    try:
+        assert wait_ready(proc, timeout=60) == "ready name=d"
+        assert proc.poll() is None
+        err = capsys.readouterr().err
+        assert "daemon: [cache] index loaded" in err and COMPILING_HINT not in err
+    finally:
+        proc.stdin.close()
+        proc.wait()
+
+
+def test_demo_reports_a_daemon_that_exits_before_it_is_ready():
+    proc = fake_daemon("print('no segment for you', flush=True)\nsys.exit(3)")
+    with pytest.raises(RuntimeError, match="exited \\(status 3\\) before it was ready"):
+        wait_ready(proc, timeout=60)
+    assert proc.returncode == 3
+
+
+def test_demo_kills_a_daemon_that_is_never_ready_and_says_why_it_may_be_slow(capsys):
+    proc = fake_daemon("")
+    try:
+        with pytest.raises(RuntimeError, match="not ready after 1 s"):
+            wait_ready(proc, timeout=1.0, hint_after=0.2)
+        assert proc.returncode is not None  # killed and reaped
+        assert COMPILING_HINT in capsys.readouterr().err
+    finally:
+        proc.stdin.close()
 
 
 def test_dump_json_and_check_on_a_live_segment(shm_name, capsys):
