@@ -58,9 +58,19 @@ def _worker(name: str, index: int, n_workers: int, trace, progress, done, drain,
     c.close()
 
 
+#: Runs ``shmcache.cli`` from the directory this shmcache was imported from.
+#: ``python -m shmcache.cli`` would put the working directory first on
+#: ``sys.path``: run from a source checkout (as the README's first command
+#: is), the daemon then imported the uninstalled tree while the workers,
+#: spawned with this process's ``sys.path``, imported the installed package,
+#: and each compiled its own kernels into its own cache.
+_CLI = "import sys; sys.path.insert(0, {root!r}); from shmcache.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
 def _start_daemon(name: str, capacity: int, block_size: int) -> tuple[subprocess.Popen, str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shmcache.cli", "serve", name, "--capacity", str(capacity),
+        [sys.executable, "-c", _CLI.format(root=root), "serve", name, "--capacity", str(capacity),
          "--block-size", str(block_size), "--log-level", "warning"],
         stdout=subprocess.PIPE, bufsize=0,
     )

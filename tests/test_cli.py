@@ -7,13 +7,15 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pytest
 
+import shmcache
 from shmcache import Writer
 from shmcache.cli import main
-from shmcache.demo import COMPILING_HINT, wait_ready
+from shmcache.demo import COMPILING_HINT, _start_daemon, wait_ready
 from shmcache.layout import H_LIVE
 
 
@@ -29,6 +31,21 @@ def test_demo_runs_daemon_and_workers_end_to_end(capsys):
     evicted, delivered = re.findall(r"evictions ([\d,]+), delivered to their owners ([\d,]+)", line)[0]
     assert evicted == delivered and int(evicted.replace(",", "")) > 0
     assert demo_objects() == before
+
+
+def test_demo_daemon_imports_this_shmcache_not_one_in_the_working_directory(tmp_path, monkeypatch):
+    decoy = tmp_path / "shmcache"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy in the working directory')\n")
+    monkeypatch.chdir(tmp_path)
+    name = f"t-demo-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    proc, line = _start_daemon(name, capacity=64, block_size=4)
+    try:
+        assert line.startswith(f"ready name={name}")
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0
+    assert not shmcache.exists(name)
 
 
 def fake_daemon(code: str) -> subprocess.Popen:
