@@ -91,14 +91,14 @@ def wait_ready(proc: subprocess.Popen, timeout: float = 900.0, hint_after: float
     """
     fd = proc.stdout.fileno()
     start = time.monotonic()
+    hint_at, deadline = start + hint_after, start + timeout
     pending = b""
     hinted = False
-    while (elapsed := time.monotonic() - start) < timeout:
-        wait = hint_after - elapsed if not hinted and elapsed < hint_after else timeout - elapsed
-        if not select.select([fd], [], [], wait)[0]:
-            if not hinted and time.monotonic() - start >= hint_after:
-                print(COMPILING_HINT, file=sys.stderr, flush=True)
-                hinted = True
+    while (now := time.monotonic()) < deadline:
+        if not hinted and now >= hint_at:
+            print(COMPILING_HINT, file=sys.stderr, flush=True)
+            hinted = True
+        if not select.select([fd], [], [], (deadline if hinted else min(hint_at, deadline)) - now)[0]:
             continue
         chunk = os.read(fd, 65536)
         if not chunk:
