@@ -25,11 +25,13 @@ from .errors import (  # noqa: E402
     SegmentCorruptError,
     SegmentExistsError,
     SegmentNotFoundError,
+    SegmentNotReadyError,
     SegmentPermissionError,
     SegmentRetiredError,
     SegmentSpaceError,
     ShmCacheError,
     WriterBusyError,
+    WriterLostError,
 )
 from .keys import PrefixMatch, block_keys  # noqa: E402
 from .pins import PinnedMatch  # noqa: E402
@@ -55,8 +57,10 @@ __all__ = [
     "InvalidInputError",
     "InvalidNameError",
     "SegmentNotFoundError",
+    "SegmentNotReadyError",
     "SegmentExistsError",
     "WriterBusyError",
+    "WriterLostError",
     "IncompatibleSegmentError",
     "SegmentCorruptError",
     "SegmentPermissionError",

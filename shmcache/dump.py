@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from . import liveness
 from .errors import SegmentCorruptError
-from .identity import is_alive
+from .identity import who
 from .layout import (
     G_CAPACITY,
     G_READER_SLOTS,
@@ -30,7 +31,8 @@ from .layout import (
     RD_PINNED,
     RD_QUERIES,
     RD_QUERY_BLOCKS,
-    RD_START,
+    RD_PIDNS,
+    reader_lock_byte,
     reader_word,
     RECORD_WORDS,
 )
@@ -120,7 +122,8 @@ def describe(reader, depth: int = 0, width: int = 5, check: bool = False) -> dic
         "bytes_per_block": round(stats["bytes_per_block"], 1),
         "seed": f"{reader.seed:032x}",
         "incarnation": f"{reader.incarnation:016x}",
-        "writer": {"pid": stats["writer_pid"], "alive": stats["writer_alive"], "epoch": stats["writer_epoch"]},
+        "writer": {"pid": stats["writer_pid"], "pid_namespace": stats["writer_pid_namespace"],
+                   "alive": stats["writer_alive"], "epoch": stats["writer_epoch"]},
         "occupancy": {
             "live_blocks": stats["live_blocks"],
             "free_blocks": stats["free_blocks"],
@@ -138,7 +141,8 @@ def describe(reader, depth: int = 0, width: int = 5, check: bool = False) -> dic
         q, qb, hb, pins = (int(wdata[reader_word(slot, k)]) for k in (RD_QUERIES, RD_QUERY_BLOCKS, RD_HIT_BLOCKS, RD_PINNED))
         queries, query_blocks, hit_blocks = queries + q, query_blocks + qb, hit_blocks + hb
         if pid and slot != reader._slot:
-            readers.append({"slot": slot, "pid": pid, "alive": is_alive(pid, int(wdata[reader_word(slot, RD_START)])),
+            alive = liveness.is_held(reader._map.fd, reader_lock_byte(slot))
+            readers.append({"slot": slot, "pid": pid, "pid_namespace": int(wdata[reader_word(slot, RD_PIDNS)]), "alive": alive,
                             "queries": q, "block_hit_rate": round(hb / qb, 6) if qb else 0.0, "pinned_blocks": pins})
     wq, wh = stats["writer_query_blocks"], stats["writer_hit_blocks"]
     info["hits"] = {
@@ -171,7 +175,7 @@ def render(info: dict) -> str:
     lines = [
         f"segment {info['name']}  layout v{info['layout_version']}  block size {info['block_size']}  "
         f"capacity {info['capacity']:,}  {info['segment_bytes'] / 2**20:.1f} MiB ({info['bytes_per_block']} B/block)",
-        f"writer  pid {w['pid']} ({'alive' if w['alive'] else 'not running'}), epoch {w['epoch']}",
+        f"writer  {who(w['pid'], w['pid_namespace'])} ({'alive' if w['alive'] else 'not running'}), epoch {w['epoch']}",
         f"blocks  {occ['live_blocks']:,} live ({occ['fraction']:.1%}), {occ['free_blocks']:,} free, "
         f"{info['pinned_blocks']:,} pinned, {occ['protected_blocks']:,} protected, {info['root_prefixes']:,} root prefixes",
         f"counts  {c['operations']:,} operations, {c['inserted_blocks']:,} inserted, {c['evicted_blocks']:,} evicted, "
@@ -182,7 +186,7 @@ def render(info: dict) -> str:
         "owners  " + (", ".join(f"{o}: {n:,}" for o, n in info["owners"].items()) or "none"),
     ]
     for r in info["readers"]:
-        lines.append(f"reader  slot {r['slot']} pid {r['pid']} ({'alive' if r['alive'] else 'dead'}), "
+        lines.append(f"reader  slot {r['slot']} {who(r['pid'], r['pid_namespace'])} ({'alive' if r['alive'] else 'dead'}), "
                      f"{r['queries']:,} queries, block hit rate {r['block_hit_rate']:.1%}, {r['pinned_blocks']:,} pinned")
 
     def tree(nodes: list[dict], indent: int) -> None:

@@ -41,6 +41,16 @@ class WriterBusyError(ShmCacheError):
         self.pid = pid
 
 
+class WriterLostError(ShmCacheError):
+    """This Writer no longer holds its segment (another writer claimed it,
+    or the segment was removed): it refused to write. Close it."""
+
+
+class SegmentNotReadyError(ShmCacheError):
+    """The segment is still being created by a live writer: attach again
+    in a moment."""
+
+
 class IncompatibleSegmentError(ShmCacheError):
     """The object is not a shmcache segment of this layout version, or its size is wrong."""
 

@@ -1,44 +1,33 @@
-"""Process identity that survives pid reuse: (pid, start time), as psutil sees it.
+"""Who holds a segment or a reader slot, for people: pid and PID namespace.
 
-The writer lock and the reader table record both words; a holder is alive
-only if a process with that pid exists, is not a zombie, and started at the
-recorded time. A recycled pid has a different start time.
+The writer's header words and each reader slot record the holder's pid and
+the inode of its PID namespace, so ``dump`` and error messages can say who
+it is. They decide nothing: liveness comes from the kernel's locks
+(``shmcache.liveness``). A pid is only meaningful inside its namespace; in
+a Kubernetes pod each container has its own, which the namespace inode
+tells apart.
 """
 
 from __future__ import annotations
 
 import os
 
-import psutil
 
-
-def start_time_us(pid: int) -> int | None:
-    """Start time of a running process in microseconds since the epoch, or None."""
+def pid_namespace() -> int:
+    """Inode of this process's PID namespace (0 where ``/proc`` does not tell)."""
     try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return round(proc.create_time() * 1e6)
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return None
-
-
-def is_gone(pid: int) -> bool:
-    """Whether no running process has this pid (a zombie counts as gone)."""
-    return pid <= 0 or start_time_us(pid) is None
-
-
-def is_alive(pid: int, start_us: int) -> bool:
-    """Whether the process recorded as ``(pid, start_us)`` is still running."""
-    if pid <= 0:
-        return False
-    now = start_time_us(pid)
-    return now is not None and now == start_us
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def me() -> tuple[int, int]:
-    """``(pid, start time)`` of this process."""
-    pid = os.getpid()
-    start = start_time_us(pid)
-    assert start is not None
-    return pid, start
+    """``(pid, PID namespace inode)`` of this process."""
+    return os.getpid(), pid_namespace()
+
+
+def who(pid: int, namespace: int) -> str:
+    """``"pid N"``, with the namespace when it is not this process's."""
+    if namespace and namespace != pid_namespace():
+        return f"pid {pid} of another PID namespace (pid:[{namespace}]: another container?)"
+    return f"pid {pid}"

@@ -37,9 +37,12 @@ SEED_LO/HI   10,11  per-segment key seed (see ``shmcache.hashing``)
 INCARNATION     12  random id of this creation of the name
 CREATED_NS      13  creation time, ns since the epoch
 READER_PINS     14  pin entries per reader slot (a multiple of 16)
-WRITER_PID      16  pid of the writer holding the segment, 0 when none
-WRITER_START    17  that process's start time (psutil), microseconds
+WRITER_PID      16  pid of the writer holding the segment, 0 when none; for
+                    people only (liveness is the writer lock, below)
+WRITER_PIDNS    17  inode of that pid's PID namespace (``identity``)
 WRITER_EPOCH    18  number of writers that have held the segment
+WRITER_CLAIM    19  random id of the current writer's claim: a Writer checks
+                    it before every operation and stops if it changed
 MUTATIONS       24  seqlock word: odd while the writer mutates, +2 per op
 CLOCK           25  logical time: +2 per writer operation; reader hits stamp CLOCK+1
 MAX_PROBE       26  longest index probe distance ever stored (bounds lookups)
@@ -95,32 +98,15 @@ Writable part
 -------------
 Word offsets into the writable part:
 
-===========  ==========================  =====================================
-region       words                       contents
-===========  ==========================  =====================================
-W header     ``[0, 8)``                  ``W_PIN_SEQ``: +1 (atomic) by every
-                                         reader-pin change
-reader table ``[READERS_WORD, +256*8)``  one 64-byte record per reader slot,
-                                         ``RD_*`` below
-hit stamps   ``capacity`` words           CLOCK at which a reader last matched
-                                         through that state
-pin area     ``256 * READER_PINS`` uint32 per slot, ``READER_PINS`` entries:
-                                         0 (empty) or state + 1
-===========  ==========================  =====================================
-
-Reader record: PID and START (psutil start time, microseconds) identify the
-process holding the slot (``RD_PID`` is 0 when free, ``RECLAIMING`` while
-the writer clears a dead holder's pins); QUERIES/QUERY_BLOCKS/HIT_BLOCKS
-count its matches; PIN_SEQ grows by one per change to its pin entries;
-PINNED counts its non-empty entries.
-
-Reader pins (``Reader.match_and_pin``) are a hazard-pointer handshake: the
-reader stores its path's entries, bumps PIN_SEQ and W_PIN_SEQ, issues a
-sequentially consistent fence, then re-reads EVICTING and the path's
-versions. The writer stores EVICTING = victim + 1, fences, and re-reads
-W_PIN_SEQ (rescanning changed slots) before it drops a leaf. One of the two
-always sees the other: either the writer finds the pin and skips the leaf,
-or the reader sees the eviction and reports that block unpinned.
+===========  ===============================  ======================================================
+byte                  held by
+====================  ======================================================
+``LOCK_WRITER``       the writer, from before the header exists (create) or
+                      from its claim (``Writer.open``) until it closes or dies
+``LOCK_READER0 + i``  the reader holding slot ``i``, from its claim until it
+                      closes or dies; the writer, briefly, while it clears
+                      the pins a dead holder left there
+====================  ======================================================
 """
 
 from __future__ import annotations
@@ -132,7 +118,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 MAGIC = int.from_bytes(b"SHMCACHE", "little")
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 HEADER_WORDS = 512
 HEADER_BYTES = HEADER_WORDS * 8
@@ -157,8 +143,9 @@ H_INCARNATION = 12
 H_CREATED_NS = 13
 H_READER_PINS = 14
 H_WRITER_PID = 16
-H_WRITER_START = 17
+H_WRITER_PIDNS = 17
 H_WRITER_EPOCH = 18
+H_WRITER_CLAIM = 19
 H_MUTATIONS = 24
 H_CLOCK = 25
 H_MAX_PROBE = 26
@@ -204,15 +191,12 @@ READERS_WORD = W_HEADER_WORDS
 READER_SLOTS = 256
 READER_WORDS = 8
 RD_PID = 0
-RD_START = 1
+RD_PIDNS = 1
 RD_QUERIES = 2
 RD_QUERY_BLOCKS = 3
 RD_HIT_BLOCKS = 4
 RD_PIN_SEQ = 5
 RD_PINNED = 6
-#: ``RD_PID`` of a slot whose dead holder's pins the writer is clearing (no
-#: pid is this large); readers never claim it, a later writer finishes it.
-RECLAIMING = (1 << 63) - 1
 #: Pin entries per reader slot unless the creator asks otherwise: thousands
 #: of blocks (a few long prompts) per worker process, 4 MiB per segment.
 DEFAULT_READER_PINS = 4096
@@ -225,6 +209,16 @@ def reader_word(slot: int, field: int) -> int:
     """Word of the writable part holding ``field`` (``RD_*``) of reader
     ``slot``. A plain function in Python, inlined into the kernels."""
     return READERS_WORD + slot * READER_WORDS + field
+
+
+# --- lock bytes (offsets into the shared-memory object) ----------------------
+LOCK_WRITER = 0
+LOCK_READER0 = 1
+
+
+def reader_lock_byte(slot: int) -> int:
+    """The byte whose lock marks reader ``slot`` as held by a live process."""
+    return LOCK_READER0 + slot
 
 # --- limits ------------------------------------------------------------------
 MAX_CAPACITY = (1 << 31) - 1

@@ -29,9 +29,13 @@ evicted after ``match_and_pin`` returns it, and its record is never reused
 for another block while the entry lasts; explicit ``remove``/``clear``
 still drop it (its KV was freed by its owner), as with writer pins.
 
-Pins of a reader that dies stay in its slot until the writer reclaims them
-(``Writer.reap_readers``): it checks each holder's pid and start time,
-marks the slot ``RECLAIMING``, clears the entries and frees the slot.
+A reader's slot is its as long as it holds the slot's lock
+(``shmcache.liveness``). Claiming a slot and leaving it (``close``, or the
+Reader being garbage-collected) both clear every entry in it. Pins of a
+reader that dies stay in its slot until the writer reclaims them
+(``Writer.reap_readers``): it takes the lock the dead reader lost, clears
+the entries and frees the slot; a reader that claims the slot first clears
+them itself.
 """
 
 from __future__ import annotations
@@ -74,41 +78,59 @@ def announce(wdata, slot, delta_pinned):
 
 @njit(cache=True, nogil=True)
 def pin_path_kernel(data, wdata, pins, ws_geom, path, versions, k, entries):
-    """Pin the first ``k`` states of a just-matched ``path`` through this
-    reader's ``entries`` (indices into its slot's pin area).
+    """Pin the first ``k`` states of a just-matched ``path`` in free entries
+    of this reader's slot, which it picks and writes to ``entries`` (length
+    ``k``, -1 where nothing is pinned).
 
     ``versions`` are the states' versions as matched. Returns ``m <= k``:
-    states ``path[:m]`` are pinned and were unchanged from the match until
-    the pins were visible to the writer; the entries of ``path[m:]`` are
-    cleared again.
+    states ``path[:m]`` are pinned, in ``entries[:m]``, and were unchanged
+    from the match until the pins were visible to the writer; the entries
+    of ``path[m:]`` are cleared again. Fewer than ``k`` free entries (the
+    caller checks the count first) pin fewer states.
     """
     slot = ws_geom[G_SLOT]
-    area = ws_geom[G_PINS] + slot * ws_geom[G_READER_PINS]
-    for i in range(k):
-        store_relaxed(pins, area + entries[i], np.uint32(path[i] + 1))
-    announce(wdata, slot, k)
+    n_entries = ws_geom[G_READER_PINS]
+    area = ws_geom[G_PINS] + slot * n_entries
+    got = 0
+    e = 0
+    while got < k and e < n_entries:
+        if load_relaxed(pins, area + e) == 0:
+            store_relaxed(pins, area + e, np.uint32(path[got] + 1))
+            entries[got] = e
+            got += 1
+        e += 1
+    announce(wdata, slot, got)
     fence_seq_cst()
     evicting = load_acquire(data, H_EVICTING)
     states = ws_geom[G_STATES]
-    m = k
-    for i in range(k):
+    m = got
+    for i in range(got):
         if evicting == np.uint64(path[i] + 1) or load_relaxed(data, states + path[i] * RECORD_WORDS + R_VERSION) != versions[i]:
             m = i
             break
-    if m < k:
-        for i in range(k - 1, m - 1, -1):
+    if m < got:
+        for i in range(got - 1, m - 1, -1):
             store_relaxed(pins, area + entries[i], np.uint32(0))
-        announce(wdata, slot, m - k)
+            entries[i] = -1
+        announce(wdata, slot, m - got)
     return m
 
 
 @njit(cache=True, nogil=True)
 def release_entries(wdata, pins, geom, slot, entries):
-    """Clear ``entries`` of reader ``slot``'s pin area (deepest first) and announce it."""
+    """Clear the set ones among ``entries`` (-1: none) of reader ``slot``'s
+    pin area, deepest first, and announce it; returns how many were set.
+    Clearing only what is set keeps ``RD_PINNED`` exact whatever part of a
+    ``pin_path_kernel`` call they come from ran."""
     area = geom[G_PINS] + slot * geom[G_READER_PINS]
+    n = 0
     for i in range(entries.shape[0] - 1, -1, -1):
-        store_relaxed(pins, area + entries[i], np.uint32(0))
-    announce(wdata, slot, -entries.shape[0])
+        e = entries[i]
+        if 0 <= e < geom[G_READER_PINS] and load_relaxed(pins, area + e) != 0:
+            store_relaxed(pins, area + e, np.uint32(0))
+            n += 1
+    announce(wdata, slot, -n)
+    return n
 
 
 @njit(cache=True, nogil=True)

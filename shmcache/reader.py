@@ -11,22 +11,29 @@ attach, detach and die freely.
 without a lock). The pins live in this reader's slot of the reader table;
 if the process dies holding them, the writer reclaims them.
 
+A Reader holds its slot of the reader table through a kernel-released lock
+(``shmcache.liveness``): it is alive, to the writer and to other readers,
+exactly as long as its process holds the segment open, in whatever PID
+namespace it runs. ``close`` (or garbage collection of the Reader) releases
+its pins and its slot.
+
 A Reader is not thread-safe: give each thread its own (they are cheap), or
 serialise calls. Matching releases the GIL (the kernels are ``nogil``). Do
 not use a Reader in a process forked from the one that attached it: the
-reader table records the attaching process.
+child shares its slot's lock and pins (the slot lives until both exit).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import numpy as np
 
-from . import segment
-from .atomics import publish_word, read_word, swap_word
+from . import liveness, segment
+from .atomics import publish_word
 from .errors import ClosedError, InvalidInputError, PinLimitError, SegmentCorruptError, SegmentRetiredError
-from .identity import is_alive, is_gone, me
+from .identity import me
 from .keys import KeyChain, Namespace, PrefixMatch, as_keys, as_tokens, bad_token_error
 from .layout import (
     G_READER_SLOTS,
@@ -46,7 +53,7 @@ from .layout import (
     H_WRITER_PID,
     H_WRITER_QUERY_BLOCKS,
     H_WRITER_MATCHES,
-    H_WRITER_START,
+    H_WRITER_PIDNS,
     H_CLEARS,
     H_RECOVERED,
     RD_HIT_BLOCKS,
@@ -54,8 +61,9 @@ from .layout import (
     RD_PINNED,
     RD_QUERIES,
     RD_QUERY_BLOCKS,
-    RD_START,
-    RECLAIMING,
+    RD_PIDNS,
+    LOCK_WRITER,
+    reader_lock_byte,
     reader_word,
 )
 from .matcher import (
@@ -107,8 +115,9 @@ def _match(length: int, values: np.ndarray) -> PrefixMatch:
     return _new_tuple(PrefixMatch, (length, values))
 
 
-def header_stats(data: np.ndarray, geometry) -> dict:
-    """The segment-wide figures of a header, as a plain dict."""
+def header_stats(data: np.ndarray, geometry, writer_alive: bool) -> dict:
+    """The segment-wide figures of a header, as a plain dict;
+    ``writer_alive`` is what the writer lock says (``shmcache.liveness``)."""
     h = lambda i: int(data[i])  # noqa: E731
     live = h(H_LIVE)
     return {
@@ -126,7 +135,8 @@ def header_stats(data: np.ndarray, geometry) -> dict:
         "operations": h(H_MUTATIONS) // 2,
         "clock": h(H_CLOCK),
         "writer_pid": h(H_WRITER_PID),
-        "writer_alive": is_alive(h(H_WRITER_PID), h(H_WRITER_START)),
+        "writer_pid_namespace": h(H_WRITER_PIDNS),
+        "writer_alive": writer_alive,
         "writer_epoch": h(H_WRITER_EPOCH),
         "writer_matches": h(H_WRITER_MATCHES),
         "writer_query_blocks": h(H_WRITER_QUERY_BLOCKS),
@@ -152,11 +162,12 @@ class Reader:
         self._chain = KeyChain(self.block_size, self.seed)
         self._pins = mapping.wdata.view(np.uint32)
         self.reader_pins = mapping.geometry.reader_pins
-        # Free entries of this reader's pin area, a stack: [0, _pin_top) are free.
-        self._pin_free = np.arange(self.reader_pins - 1, -1, -1, dtype=np.int64)
-        self._pin_top = self.reader_pins
+        #: The entries of a ``match_and_pin`` that may not have returned its
+        #: handle (interrupted): released before the next one, or at close.
+        self._unreturned: np.ndarray | None = None
         self._slot = self._register()
         self._geom[G_SLOT] = self._slot
+        self._leave = weakref.finalize(self, _leave, mapping, self._geom, self._slot)
         self._namespace: Namespace = None
         self._ws = np.zeros(0, dtype=np.uint64)
         self._grow(256)
@@ -179,32 +190,34 @@ class Reader:
         Raises SegmentNotFoundError, IncompatibleSegmentError or
         SegmentPermissionError if it cannot be used.
         """
-        return cls(segment.attach(name, writable=False, allow_other_owner=allow_other_owner))
+        mapping = segment.attach(name, writable=False, allow_other_owner=allow_other_owner)
+        try:
+            return cls(mapping)
+        except BaseException:
+            mapping.close()  # and with it the slot lock, if one was taken
+            raise
 
     # --- reader table -------------------------------------------------------
 
     def _register(self) -> int:
-        """Claim a reader-table slot (reusing one whose process is gone, and
-        clearing its pins); -1 if none is free.
+        """Claim a free reader-table slot; -1 if live readers hold all of them.
 
-        A slot whose pid runs with another start time is left alone: its
-        holder may be a reader between claiming the pid word and writing
-        its start time. The writer reclaims real pid reuse
-        (``Writer.reap_readers``).
+        A slot is free when no live process holds its lock: never used,
+        left, or left by a reader that died. Claiming takes the lock, then
+        clears whatever pins a dead holder left before recording this
+        process (pid and PID namespace, for people).
         """
-        pid, start = me()
-        w = self._map.wdata
+        pid, pidns = me()
+        w, fd = self._map.wdata, self._map.fd
         for slot in range(int(self._geom[G_READER_SLOTS])):
-            holder = int(read_word(w, reader_word(slot, RD_PID)))
-            if holder == RECLAIMING or (holder != 0 and not is_gone(holder)):
+            if not liveness.try_lock(fd, reader_lock_byte(slot)):
                 continue
-            if swap_word(w, reader_word(slot, RD_PID), np.uint64(holder), np.uint64(pid)):
-                w[reader_word(slot, RD_START)] = start
-                for word in (RD_QUERIES, RD_QUERY_BLOCKS, RD_HIT_BLOCKS):
-                    w[reader_word(slot, word)] = 0
-                if holder != 0:
-                    clear_slot(w, self._pins, self._geom, slot)
-                return slot
+            clear_slot(w, self._pins, self._geom, slot)
+            for word in (RD_QUERIES, RD_QUERY_BLOCKS, RD_HIT_BLOCKS):
+                w[reader_word(slot, word)] = 0
+            w[reader_word(slot, RD_PIDNS)] = pidns
+            publish_word(w, reader_word(slot, RD_PID), np.uint64(pid))
+            return slot
         return -1
 
     # --- matching ---------------------------------------------------------------
@@ -276,21 +289,32 @@ class Reader:
                 "processes when it attached), so it cannot pin: close idle readers and attach again"
             )
         toks = as_tokens(tokens)
+        if self._unreturned is not None:
+            self._release_unreturned()
         match = self.match_prefix(toks, namespace)
         k = len(match.values)
-        if k > self._pin_top:
+        in_use = int(self._wdata[reader_word(self._slot, RD_PINNED)])
+        if in_use + k > self.reader_pins:
             raise PinLimitError(
                 f"pinning {k} blocks would exceed this reader's {self.reader_pins} pin entries "
-                f"({self.reader_pins - self._pin_top} in use): unpin handles you no longer need, "
+                f"({in_use} in use): unpin handles you no longer need, "
                 "or create the segment with a larger reader_pins"
             )
         path, versions = workspace_path(self._ws, toks.shape[0] // self.block_size)
-        entries = self._pin_free[self._pin_top - k : self._pin_top].copy()
-        m = pin_path_kernel(self._data, self._wdata, self._pins, self._geom, path, versions, k, entries)
-        base = self._pin_top - k  # entries came from [base, _pin_top); the unpinned go back
-        self._pin_free[base : base + k - m] = entries[m:]
-        self._pin_top = base + k - m
-        return PinnedMatch(m * self.block_size, match.values[:m], entries[:m], self)
+        entries = np.full(k, -1, dtype=np.int64)
+        self._unreturned = entries  # before the kernel: whatever stops this call, they get released
+        try:
+            m = pin_path_kernel(self._data, self._wdata, self._pins, self._geom, path, versions, k, entries)
+            handle = PinnedMatch(m * self.block_size, match.values[:m], entries[:m], self)
+        except BaseException:
+            self._release_unreturned()
+            raise
+        self._unreturned = None
+        return handle
+
+    def _release_unreturned(self) -> None:
+        release_entries(self._wdata, self._pins, self._geom, self._slot, self._unreturned)
+        self._unreturned = None  # after: interrupted before this, the next call releases them again (a no-op)
 
     def unpin(self, handle: PinnedMatch) -> None:
         """Release the pins of a ``match_and_pin`` handle of this reader."""
@@ -301,8 +325,6 @@ class Reader:
             raise InvalidInputError("this handle was already unpinned: unpin each handle once")
         entries, handle._entries = handle._entries, None
         release_entries(self._wdata, self._pins, self._geom, self._slot, entries)
-        self._pin_free[self._pin_top : self._pin_top + len(entries)] = entries
-        self._pin_top += len(entries)
 
     def match_keys(self, keys: np.ndarray) -> PrefixMatch:
         """Like ``match_prefix`` for precomputed ``(n, 2)`` uint64 keys
@@ -328,7 +350,7 @@ class Reader:
     def stats(self) -> dict:
         """Segment-wide figures plus this reader's own query counters."""
         self._check_open()
-        out = header_stats(self._map.data, self._map.geometry)
+        out = header_stats(self._map.data, self._map.geometry, liveness.is_held(self._map.fd, LOCK_WRITER))
         w = self._map.wdata
         mine = [int(w[reader_word(self._slot, f)]) if self._slot >= 0 else 0
                 for f in (RD_QUERIES, RD_QUERY_BLOCKS, RD_HIT_BLOCKS, RD_PINNED)]
@@ -357,15 +379,12 @@ class Reader:
 
     def close(self) -> None:
         """Release every pin, leave the reader table and unmap. Never unlinks
-        anything. Idempotent; handles of this reader are released with it."""
+        anything. Idempotent; handles of this reader are released with it.
+        A Reader that is garbage-collected unclosed does the same."""
         if self._data is None:
             return
-        if self._slot >= 0:
-            if self._pin_top != self.reader_pins:
-                clear_slot(self._wdata, self._pins, self._geom, self._slot)
-            publish_word(self._wdata, reader_word(self._slot, RD_PID), np.uint64(0))
         self._data = self._wdata = self._pins = None
-        self._map.close()
+        self._leave()
 
     def __enter__(self) -> "Reader":
         return self
@@ -376,3 +395,15 @@ class Reader:
     def __repr__(self) -> str:
         state = "closed" if self._data is None else f"capacity={self.capacity} block_size={self.block_size}"
         return f"<shmcache.Reader {self.name!r} {state}>"
+
+
+def _leave(mapping: segment.Mapping, geom: np.ndarray, slot: int) -> None:
+    """Clear reader ``slot``'s pins, free the slot, release its lock and
+    unmap: ``Reader.close``, and the finalizer of a Reader collected open."""
+    try:
+        if slot >= 0:
+            clear_slot(mapping.wdata, mapping.wdata.view(np.uint32), geom, slot)
+            publish_word(mapping.wdata, reader_word(slot, RD_PID), np.uint64(0))
+            liveness.unlock(mapping.fd, reader_lock_byte(slot))
+    finally:
+        mapping.close()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import posix_ipc
 
+from . import liveness
 from .atomics import publish_word
 from .errors import (
     IncompatibleSegmentError,
@@ -35,6 +36,7 @@ from .errors import (
     InvalidNameError,
     SegmentExistsError,
     SegmentNotFoundError,
+    SegmentNotReadyError,
     SegmentPermissionError,
     SegmentSpaceError,
 )
@@ -52,6 +54,7 @@ from .layout import (
     HEADER_BYTES,
     HEADER_WORDS,
     LAYOUT_VERSION,
+    LOCK_WRITER,
     MAGIC,
     MAX_BLOCK_SIZE,
     MAX_CAPACITY,
@@ -168,13 +171,17 @@ def _open_object(name: str) -> posix_ipc.SharedMemory:
         ) from None
 
 
-def create(name: str, geometry: Geometry, mode: int, seed: tuple[int, int]) -> Mapping:
-    """Create, reserve, initialise and map a new segment, writable.
+def create(name: str, geometry: Geometry, mode: int, seed: tuple[int, int], words: dict[int, int]) -> Mapping:
+    """Create, reserve, initialise and map a new segment, writable, holding
+    its writer lock (``LOCK_WRITER``) through the returned mapping's ``fd``.
 
-    The header's identity and geometry are written, then MAGIC last with a
-    release store, so an attacher that sees MAGIC sees a complete header.
-    Raises SegmentExistsError if the name is taken, SegmentSpaceError if
-    ``/dev/shm`` cannot hold it (nothing is left behind then).
+    The lock is taken as soon as the object exists, so an attacher that
+    finds it uninitialised can tell a creator at work from one that died.
+    The header's identity, geometry and ``words`` (header word -> value)
+    are written, then MAGIC last with a release store, so an attacher that
+    sees MAGIC sees a complete header. Raises SegmentExistsError if the
+    name is taken, SegmentSpaceError if ``/dev/shm`` cannot hold it
+    (nothing is left behind then).
     """
     try:
         shm = posix_ipc.SharedMemory(shm_path(name), posix_ipc.O_CREX, mode=mode)
@@ -184,6 +191,8 @@ def create(name: str, geometry: Geometry, mode: int, seed: tuple[int, int]) -> M
             f"or shmcache.unlink({name!r}) removes it"
         ) from None
     try:
+        if not liveness.try_lock(shm.fd, LOCK_WRITER):  # only a process that broke into a new inode could hold it
+            raise SegmentExistsError(f"segment {name!r} was opened by another process while being created")
         os.fchmod(shm.fd, mode)
         try:
             os.posix_fallocate(shm.fd, 0, geometry.total_bytes)
@@ -202,16 +211,16 @@ def create(name: str, geometry: Geometry, mode: int, seed: tuple[int, int]) -> M
         raise
     fd = os.dup(shm.fd)
     shm.close_fd()
-    words = _words(m)
-    for word, value in geometry.header_fields().items():
-        words[word] = value
-    words[H_VERSION] = LAYOUT_VERSION
-    words[H_SEED_LO], words[H_SEED_HI] = seed
-    words[H_INCARNATION] = secrets.randbits(64)
-    words[H_CREATED_NS] = time.time_ns()
-    publish_word(words, H_MAGIC, np.uint64(MAGIC))
+    header = _words(m)
+    for word, value in {**geometry.header_fields(), **words}.items():
+        header[word] = value
+    header[H_VERSION] = LAYOUT_VERSION
+    header[H_SEED_LO], header[H_SEED_HI] = seed
+    header[H_INCARNATION] = secrets.randbits(64)
+    header[H_CREATED_NS] = time.time_ns()
+    publish_word(header, H_MAGIC, np.uint64(MAGIC))
     woff = geometry.wregion_offset // 8
-    return Mapping(name, geometry, words[:woff], words[woff:], [m], fd)
+    return Mapping(name, geometry, header[:woff], header[woff:], [m], fd)
 
 
 def validate_header(words: np.ndarray, size: int, name: str) -> Geometry:
@@ -253,11 +262,65 @@ def validate_header(words: np.ndarray, size: int, name: str) -> Geometry:
     return geometry
 
 
+#: How long ``attach`` waits for a segment that a live writer is creating.
+READY_WAIT_S = 2.0
+
+
+def _initialised_header(fd: int) -> np.ndarray | None:
+    """A private copy of the header, or None while its creator has not yet
+    reserved the object or published MAGIC (a zero first word)."""
+    if os.fstat(fd).st_size < HEADER_BYTES:
+        return None
+    head = _map(fd, HEADER_BYTES, 0, writable=False)
+    try:
+        header = _words(head)[:HEADER_WORDS].copy()
+    finally:
+        head.close()
+    return None if int(header[H_MAGIC]) == 0 else header
+
+
+def _await_creator(name: str, fd: int) -> np.ndarray:
+    """The header of a segment found uninitialised, once its creator has
+    published it; waits up to ``READY_WAIT_S`` on the writer semaphore,
+    which a creator holds until the header is complete.
+
+    Raises SegmentNotReadyError while the creator (the holder of the writer
+    lock) is still at work, IncompatibleSegmentError if no live process
+    holds it: the creator died before finishing.
+    """
+    try:
+        gate = posix_ipc.Semaphore(sem_path(name))
+    except posix_ipc.ExistentialError:
+        gate = None
+    if gate is not None:
+        try:
+            gate.acquire(READY_WAIT_S)
+            gate.release()
+        except posix_ipc.BusyError:
+            pass
+        finally:
+            gate.close()
+    header = _initialised_header(fd)
+    if header is not None:
+        return header
+    if liveness.is_held(fd, LOCK_WRITER):
+        raise SegmentNotReadyError(
+            f"segment {name!r} is still being created by its writer after {READY_WAIT_S:.0f} s (a large "
+            "segment takes a while to reserve): attach again in a moment"
+        )
+    raise IncompatibleSegmentError(
+        f"/dev/shm{shm_path(name)} was never initialised and no writer is creating it (its creator died "
+        f"during create): remove it with shmcache.unlink({name!r}) and create it again"
+    )
+
+
 def attach(name: str, writable: bool, allow_other_owner: bool = False) -> Mapping:
     """Map an existing segment after checking owner, mode, size and header.
 
     ``writable=False`` maps the data part read-only (readers);
-    ``writable=True`` maps everything read-write (the writer).
+    ``writable=True`` maps everything read-write (the writer). A segment
+    that a live writer is still creating is waited for (``READY_WAIT_S``),
+    then refused with SegmentNotReadyError.
     """
     validate_name(name)
     shm = _open_object(name)
@@ -273,16 +336,10 @@ def attach(name: str, writable: bool, allow_other_owner: bool = False) -> Mappin
                 f"segment {name!r} has mode {stat.S_IMODE(st.st_mode):04o}, writable by other users, "
                 "who could corrupt it: remove it with shmcache.unlink(name) and recreate it with a safe mode"
             )
-        if st.st_size < HEADER_BYTES:
-            raise IncompatibleSegmentError(
-                f"/dev/shm{shm_path(name)} is {st.st_size} bytes, too small for a shmcache header: "
-                "remove it with shmcache.unlink(name) and create it again"
-            )
-        head = _map(shm.fd, HEADER_BYTES, 0, writable=False)
-        try:
-            header = _words(head)[:HEADER_WORDS].copy()
-        finally:
-            head.close()
+        header = _initialised_header(shm.fd)
+        if header is None:
+            header = _await_creator(name, shm.fd)
+        st = os.fstat(shm.fd)
         geometry = validate_header(header, st.st_size, name)
         woff = geometry.wregion_offset
         if writable:

@@ -1,13 +1,26 @@
 """``Writer``: the one process that changes a segment.
 
-Exactly one Writer holds a segment at a time, across processes. The lock is
-the POSIX named semaphore ``/shmcache.<name>.writer`` together with the
-header's writer identity (pid and process start time). A semaphore is not
-released when its holder dies, so a Writer that finds it taken reads the
-recorded identity: a live holder is refused with ``WriterBusyError``; a dead
-one is taken over with a compare-and-swap on the identity word (so of two
-processes racing to take over, exactly one wins) and the segment is
-repaired by ``mutate.rebuild``.
+Exactly one Writer holds a segment at a time, across processes, PID
+namespaces and containers. What decides it is the writer lock: a
+kernel-released lock on the segment object's ``LOCK_WRITER`` byte
+(``shmcache.liveness``). ``Writer.create`` takes it before the header
+exists; ``Writer.open`` takes it without waiting, so a live holder (in this
+PID namespace or any other) is refused with ``WriterBusyError``, and one
+that died, SIGKILL included, is taken over at once, by exactly one of any
+number of racing claimers: the kernel grants the lock to one description.
+The winner records who it is (pid and PID namespace, for people), bumps
+the epoch, stamps a fresh claim id, and repairs the segment
+(``mutate.rebuild``). Before every operation a Writer checks that the claim
+id is still its own and the segment not retired; if not, it raises
+``WriterLostError`` and writes nothing.
+
+The named semaphore ``/shmcache.<name>.writer`` is only the gate of that
+claim: a creator holds it until the header is published (attachers wait on
+it), and claimers pass through it one at a time, so one that is refused
+names the holder that beat it. Nothing depends on its count: a claimer that
+finds it taken for ``GATE_WAIT_S`` goes on without it, and one that then
+wins gives the gate back, so a claimer that died inside it costs the next
+one that wait once.
 
 A Writer is not thread-safe; in the daemon a single thread owns it.
 """
@@ -23,29 +36,36 @@ from typing import Callable
 import numpy as np
 import posix_ipc
 
-from . import segment
-from .atomics import publish_word, read_word, swap_word
+from . import liveness, segment
+from .atomics import publish_word
 from .errors import (
     CacheFullError,
     ClosedError,
     InvalidInputError,
     SegmentCorruptError,
     SegmentExistsError,
+    SegmentRetiredError,
     WriterBusyError,
+    WriterLostError,
 )
-from .identity import is_alive, is_gone, me
+from .identity import me, who
 from .keys import KeyChain, Namespace, PrefixMatch, as_int64_array, as_tokens, as_values, check_seed
 from .layout import (
+    H_RETIRED,
     H_SEED_HI,
     H_SEED_LO,
+    H_WRITER_CLAIM,
     H_WRITER_EPOCH,
     H_WRITER_PID,
-    H_WRITER_START,
+    H_WRITER_PIDNS,
+    LOCK_WRITER,
     RD_PID,
-    RD_START,
-    RECLAIMING,
+    RD_PINNED,
+    READER_WORDS,
+    READERS_WORD,
     Geometry,
     check_geometry_args,
+    reader_lock_byte,
     reader_word,
 )
 from . import mutate
@@ -58,10 +78,14 @@ __all__ = ["Writer"]
 EvictCallback = Callable[[np.ndarray], None]
 OwnedEvictCallback = Callable[[np.ndarray, np.ndarray], None]
 
-#: How long ``Writer.open`` waits for a holder that has taken the semaphore
-#: but not yet recorded its identity (a window of microseconds in a live
-#: process) before deciding it died there.
-CLAIM_GRACE_S = 1.0
+#: How long a claimer waits for the gate (the semaphore) before it goes on
+#: without it: another claimer is inside for microseconds, a creator for
+#: as long as reserving the segment takes.
+GATE_WAIT_S = 1.0
+#: Numbered steps of ``Writer.open``'s claim, for its test hook: 1 before
+#: the gate, 2 inside it, 3 holding the lock, 4 with the claim stamped, 5
+#: out of the gate, before the repair.
+CLAIM_STEPS = 5
 #: Default seconds between two checks of the reader table for dead readers
 #: holding pins (``Writer.reap_interval``).
 REAP_INTERVAL_S = 1.0
@@ -97,8 +121,46 @@ def check_owner(owner: object) -> None:
         raise InvalidInputError(f"owner must be an int in [0, 2**32), got {owner!r}")
 
 
-def _holder(data: np.ndarray) -> tuple[int, int]:
-    return int(read_word(data, H_WRITER_PID)), int(data[H_WRITER_START])
+def _holder(data: np.ndarray) -> str:
+    """Who the header says holds the segment, for messages."""
+    return who(int(data[H_WRITER_PID]), int(data[H_WRITER_PIDNS]))
+
+
+def _stamp_claim(data: np.ndarray, epoch: int) -> int:
+    """Record this process as the holder of the writer lock it just took:
+    identity, epoch, and a fresh claim id (returned), published last."""
+    pid, pidns = me()
+    data[H_WRITER_PID], data[H_WRITER_PIDNS], data[H_WRITER_EPOCH] = pid, pidns, epoch
+    claim = secrets.randbits(63) + 1
+    publish_word(data, H_WRITER_CLAIM, np.uint64(claim))
+    return claim
+
+
+class _Gate:
+    """The writer semaphore used as the gate of the claim procedure (see the
+    module docstring): ``enter`` waits at most ``GATE_WAIT_S``; ``leave``
+    gives back what ``enter`` took, and heals a gate left taken by a claimer
+    that died in it when this one went on without it and won."""
+
+    def __init__(self, name: str) -> None:
+        segment.check_semaphore(name)
+        try:
+            self.sem = posix_ipc.Semaphore(segment.sem_path(name))
+        except posix_ipc.ExistentialError:
+            self.sem = posix_ipc.Semaphore(segment.sem_path(name), posix_ipc.O_CREAT, mode=0o600, initial_value=1)
+        self.entered = False
+
+    def enter(self) -> None:
+        try:
+            self.sem.acquire(GATE_WAIT_S)
+            self.entered = True
+        except posix_ipc.BusyError:
+            pass
+
+    def leave(self, won: bool) -> None:
+        if self.entered or won:
+            self.sem.release()
+        self.sem.close()
 
 
 class Writer:
@@ -121,11 +183,9 @@ class Writer:
     on_evict_owned: OwnedEvictCallback | None = None
     reap_interval: float = REAP_INTERVAL_S
 
-    def __init__(
-        self, mapping: segment.Mapping, sem: posix_ipc.Semaphore, on_evict: EvictCallback | None, crash_at_step: int = 0
-    ) -> None:
+    def __init__(self, mapping: segment.Mapping, claim: int, on_evict: EvictCallback | None, crash_at_step: int = 0) -> None:
         self._map = mapping
-        self._sem = sem
+        self._claim_id = np.uint64(claim)
         self.name = mapping.name
         self.block_size = mapping.geometry.block_size
         self.capacity = mapping.geometry.capacity
@@ -136,7 +196,6 @@ class Writer:
         self._A = mutate.new_arrays(mapping.data, mapping.wdata, mapping.geometry.vector())
         self._A.meta[mutate.M_CRASH] = crash_at_step
         self._reaped_at = time.monotonic()
-        self._suspects: dict[int, tuple[int, int, float]] = {}  # slot -> (pid, start, first seen): see reap_readers
         #: States dropped by the repair when this Writer took the segment over.
         self.recovered = int(self._run(mutate.rebuild, self._A))
 
@@ -170,21 +229,20 @@ class Writer:
         mode = segment.check_mode(mode)
         seed = secrets.randbits(128) if seed is None else check_seed(seed)
         geometry = Geometry.for_capacity(int(capacity), int(block_size), None if reader_pins is None else int(reader_pins))
-        try:
-            sem = posix_ipc.Semaphore(segment.sem_path(name), posix_ipc.O_CREX, mode=mode, initial_value=0)
+        try:  # the gate, taken (0) until the header is published: attachers wait on it
+            gate = posix_ipc.Semaphore(segment.sem_path(name), posix_ipc.O_CREX, mode=mode, initial_value=0)
         except posix_ipc.ExistentialError:
             cls._refuse_taken(name)
         try:
-            mapping = segment.create(name, geometry, mode, (seed & (2**64 - 1), seed >> 64))
+            mapping = segment.create(name, geometry, mode, (seed & (2**64 - 1), seed >> 64), {H_WRITER_EPOCH: 0})
         except BaseException:
-            sem.unlink()
-            sem.close()
+            gate.unlink()
+            gate.close()
             raise
-        pid, start = me()
-        mapping.data[H_WRITER_START] = start
-        mapping.data[H_WRITER_EPOCH] = 1
-        publish_word(mapping.data, H_WRITER_PID, np.uint64(pid))
-        return cls(mapping, sem, on_evict)
+        claim = _stamp_claim(mapping.data, 1)
+        gate.release()
+        gate.close()
+        return cls(mapping, claim, on_evict)
 
     @staticmethod
     def _refuse_taken(name: str) -> None:
@@ -198,88 +256,78 @@ class Writer:
         except Exception:
             m = None
         if m is not None:
-            pid, start = _holder(m.data)
-            m.close()
-            if is_alive(pid, start):
-                raise WriterBusyError(f"segment {name!r} is held by a live writer, pid {pid}", pid)
+            try:
+                if liveness.is_held(m.fd, LOCK_WRITER):
+                    raise WriterBusyError(f"segment {name!r} is held by a live writer, {_holder(m.data)}",
+                                          int(m.data[H_WRITER_PID]))
+            finally:
+                m.close()
         raise SegmentExistsError(
             f"segment {name!r} already exists: Writer.open({name!r}) takes it over, "
             f"or shmcache.unlink({name!r}) removes it"
         )
 
     @classmethod
-    def open(cls, name: str, *, on_evict: EvictCallback | None = None, _crash_at_step: int = 0) -> "Writer":
+    def open(
+        cls, name: str, *, on_evict: EvictCallback | None = None, _crash_at_step: int = 0, _stop_at_claim_step: int = 0
+    ) -> "Writer":
         """Take over the existing segment ``name`` and repair it.
 
-        Succeeds if no writer holds it or its holder has died (SIGKILL
-        included): the half-written states the dead writer left are dropped
-        with their descendants, and the index is rebuilt (``recovered``
-        says how many states were dropped). Raises WriterBusyError naming
-        the pid of a live holder. (``_crash_at_step`` is the crash test hook,
-        applied to the repair itself.)
+        Succeeds at once if no live process holds it: its writer closed, or
+        died (SIGKILL included), in any PID namespace. The half-written
+        states a dead writer left are dropped with their descendants, every
+        writer pin is dropped (whoever held them went with that writer),
+        and the index is rebuilt (``recovered`` says how many states were
+        dropped). Raises WriterBusyError naming a live holder,
+        SegmentNotReadyError while the segment is still being created.
+        (Test hooks: ``_crash_at_step`` is the crash hook, applied to the
+        repair; ``_stop_at_claim_step`` stops this process with SIGSTOP at
+        that step of the claim, 1 to ``CLAIM_STEPS``.)
         """
         mapping = segment.attach(name, writable=True)
         try:
-            sem = cls._claim(name, mapping.data)
+            claim = cls._claim(name, mapping, _stop_at_claim_step)
         except BaseException:
             mapping.close()
             raise
-        return cls(mapping, sem, on_evict, _crash_at_step)
+        return cls(mapping, claim, on_evict, _crash_at_step)
 
     @staticmethod
-    def _claim(name: str, data: np.ndarray) -> posix_ipc.Semaphore:
-        segment.check_semaphore(name)
+    def _claim(name: str, mapping: segment.Mapping, stop_at: int) -> int:
+        """Take the writer lock of ``mapping`` through the gate; returns the
+        new claim id. Raises WriterBusyError if a live process holds it."""
+        def step(k: int) -> None:
+            if k == stop_at:
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+        data = mapping.data
+        step(1)
+        gate = _Gate(name)
+        won = False
         try:
-            sem = posix_ipc.Semaphore(segment.sem_path(name))
-        except posix_ipc.ExistentialError:
-            sem = posix_ipc.Semaphore(segment.sem_path(name), posix_ipc.O_CREAT, mode=0o600, initial_value=0)
-        pid, start = me()
-        deadline = time.monotonic() + CLAIM_GRACE_S
-        while True:
-            try:
-                sem.acquire(0)
-                acquired = True
-            except posix_ipc.BusyError:
-                acquired = False
-            holder, holder_start = _holder(data)
-            if acquired:
-                expected = 0
-            elif holder and is_alive(holder, holder_start):
-                sem.close()
+            gate.enter()
+            step(2)
+            if not liveness.try_lock(mapping.fd, LOCK_WRITER):
                 raise WriterBusyError(
-                    f"segment {name!r} is held by a live writer, pid {holder}: stop it first "
+                    f"segment {name!r} is held by a live writer, {_holder(data)}: stop it first "
                     "(a segment has exactly one writer)",
-                    holder,
+                    int(data[H_WRITER_PID]),
                 )
-            elif holder == 0 and time.monotonic() < deadline:
-                # Taken but no identity yet: a live writer is between its
-                # acquire and its swap. Wait on the semaphore itself.
-                try:
-                    sem.acquire(0.01)
-                    sem.release()
-                except posix_ipc.BusyError:
-                    pass
-                continue
-            else:
-                expected = holder
-            if swap_word(data, H_WRITER_PID, np.uint64(expected), np.uint64(pid)):
-                data[H_WRITER_START] = start
-                data[H_WRITER_EPOCH] = int(data[H_WRITER_EPOCH]) + 1
-                return sem
-            if acquired:
-                # Another process took the segment over while we acquired:
-                # it is the writer now; give the semaphore back.
-                sem.release()
-                sem.close()
-                holder, _ = _holder(data)
-                raise WriterBusyError(f"segment {name!r} was just taken over by pid {holder}", holder)
+            won = True
+            step(3)
+            claim = _stamp_claim(data, int(data[H_WRITER_EPOCH]) + 1)
+            step(4)
+        finally:
+            gate.leave(won)
+        step(CLAIM_STEPS)
+        return claim
 
     # --- running kernels -------------------------------------------------------------
 
     def _run(self, kernel, *args):
-        """Run a mutation kernel; the crash test hook ends the process here."""
-        if self._A is None:
-            raise ClosedError(f"Writer for {self.name!r} is closed: open it again with Writer.open")
+        """Run a mutation kernel, once this Writer has checked that it still
+        holds the segment; the crash test hook ends the process here."""
+        self._check_open()
         if time.monotonic() - self._reaped_at >= self.reap_interval:
             self.reap_readers()
         try:
@@ -299,8 +347,20 @@ class Writer:
         return toks, self._chain.keys(toks, namespace)
 
     def _check_open(self) -> None:
+        """Raise unless this Writer is open and still the segment's writer."""
         if self._A is None:
             raise ClosedError(f"Writer for {self.name!r} is closed: open it again with Writer.open")
+        data = self._map.data
+        if data[H_WRITER_CLAIM] != self._claim_id:
+            raise WriterLostError(
+                f"this Writer no longer holds segment {self.name!r}: it was claimed by {_holder(data)} "
+                "(this Writer's lock was lost); it writes nothing more: close it"
+            )
+        if data[H_RETIRED]:
+            raise SegmentRetiredError(
+                f"segment {self.name!r} was removed (unlinked) under this Writer: close it, "
+                "then create the segment again"
+            )
 
     # --- operations ----------------------------------------------------------------------
 
@@ -416,38 +476,26 @@ class Writer:
         """Reclaim the reader-table slots, and so the pins, of reader
         processes that died; returns how many slots were reclaimed.
 
-        A holder is dead when its pid is gone (reclaimed at once), or when
-        its pid names a process with another start time through two passes
-        at least ``CLAIM_GRACE_S`` apart (pid reuse; a single sighting may
-        be a reader between claiming the slot and writing its start time).
-        Live readers are never touched.
+        A slot in use whose lock no live process holds lost its reader
+        (``shmcache.liveness``): the writer takes that lock itself, so no
+        reader claims the slot meanwhile, clears the pins, frees the slot
+        and lets go. Live readers, in any PID namespace, are never touched,
+        and no grace period is needed.
         """
         self._check_open()
-        now = self._reaped_at = time.monotonic()
-        A = self._A
+        self._reaped_at = time.monotonic()
+        A, fd = self._A, self._map.fd
+        records = A.wdata[READERS_WORD : READERS_WORD + self.geometry.reader_slots * READER_WORDS].reshape(-1, READER_WORDS)
         reaped = 0
-        suspects, self._suspects = self._suspects, {}
-        for slot in range(self.geometry.reader_slots):
-            pid = int(read_word(A.wdata, reader_word(slot, RD_PID)))
-            if pid == 0:
-                continue
-            if pid != RECLAIMING and not is_gone(pid):
-                start = int(A.wdata[reader_word(slot, RD_START)])
-                if is_alive(pid, start):
-                    continue
-                first = suspects.get(slot)
-                if first is None or first[:2] != (pid, start):
-                    first = (pid, start, now)
-                if now - first[2] < CLAIM_GRACE_S:
-                    self._suspects[slot] = first  # look again at a later pass
-                    continue
-            # RECLAIMING keeps readers off the slot while its entries are
-            # cleared; one left by a writer that died here is finished now.
-            if pid != RECLAIMING and not swap_word(A.wdata, reader_word(slot, RD_PID), np.uint64(pid), np.uint64(RECLAIMING)):
-                continue  # a new reader claimed it first and clears it itself
-            clear_slot(A.wdata, A.pins, A.geom, slot)
-            publish_word(A.wdata, reader_word(slot, RD_PID), np.uint64(0))
-            reaped += 1
+        for slot in np.flatnonzero(records[:, RD_PID] | records[:, RD_PINNED]).tolist():
+            if not liveness.try_lock(fd, reader_lock_byte(slot)):
+                continue  # a live reader holds it
+            try:
+                clear_slot(A.wdata, A.pins, A.geom, slot)
+                publish_word(A.wdata, reader_word(slot, RD_PID), np.uint64(0))
+                reaped += 1
+            finally:
+                liveness.unlock(fd, reader_lock_byte(slot))
         if reaped:
             mutate.sync_kernel(A)
         return reaped
@@ -458,7 +506,7 @@ class Writer:
         """Segment-wide figures (occupancy, counters, writer identity), and
         ``reader_pinned_blocks``: blocks that reader pins keep cached."""
         self._check_open()
-        out = header_stats(self._map.data, self.geometry)
+        out = header_stats(self._map.data, self.geometry, writer_alive=True)
         out["reader_pinned_blocks"] = int(mutate.sync_kernel(self._A))
         return out
 
@@ -478,16 +526,17 @@ class Writer:
     def close(self, unlink: bool = False) -> None:
         """Release the segment; with ``unlink=True`` also remove it (and its
         semaphore) from the system. Attached readers keep their mapping
-        until they close. Idempotent."""
+        until they close. Idempotent. Every pin this Writer holds goes with
+        it: the next writer starts with none."""
         if self._A is None:
             return
         self._A = None
+        data = self._map.data
         if unlink:
             segment.unlink(self.name)
-        else:
-            swap_word(self._map.data, H_WRITER_PID, np.uint64(os.getpid()), np.uint64(0))
-            self._sem.release()
-        self._sem.close()
+        elif data[H_WRITER_CLAIM] == self._claim_id:
+            data[H_WRITER_PID] = data[H_WRITER_PIDNS] = 0
+        liveness.unlock(self._map.fd, LOCK_WRITER)
         self._map.close()
 
     def __enter__(self) -> "Writer":

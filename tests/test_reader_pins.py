@@ -194,22 +194,88 @@ def test_a_withdrawn_entry_on_a_free_record_never_frees_it_twice(shm_name):
         assert r.match_prefix(prompt(100, 4)).values.tolist() == [10, 11, 12, 13]
 
 
-def test_a_slot_whose_pid_runs_with_another_start_time_is_reclaimed_only_after_a_grace(shm_name, monkeypatch):
-    """A live pid with a wrong start time is either pid reuse or a reader
-    between claiming the slot and writing its start time: neither another
-    reader nor the first reap takes it; a reap a grace period later does."""
-    import os
-
-    import shmcache.writer
-    from shmcache.layout import RD_PID, RD_START, reader_word
+def test_a_slot_left_with_pins_by_a_dead_holder_is_cleared_by_whoever_claims_it(shm_name):
+    """A slot whose lock nobody holds but whose pid word and entries say
+    otherwise (its reader died): the next reader to claim it clears it; so
+    does the writer's reap, and neither touches a live reader's slot."""
+    from shmcache.layout import RD_PID, reader_word
 
     with Writer.create(shm_name, capacity=8, block_size=BS) as w, Reader.attach(shm_name) as r:
-        slot = 5
-        r._wdata[reader_word(slot, RD_START)] = 12345
-        r._wdata[reader_word(slot, RD_PID)] = os.getpid()
+        w.insert(prompt(0, 2), [1, 2])
+        live = r.match_and_pin(prompt(0, 2))
+        for slot in (r._slot + 1, r._slot + 2):
+            r._wdata[reader_word(slot, RD_PID)] = 1  # pid 1 is alive: a pid says nothing
+            _stray_entry(r, slot, 1)
+        assert w.stats()["reader_pinned_blocks"] == 2
         with Reader.attach(shm_name) as other:
-            assert other._slot != slot
-        assert w.reap_readers() == 0 and int(r._wdata[reader_word(slot, RD_PID)]) == os.getpid()
-        monkeypatch.setattr(shmcache.writer, "CLAIM_GRACE_S", 0.0)
-        assert w.reap_readers() == 1 and int(r._wdata[reader_word(slot, RD_PID)]) == 0
-        assert r.match_and_pin(prompt(0, 1)).length == 0  # the real reader's own slot is untouched
+            assert other._slot == r._slot + 1 and other.stats()["pinned_entries"] == 0
+        assert w.reap_readers() == 1  # the other dead one; the closed one left nothing
+        assert int(r._wdata[reader_word(r._slot + 2, RD_PID)]) == 0
+        assert w.stats()["reader_pinned_blocks"] == 2 and live.pinned and r.stats()["pinned_entries"] == 2
+        w.check()
+
+
+def test_a_reader_collected_without_close_releases_its_slot_and_pins(shm_name):
+    import gc
+
+    with Writer.create(shm_name, capacity=8, block_size=BS) as w:
+        w.insert(prompt(0, 4), [1, 2, 3, 4])
+        r = Reader.attach(shm_name)
+        slot = r._slot
+        h = r.match_and_pin(prompt(0, 4))
+        assert w.stats()["reader_pinned_blocks"] == 4
+        del r, h
+        gc.collect()
+        assert w.stats()["reader_pinned_blocks"] == 0
+        with Reader.attach(shm_name) as again:
+            assert again._slot == slot
+        assert len(w.evict(8)) == 4
+        w.check()
+
+
+@pytest.mark.parametrize("where", ["handle", "kernel"])
+def test_an_interrupted_match_and_pin_leaves_nothing_behind(shm_name, monkeypatch, where):
+    """A KeyboardInterrupt between the pin kernel and the handle (or raised
+    out of the kernel call itself) leaves no entry in the slot."""
+    import shmcache.reader
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with Writer.create(shm_name, capacity=8, block_size=BS) as w, Reader.attach(shm_name) as r:
+        w.insert(prompt(0, 4), [1, 2, 3, 4])
+        kernel = shmcache.reader.pin_path_kernel
+
+        def pin_then_interrupt(*args):
+            kernel(*args)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(shmcache.reader, "PinnedMatch" if where == "handle" else "pin_path_kernel",
+                            interrupted if where == "handle" else pin_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            r.match_and_pin(prompt(0, 4))
+        monkeypatch.undo()
+        assert r.stats()["pinned_entries"] == 0 and w.stats()["reader_pinned_blocks"] == 0
+        h = r.match_and_pin(prompt(0, 4))
+        assert h.length == 16 and r.stats()["pinned_entries"] == 4
+        r.unpin(h)
+        assert len(w.evict(8)) == 4
+        w.check()
+
+
+def test_entries_of_a_call_stopped_before_it_could_clean_up_go_with_the_next(shm_name):
+    """Had the interrupt struck inside the clean-up itself, the entries are
+    still recorded as unreturned, and the next match_and_pin releases them."""
+    from shmcache.matcher import workspace_path
+    from shmcache.pins import pin_path_kernel
+
+    with Writer.create(shm_name, capacity=8, block_size=BS) as w, Reader.attach(shm_name) as r:
+        w.insert(prompt(0, 4), [1, 2, 3, 4])
+        r.match_prefix(prompt(0, 4))
+        path, versions = workspace_path(r._ws, 4)
+        r._unreturned = np.full(4, -1, dtype=np.int64)
+        assert pin_path_kernel(r._data, r._wdata, r._pins, r._geom, path, versions, 4, r._unreturned) == 4
+        assert r.stats()["pinned_entries"] == 4
+        assert r.match_and_pin(prompt(0, 2)).length == 8
+        assert r.stats()["pinned_entries"] == 2 and w.stats()["reader_pinned_blocks"] == 2
+        w.check()

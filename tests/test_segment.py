@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import posix_ipc
@@ -15,6 +16,7 @@ from shmcache import (
     IncompatibleSegmentError,
     Reader,
     SegmentExistsError,
+    SegmentNotFoundError,
     SegmentPermissionError,
     Writer,
 )
@@ -188,3 +190,69 @@ def test_a_segment_of_another_uid_is_refused_unless_asked_for(shm_name, monkeypa
             Reader.attach(shm_name)
         with Reader.attach(shm_name, allow_other_owner=True) as r:
             assert r.match_prefix(np.arange(8)).values.tolist() == [1, 2]
+
+
+def _uninitialised(name: str) -> posix_ipc.SharedMemory:
+    """An object as a creator leaves it before it publishes MAGIC: reserved,
+    header still zero, its writer lock held by this process."""
+    from shmcache import liveness
+    from shmcache.layout import LOCK_WRITER
+    from shmcache.segment import shm_path
+
+    shm = posix_ipc.SharedMemory(shm_path(name), posix_ipc.O_CREX, mode=0o600, size=1 << 20)
+    assert liveness.try_lock(shm.fd, LOCK_WRITER)
+    return shm
+
+
+@pytest.mark.parametrize("with_gate", [False, True])
+def test_attaching_a_segment_being_created_is_not_ready_never_damaged(shm_name, monkeypatch, with_gate):
+    """While its creator lives, an uninitialised segment is "not ready yet"
+    (after waiting on the creator's gate, if it has one); once the creator
+    is gone, it is a crashed create, and only then is unlinking advised."""
+    import shmcache.segment
+    from shmcache.segment import sem_path
+
+    monkeypatch.setattr(shmcache.segment, "READY_WAIT_S", 0.2)
+    shm = _uninitialised(shm_name)
+    gate = posix_ipc.Semaphore(sem_path(shm_name), posix_ipc.O_CREX, mode=0o600, initial_value=0) if with_gate else None
+    try:
+        for attach in (Reader.attach, Writer.open):
+            with pytest.raises(shmcache.SegmentNotReadyError, match="being created") as e:
+                attach(shm_name)
+            assert "unlink" not in str(e.value)
+    finally:
+        shm.close_fd()  # the creator dies: its lock goes
+        if gate is not None:
+            gate.close()
+    with pytest.raises(IncompatibleSegmentError, match="creator died.*unlink"):
+        Reader.attach(shm_name)
+
+
+def _create_big(name: str) -> None:
+    Writer.create(name, capacity=2_000_000, block_size=16).close()
+
+
+def test_attaching_while_a_large_segment_is_created_never_sees_a_broken_one(shm_name, spawn):
+    """Readers that attach in a loop while another process creates a 200 MB
+    segment see it missing or not ready, then ready: never incompatible."""
+    creator = spawn.Process(target=_create_big, args=(shm_name,))
+    creator.start()
+    seen = set()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with Reader.attach(shm_name) as r:
+                    assert r.capacity == 2_000_000
+                    break
+            except (SegmentNotFoundError, shmcache.SegmentNotReadyError) as e:
+                seen.add(type(e).__name__)
+        else:
+            raise AssertionError("the segment never became ready")
+        creator.join(120)
+        assert creator.exitcode == 0
+    finally:
+        if creator.is_alive():
+            creator.kill()
+            creator.join()
+    print("attach saw, before the segment was ready:", sorted(seen))
