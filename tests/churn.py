@@ -6,6 +6,11 @@ word equals 2 x operations completed. A reader records MUTATIONS before and
 after each match. The checker then finds, for each result, an instant (a
 point between two events) inside the call's window at which every returned
 block was present with the returned value.
+
+Nothing here leaves what a test checks to scheduling luck: every process
+loads its kernels before the churn starts, and readers run until they have
+seen what their test needs (``Goal``: answers that overlapped a write, ...),
+bounded by time; a reader that runs out of time exits with ``SHORT``.
 """
 
 from __future__ import annotations
@@ -15,10 +20,43 @@ import os
 import pickle
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 BS = 4
+#: Exit code of a reader that ran out of time before reaching its goal.
+SHORT = 3
+
+
+class Goal(NamedTuple):
+    """What one reader must see before it stops: at least ``rounds`` calls,
+    and ``counts`` of the rows its ``tally`` counts (``reader_main``: answers
+    that overlapped a write, and those with two blocks or more;
+    ``pin_reader_main``: non-empty pinned answers, and plain answers the
+    writer dropped while they were held), within ``seconds``."""
+
+    rounds: int
+    counts: tuple[int, ...]
+    seconds: float = 120.0
+
+
+def _run_to_goal(goal: Goal, one_round, tally) -> np.ndarray:
+    """Call ``one_round(t)`` (a row) in chunks until ``tally(rows)`` reaches
+    ``goal.counts`` after ``goal.rounds`` rows; exits ``SHORT`` at the deadline."""
+    chunks: list[np.ndarray] = []
+    t = 0
+    deadline = time.monotonic() + goal.seconds
+    while True:
+        chunk = np.stack([one_round(t + j) for j in range(1000)])
+        chunks.append(chunk)
+        t += len(chunk)
+        rows = np.concatenate(chunks)
+        if t >= goal.rounds and all(c >= want for c, want in zip(tally(rows), goal.counts)):
+            return rows
+        if time.monotonic() > deadline:
+            print(f"reader {os.getpid()}: {t} rounds, tally {tally(rows)} short of {goal}", flush=True)
+            os._exit(SHORT)
 
 
 def prompt_pool(seed: int, n: int = 48, alphabet: int = 3, max_blocks: int = 8) -> list[np.ndarray]:
@@ -41,6 +79,9 @@ def writer_main(name, capacity, seed, ready, stop, log_path, max_ops, max_second
     from shmcache import CacheFullError, Writer
     from shmcache.layout import H_MUTATIONS
 
+    from shmcache.writer import warm_up
+
+    warm_up()  # every writer kernel loaded before the readers start
     evicted: list[int] = []
     w = Writer.create(name, capacity=capacity, block_size=BS, seed=seed, on_evict=lambda v: evicted.extend(v.tolist()))
     pool = prompt_pool(seed)
@@ -101,24 +142,30 @@ def writer_main(name, capacity, seed, ready, stop, log_path, max_ops, max_second
     w.close()
 
 
-def run_churn(spawn, name, seed, tmp_path, reader_target, n_readers, per_reader, explicit_drops=True):
+def run_churn(spawn, name, seed, tmp_path, reader_target, n_readers, goal: Goal, explicit_drops=True):
     """Run ``writer_main`` (capacity 40) and ``n_readers`` spawned processes of
-    ``reader_target(name, seed, ready, go, per_reader, out_path)`` until the
-    readers finish. Returns the writer's op log and the readers' rows, stacked."""
+    ``reader_target(name, seed, ready, go, goal, out_path)`` until every
+    reader has reached ``goal``. Returns the writer's op log and the
+    readers' rows, stacked."""
     ready, go, stop = spawn.Event(), spawn.Event(), spawn.Event()
     log = tmp_path / "writer.pkl"
     writer = spawn.Process(target=writer_main,
-                           args=(name, 40, seed, ready, stop, str(log), 2_000_000, 120, 0, explicit_drops))
+                           args=(name, 40, seed, ready, stop, str(log), 10**8, goal.seconds + 300, 0, explicit_drops))
     outs = [tmp_path / f"reader{i}.npy" for i in range(n_readers)]
-    readers = [spawn.Process(target=reader_target, args=(name, seed, ready, go, per_reader, str(o))) for o in outs]
+    warm = [spawn.Event() for _ in outs]
+    readers = [spawn.Process(target=reader_target, args=(name, seed, ready, (w, go), goal, str(o)))
+               for o, w in zip(outs, warm)]
     writer.start()
     try:
         for p in readers:
             p.start()
-        assert ready.wait(120), "writer did not start"
+        assert ready.wait(300), "writer did not start"
+        for e in warm:
+            assert e.wait(300), "a reader did not start"
         go.set()
         for p in readers:
-            p.join(300)
+            p.join(goal.seconds + 300)
+            assert p.exitcode != SHORT, f"a reader did not reach {goal} in {goal.seconds} s"
             assert p.exitcode == 0, f"reader exited with {p.exitcode}"
         stop.set()
         writer.join(120)
@@ -139,33 +186,50 @@ def pool_keys_of(name: str, seed: int) -> list[list[tuple[int, int]]]:
         return [[(int(a), int(b)) for a, b in r.block_keys(p)] for p in prompt_pool(seed)]
 
 
-def _attach_reader(name, seed, ready):
-    """A reader process's start: wait for the writer, attach; returns the
-    Reader, its header words, the prompt pool and a per-process RNG."""
+def _attach_reader(name, seed, ready, start):
+    """A reader process's start: wait for the writer, attach, load every
+    kernel a reader runs (matching as arrays and lists, pinning), report
+    warm and wait for the go. Returns the Reader, its header words, the
+    prompt pool and a per-process RNG."""
     from shmcache import Reader
 
+    warm, go = start
     ready.wait()
     r = Reader.attach(name)
-    return r, r._map.data, prompt_pool(seed), np.random.default_rng(os.getpid())
+    pool = prompt_pool(seed)
+    r.match_prefix(pool[0])
+    r.match_prefix(pool[0].tolist())
+    r.unpin(r.match_and_pin(pool[0]))
+    warm.set()
+    go.wait()
+    return r, r._map.data, pool, np.random.default_rng(os.getpid())
 
 
-def reader_main(name, seed, ready, go, n_matches, out_path):
-    """Attach and match random pool prompts; record (prompt, MUTATIONS before/after, result)."""
+def reader_main(name, seed, ready, start, goal: Goal, out_path):
+    """Attach and match random pool prompts; record (prompt, MUTATIONS
+    before/after, result) until ``goal``: rows that overlapped a write, and
+    those that also matched two blocks or more."""
     from shmcache.layout import H_MUTATIONS
 
-    r, data, pool, rng = _attach_reader(name, seed, ready)
-    rows = np.zeros((n_matches, 4 + 8), dtype=np.int64)
-    go.wait()
-    for t in range(n_matches):
+    r, data, pool, rng = _attach_reader(name, seed, ready, start)
+
+    def one_round(t: int) -> np.ndarray:
+        row = np.zeros(4 + 8, dtype=np.int64)
         i = int(rng.integers(len(pool)))
         toks = pool[i] if t % 2 else pool[i].tolist()
         c0 = int(data[H_MUTATIONS])
         m = r.match_prefix(toks)
         c1 = int(data[H_MUTATIONS])
         k = m.length // BS
-        rows[t, :4] = (i, c0, c1, k)
-        rows[t, 4 : 4 + k] = m.values
-    np.save(out_path, rows)
+        row[:4] = (i, c0, c1, k)
+        row[4 : 4 + k] = m.values
+        return row
+
+    def tally(rows: np.ndarray) -> tuple[int, int]:
+        overlapped = rows[:, 1] != rows[:, 2]
+        return int(overlapped.sum()), int((overlapped & (rows[:, 3] >= 2)).sum())
+
+    np.save(out_path, _run_to_goal(goal, one_round, tally))
     del data
     r.close()
 
@@ -232,33 +296,42 @@ def violations(timeline: Timeline, pool_keys: list, rows: np.ndarray) -> list[st
     return bad
 
 
-def pin_reader_main(name, seed, ready, go, n_rounds, out_path, hold=16):
+def pin_reader_main(name, seed, ready, start, goal: Goal, out_path, hold=16):
     """Alternate pinned and plain matches of pool prompts, holding each answer
-    for ``hold`` further matches; record MUTATIONS before the call, after it
-    and before the release, so the checker can see what the writer did while
-    the answer was held."""
+    for ``hold`` further matches, the last of them the same prompt again;
+    record MUTATIONS before the call, after it and after the hold, so the
+    checker can see what the writer did while the answer was held, and
+    whether the answer's blocks were all still there at the end of the hold
+    (column 14). Runs until ``goal``: non-empty pinned answers, and plain
+    answers with a block dropped while held (the control: pins matter)."""
     from shmcache.layout import H_MUTATIONS
 
-    r, data, pool, rng = _attach_reader(name, seed, ready)
-    rows = np.zeros((n_rounds, 4 + 8), dtype=np.int64)
-    held = np.zeros((n_rounds, 2), dtype=np.int64)  # pinned?, MUTATIONS before release
-    go.wait()
-    for t in range(n_rounds):
+    r, data, pool, rng = _attach_reader(name, seed, ready, start)
+
+    def one_round(t: int) -> np.ndarray:
+        row = np.zeros(4 + 8 + 3, dtype=np.int64)
         i = int(rng.integers(len(pool)))
         pin = t % 2 == 0
         c0 = int(data[H_MUTATIONS])
         m = r.match_and_pin(pool[i]) if pin else r.match_prefix(pool[i])
         c1 = int(data[H_MUTATIONS])
-        for _ in range(hold):
+        for _ in range(hold - 1):
             r.match_prefix(pool[int(rng.integers(len(pool)))])
+        again = r.match_prefix(pool[i]).values
         c2 = int(data[H_MUTATIONS])
         if pin:
             r.unpin(m)
         k = m.length // BS
-        rows[t, :4] = (i, c0, c1, k)
-        rows[t, 4 : 4 + k] = m.values
-        held[t] = (pin, c2)
-    np.save(out_path, np.concatenate([rows, held], axis=1))
+        row[:4] = (i, c0, c1, k)
+        row[4 : 4 + k] = m.values
+        row[12:] = (pin, c2, len(again) >= k and bool((again[:k] == m.values).all()))
+        return row
+
+    def tally(rows: np.ndarray) -> tuple[int, int]:
+        pinned = rows[:, 12] == 1
+        return int((pinned & (rows[:, 3] > 0)).sum()), int((~pinned & (rows[:, 3] > 0) & (rows[:, 14] == 0)).sum())
+
+    np.save(out_path, _run_to_goal(goal, one_round, tally))
     del data
     r.close()
 
@@ -284,7 +357,7 @@ def dropped_while_held(dropped: dict[int, set[int]], rows: np.ndarray) -> list[i
     2m; one in flight at ``c1`` counts, as it could still evict)."""
     bad = []
     for t, row in enumerate(rows.tolist()):
-        c1, k, c2 = row[2], row[3], row[-1]
+        c1, k, c2 = row[2], row[3], row[13]
         values = set(row[4 : 4 + k])
         if values and any(values & dropped.get(op, set()) for op in range(c1 // 2 + 1, c2 // 2 + 1)):
             bad.append(t)

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from churn import Timeline, pool_keys_of, reader_main, run_churn, violations
+from churn import Goal, Timeline, pool_keys_of, reader_main, run_churn, violations
 
 SEED = 20261128
 N_READERS = 2
-MATCHES_PER_READER = 50_000
+#: Per reader: 50,000 matches at least, 1,500 of them overlapping a write,
+#: 250 of those with two blocks or more.
+GOAL = Goal(rounds=50_000, counts=(1500, 250))
 
 
 def test_readers_never_wrong_under_churn(shm_name, spawn, tmp_path):
-    ops, rows = run_churn(spawn, shm_name, SEED, tmp_path, reader_main, N_READERS, MATCHES_PER_READER)
+    ops, rows = run_churn(spawn, shm_name, SEED, tmp_path, reader_main, N_READERS, GOAL)
     timeline = Timeline.from_log(ops)
     pool_keys = pool_keys_of(shm_name, SEED)
     assert len(rows) >= 100_000
     bad = violations(timeline, pool_keys, rows)
     assert not bad, f"{len(bad)} wrong answers, first: {bad[:5]}"
-    # The run must have exercised what it claims: real overlap with writes,
-    # non-trivial answers, and churn that removed blocks.
+    # The run must have exercised what it claims (the readers ran until it
+    # had): real overlap with writes, non-trivial answers, and churn that
+    # removed blocks.
     overlapped = rows[:, 1] != rows[:, 2]
     assert overlapped.sum() >= 3000, f"only {overlapped.sum()} matches overlapped a write"
     assert (rows[:, 3] > 0).mean() > 0.3

@@ -10,7 +10,17 @@ import pytest
 
 from shmcache import CacheFullError, InvalidInputError, PinLimitError, Reader, Writer
 
-from churn import Timeline, dropped_by_op, dropped_while_held, pin_and_hold, pin_reader_main, pool_keys_of, run_churn, violations
+from churn import (
+    Goal,
+    Timeline,
+    dropped_by_op,
+    dropped_while_held,
+    pin_and_hold,
+    pin_reader_main,
+    pool_keys_of,
+    run_churn,
+    violations,
+)
 
 BS = 4
 
@@ -155,16 +165,17 @@ def test_pinned_answers_are_never_evicted_while_held(shm_name, spawn, tmp_path):
     while. No op may drop a pinned block while it is held; plain answers
     (the control) do get dropped, so the check has teeth."""
     seed = 4242
-    ops, rows = run_churn(spawn, shm_name, seed, tmp_path, pin_reader_main, 2, 20_000, explicit_drops=False)
+    goal = Goal(rounds=20_000, counts=(2600, 10))  # per reader: pinned answers held, plain ones dropped while held
+    ops, rows = run_churn(spawn, shm_name, seed, tmp_path, pin_reader_main, 2, goal, explicit_drops=False)
     pool_keys = pool_keys_of(shm_name, seed)
     assert violations(Timeline.from_log(ops), pool_keys, rows[:, :12]) == []
-    pinned, plain = rows[rows[:, 12] == 1], rows[rows[:, 12] == 0]
-    dropped = dropped_by_op(ops)
-    assert (pinned[:, 3] > 0).sum() > 5000
-    assert dropped_while_held(dropped, pinned) == []
-    control = len(dropped_while_held(dropped, plain))
-    assert control >= 20, f"only {control} plain answers were dropped while held: the churn does not test pins"
-    print(f"{(pinned[:, 3] > 0).sum()} pinned answers held, none dropped; {control} plain answers dropped while held")
+    pinned, plain = rows[(rows[:, 12] == 1) & (rows[:, 3] > 0)], rows[(rows[:, 12] == 0) & (rows[:, 3] > 0)]
+    assert len(pinned) > 5000
+    assert dropped_while_held(dropped_by_op(ops), pinned) == []
+    assert pinned[:, 14].all(), "a pinned answer's block was gone when its reader looked again"
+    control = int((plain[:, 14] == 0).sum())
+    assert control >= 20, f"only {control} plain answers lost a block while held: the churn does not test pins"
+    print(f"{len(pinned)} pinned answers held, none dropped; {control} plain answers lost a block while held")
 
 
 def _stray_entry(r, slot, value):
