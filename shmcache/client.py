@@ -28,7 +28,6 @@ from typing import Callable
 import numpy as np
 
 from . import protocol as P
-from .daemon import SPIN_US, socket_path
 from .errors import CacheFullError, ClosedError, DaemonUnavailableError, InvalidInputError
 from .hashing import narrow_tokens
 from .keys import Namespace, as_int64_array, as_tokens, as_values, bad_token_error, namespace_bytes
@@ -43,7 +42,7 @@ _ERRORS = {P.E_INVALID: InvalidInputError, P.E_FULL: CacheFullError, P.E_PROTOCO
 class Client:
     """A worker's handle: lock-free matches, changes through the daemon."""
 
-    def __init__(self, reader: Reader, sock: socket.socket, timeout: float, spin_us: float = SPIN_US) -> None:
+    def __init__(self, reader: Reader, sock: socket.socket, timeout: float, spin_us: float = P.SPIN_US) -> None:
         self.reader = reader
         self.name = reader.name
         self.block_size = reader.block_size
@@ -64,7 +63,7 @@ class Client:
 
     @classmethod
     def connect(
-        cls, name: str, *, sock_path: str | None = None, timeout: float = 10.0, spin_us: float = SPIN_US
+        cls, name: str, *, sock_path: str | None = None, timeout: float = 10.0, spin_us: float = P.SPIN_US
     ) -> "Client":
         """Attach to segment ``name`` (read-only) and connect to its daemon.
 
@@ -77,7 +76,7 @@ class Client:
         if isinstance(spin_us, bool) or not isinstance(spin_us, (int, float)) or not 0 <= spin_us <= 1e6:
             raise InvalidInputError(f"spin_us must be a number of microseconds in [0, 1e6], got {spin_us!r}")
         reader = Reader.attach(name)
-        path = sock_path or socket_path(name)
+        path = sock_path or P.socket_path(name)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:

@@ -46,14 +46,6 @@ log = logging.getLogger("shmcache.daemon")
 
 _CRED = struct.Struct("3i")
 _RECV = 1 << 20
-#: Default microseconds the daemon polls for work, and a Client for its
-#: reply, before sleeping.
-SPIN_US = 200
-
-
-def socket_path(name: str) -> str:
-    """Default socket path of segment ``name``."""
-    return f"/dev/shm/{segment.PREFIX}{name}.sock"
 
 
 @dataclass
@@ -83,7 +75,7 @@ class Daemon:
         allow_uids: tuple[int, ...] = (),
         keep_on_disconnect: bool = False,
         unlink_on_exit: bool = True,
-        spin_us: int = SPIN_US,
+        spin_us: int = P.SPIN_US,
     ) -> None:
         segment.validate_name(name)
         if isinstance(spin_us, bool) or not isinstance(spin_us, int) or not 0 <= spin_us <= 1_000_000:
@@ -105,7 +97,7 @@ class Daemon:
         else:
             self.writer = Writer.create(name, capacity, block_size)
         self.writer.on_evict_owned = self._collect_dropped
-        self.sock_path = sock_path or socket_path(name)
+        self.sock_path = sock_path or P.socket_path(name)
         self.allow_uids = {os.geteuid(), *allow_uids}
         self.keep_on_disconnect = keep_on_disconnect
         self.unlink_on_exit = unlink_on_exit

@@ -36,7 +36,7 @@ from .layout import (
     reader_word,
     RECORD_WORDS,
 )
-from .mutate import S_VALID, classify
+from .recovery import S_VALID, classify
 
 _LOW32 = np.uint64(LOW32)
 

@@ -38,7 +38,24 @@ from pathlib import Path
 #: The modules whose source the compiled kernels depend on: those that
 #: define cached kernels, and the shmcache modules they import
 #: (``tests/test_jitcache.py`` checks this list against the imports).
-KERNEL_MODULES = ("atomics", "dump", "errors", "hashing", "identity", "layout", "matcher", "mutate", "pins")
+KERNEL_MODULES = (
+    "atomics",
+    "checks",
+    "dump",
+    "errors",
+    "hashing",
+    "identity",
+    "layout",
+    "liveness",
+    "matcher",
+    "mutate",
+    "pins",
+    "pinsync",
+    "recovery",
+    "tables",
+    "tree",
+    "wstate",
+)
 
 #: Name of the stamp file, in the cache directory: the digest of the sources
 #: its cached kernels were compiled from.

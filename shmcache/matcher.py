@@ -1,6 +1,6 @@
 """The lock-free matcher: Numba kernels that read a live segment without a lock.
 
-Protocol (the writer's half is in ``shmcache.mutate``):
+Protocol (the writer's half is in ``shmcache.wstate`` and ``shmcache.mutate``):
 
 * A state is read seqlock-style, with the re-check deferred: its version
   with acquire ordering (odd: being written, a miss), then its fields with

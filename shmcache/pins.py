@@ -14,7 +14,7 @@ on both sides:
 
 * reader: store entries; bump RD_PIN_SEQ (release) and W_PIN_SEQ (atomic);
   fence; load EVICTING (acquire), then the version of each pinned state.
-* writer (``mutate.announce_drop``, before every record it drops): store
+* writer (``pinsync.announce_drop``, before every record it drops): store
   EVICTING = state + 1; fence; load W_PIN_SEQ and rescan changed slots. An
   eviction then skips the state if an entry names it; a remove or clear
   drops it anyway but keeps its record out of the free list until the last

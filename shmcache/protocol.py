@@ -1,5 +1,9 @@
 """The daemon's wire protocol: length-prefixed binary frames over a Unix socket.
 
+The daemon and ``Client`` import nothing from each other: what they agree
+on is here (the frames, the socket's default path ``socket_path``, and
+``SPIN_US``, how long each end polls before it sleeps).
+
 No pickle: every frame is a fixed header and a payload of little-endian
 integers and NumPy buffers, so a malformed frame can only be refused, never
 executed.
@@ -38,6 +42,7 @@ import struct
 
 import numpy as np
 
+from . import segment
 from .errors import ShmCacheError
 
 MAGIC = b"SC"
@@ -51,6 +56,10 @@ REQUESTS = {K_HELLO, K_INSERT, K_REMOVE, K_PIN, K_UNPIN}
 
 E_PROTOCOL, E_INVALID, E_FULL, E_INTERNAL = 1, 2, 3, 4
 
+#: Default microseconds the daemon polls for work, and a Client for its
+#: reply, before sleeping.
+SPIN_US = 200
+
 _PROMPT = struct.Struct("<IIBBHI")
 _RESULT = struct.Struct("<q")
 _ERROR = struct.Struct("<H")
@@ -58,6 +67,11 @@ _ERROR = struct.Struct("<H")
 
 class ProtocolError(ShmCacheError):
     """A frame that does not follow this protocol."""
+
+
+def socket_path(name: str) -> str:
+    """Default socket path of segment ``name``."""
+    return f"/dev/shm/{segment.PREFIX}{name}.sock"
 
 
 def frame(kind: int, request: int, payload: bytes = b"") -> bytearray:

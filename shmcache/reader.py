@@ -32,30 +32,16 @@ import numpy as np
 
 from . import liveness, segment
 from .atomics import publish_word
+from .checks import check_segment
 from .errors import ClosedError, InvalidInputError, PinLimitError, SegmentCorruptError, SegmentRetiredError
 from .identity import me
 from .keys import KeyChain, Namespace, PrefixMatch, as_keys, as_tokens, bad_token_error
 from .layout import (
     G_READER_SLOTS,
     G_SLOT,
-    H_CLOCK,
-    H_EVICTED,
     H_INCARNATION,
-    H_INSERTED,
-    H_LIVE,
-    H_MUTATIONS,
-    H_PINNED,
-    H_REMOVED,
     H_SEED_HI,
     H_SEED_LO,
-    H_WRITER_EPOCH,
-    H_WRITER_HIT_BLOCKS,
-    H_WRITER_PID,
-    H_WRITER_QUERY_BLOCKS,
-    H_WRITER_MATCHES,
-    H_WRITER_PIDNS,
-    H_CLEARS,
-    H_RECOVERED,
     RD_HIT_BLOCKS,
     RD_PID,
     RD_PINNED,
@@ -76,8 +62,8 @@ from .matcher import (
     workspace_path,
     workspace_words,
 )
-from .mutate import check_segment
 from .pins import PinnedMatch, clear_slot, pin_path_kernel, release_entries
+from .report import describe_violations, header_stats
 
 __all__ = ["Reader", "PrefixMatch", "PinnedMatch"]
 
@@ -113,37 +99,6 @@ def checked_tokens(tokens: object) -> tuple[np.ndarray, Callable[[np.ndarray, np
 
 def _match(length: int, values: np.ndarray) -> PrefixMatch:
     return _new_tuple(PrefixMatch, (length, values))
-
-
-def header_stats(data: np.ndarray, geometry, writer_alive: bool) -> dict:
-    """The segment-wide figures of a header, as a plain dict;
-    ``writer_alive`` is what the writer lock says (``shmcache.liveness``)."""
-    h = lambda i: int(data[i])  # noqa: E731
-    live = h(H_LIVE)
-    return {
-        "capacity": geometry.capacity,
-        "block_size": geometry.block_size,
-        "live_blocks": live,
-        "free_blocks": geometry.capacity - live,
-        "occupancy": live / geometry.capacity,
-        "pinned_blocks": h(H_PINNED),
-        "inserted_blocks": h(H_INSERTED),
-        "evicted_blocks": h(H_EVICTED),
-        "removed_blocks": h(H_REMOVED),
-        "clears": h(H_CLEARS),
-        "recovered_drops": h(H_RECOVERED),
-        "operations": h(H_MUTATIONS) // 2,
-        "clock": h(H_CLOCK),
-        "writer_pid": h(H_WRITER_PID),
-        "writer_pid_namespace": h(H_WRITER_PIDNS),
-        "writer_alive": writer_alive,
-        "writer_epoch": h(H_WRITER_EPOCH),
-        "writer_matches": h(H_WRITER_MATCHES),
-        "writer_query_blocks": h(H_WRITER_QUERY_BLOCKS),
-        "writer_hit_blocks": h(H_WRITER_HIT_BLOCKS),
-        "segment_bytes": geometry.total_bytes,
-        "bytes_per_block": geometry.bytes_per_block,
-    }
 
 
 class Reader:
@@ -367,8 +322,6 @@ class Reader:
         writer is idle; during writes it may report transient states.
         """
         self._check_open()
-        from .writer import describe_violations
-
         if self._map.resized():
             raise segment.resized_error(self.name)
         rows = check_segment(self._map.data, self._geom)

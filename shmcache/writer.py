@@ -10,7 +10,7 @@ that died, SIGKILL included, is taken over at once, by exactly one of any
 number of racing claimers: the kernel grants the lock to one description.
 The winner records who it is (pid and PID namespace, for people), bumps
 the epoch, stamps a fresh claim id, and repairs the segment
-(``mutate.rebuild``). Before every operation a Writer checks that the claim
+(``recovery.rebuild``). Before every operation a Writer checks that the claim
 id is still its own and the segment not retired; if not, it raises
 ``WriterLostError`` and writes nothing.
 
@@ -69,9 +69,12 @@ from .layout import (
     reader_word,
 )
 from . import mutate
-from .mutate import WriterCrashed
+from .checks import check_private, check_segment
 from .pins import clear_slot
-from .reader import Reader, header_stats
+from .reader import Reader
+from .recovery import rebuild
+from .report import describe_violations, header_stats
+from .wstate import M_CRASH, WriterCrashed, new_arrays
 
 __all__ = ["Writer"]
 
@@ -89,32 +92,6 @@ CLAIM_STEPS = 5
 #: Default seconds between two checks of the reader table for dead readers
 #: holding pins (``Writer.reap_interval``).
 REAP_INTERVAL_S = 1.0
-
-_VIOLATIONS = {
-    mutate.V_ODD_VERSION: "state {a} has an odd version (a write was interrupted)",
-    mutate.V_BAD_PARENT: "state {a} links to parent {b}, which is not a live state",
-    mutate.V_UNREACHABLE: "state {a} does not reach the root through live states (cycle or dead ancestor)",
-    mutate.V_NOT_INDEXED: "state {a} is not found through the index under its key (found {b})",
-    mutate.V_SLOT_BAD_STATE: "index slot {a} points at state {b}, which is out of range or free",
-    mutate.V_SLOT_BAD_TAG: "index slot {a} has a tag that does not match state {b}'s key",
-    mutate.V_SLOT_TOO_FAR: "index slot {a} (state {b}) lies beyond the recorded maximum probe distance",
-    mutate.V_SLOT_COUNT: "index holds {a} entries for {b} live states",
-    mutate.V_LIVE_COUNT: "header says {a} live states, the table holds {b}",
-    mutate.V_PINNED_COUNT: "header says {a} protected (pinned or above a pin) states, the table holds {b}",
-    mutate.V_PROTECT_COUNT: "state {a} records the wrong number of pinned states in its subtree (should be {b})",
-    mutate.V_MUTATING: "the mutation counter is odd ({a}): a write is in progress or was interrupted",
-    mutate.V_FREE_LIST: "free list entry {a} (state {b}) is wrong",
-    mutate.V_CHILD_LIST: "children list of {a} is inconsistent ({b})",
-    mutate.V_VALUE_MAP: "state {a} is not found through the value map (found {b})",
-    mutate.V_HEAP_MISSING: "evictable leaf {a} is missing from the LRU heap",
-    mutate.V_READER_PINS: "the writer counts a wrong number of reader pins on state {a} (entries name it {b} times)",
-}
-
-
-def describe_violations(rows: np.ndarray) -> list[str]:
-    """Human-readable lines for ``(code, a, b)`` violation rows."""
-    return [_VIOLATIONS.get(int(c), "violation {c}: {a} {b}").format(c=int(c), a=int(a), b=int(b)) for c, a, b in rows]
-
 
 def check_owner(owner: object) -> None:
     if isinstance(owner, bool) or not isinstance(owner, (int, np.integer)) or not 0 <= owner <= 0xFFFFFFFF:
@@ -193,11 +170,11 @@ class Writer:
         self.seed = int(mapping.data[H_SEED_LO]) | (int(mapping.data[H_SEED_HI]) << 64)
         self.on_evict = on_evict
         self._chain = KeyChain(self.block_size, self.seed)
-        self._A = mutate.new_arrays(mapping.data, mapping.wdata, mapping.geometry.vector())
-        self._A.meta[mutate.M_CRASH] = crash_at_step
+        self._A = new_arrays(mapping.data, mapping.wdata, mapping.geometry.vector())
+        self._A.meta[M_CRASH] = crash_at_step
         self._reaped_at = time.monotonic()
         #: States dropped by the repair when this Writer took the segment over.
-        self.recovered = int(self._run(mutate.rebuild, self._A))
+        self.recovered = int(self._run(rebuild, self._A))
 
     # --- acquiring the segment ---------------------------------------------------
 
@@ -339,7 +316,7 @@ class Writer:
     def _crash_at_step(self, step: int) -> None:
         """Test hook: the ``step``-th numbered step of the coming mutations
         SIGKILLs this process, with nothing after that step written."""
-        self._A.meta[mutate.M_CRASH] = step
+        self._A.meta[M_CRASH] = step
 
     def _keys(self, tokens: object, namespace: Namespace) -> tuple[np.ndarray, np.ndarray]:
         self._check_open()
@@ -517,7 +494,7 @@ class Writer:
         self._check_open()
         if self._map.resized():
             raise segment.resized_error(self.name)
-        rows = np.concatenate([mutate.check_segment(self._A.data, self._A.geom), mutate.check_private(self._A)])
+        rows = np.concatenate([check_segment(self._A.data, self._A.geom), check_private(self._A)])
         if len(rows):
             raise SegmentCorruptError(f"segment {self.name!r} fails its invariant check", describe_violations(rows))
 

@@ -19,7 +19,8 @@ def run(n_cases: int, seed: int, out) -> None:
 
     import shmcache
     from shmcache import Reader, SegmentCorruptError, Writer
-    from shmcache import mutate
+    from shmcache.recovery import rebuild
+    from shmcache.wstate import M_CRASH
 
     name = f"t-fuzz-{uuid.uuid4().hex[:12]}"
     w = Writer.create(name, capacity=96, block_size=BS)
@@ -82,7 +83,7 @@ def run(n_cases: int, seed: int, out) -> None:
                 assert e.violations
                 tally["check found damage"] += 1
             if hits[0][1] < 0.25:  # a quarter of the cases: the writer's repair on the damage
-                mutate.rebuild(w._A)
+                rebuild(w._A)
                 tally["repairs"] += 1
             tally["cases"] += 1
 
@@ -92,5 +93,5 @@ def run(n_cases: int, seed: int, out) -> None:
         r.close()
         out.put(dict(tally))
     finally:
-        w._A.meta[mutate.M_CRASH] = 0
+        w._A.meta[M_CRASH] = 0
         w.close(unlink=True)

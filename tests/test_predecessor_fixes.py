@@ -11,7 +11,7 @@ import numpy as np
 
 from shmcache import Reader, Writer
 from shmcache.layout import H_MAX_PROBE
-from shmcache.mutate import probe_distances
+from shmcache.checks import probe_distances
 
 
 def two_blocks(i: int) -> np.ndarray:

@@ -1,0 +1,171 @@
+"""Recovery: repair a segment whose writer died, and rebuild everything
+derived from its state table.
+
+``rebuild`` runs whenever a Writer takes a segment (created, opened or
+taken over from a dead writer): it drops the states a dead writer left
+half-written with their descendants, then recreates the index, the header's
+counters and every writer-private structure in ``Arrays``. Two of its
+steps serve elsewhere too: ``classify`` (which records reach the root
+through live states) the invariant checks (``shmcache.checks``) and
+``shmcache dump``; ``protect_counts`` (the pinned-descendant counts a valid
+tree must hold) the checks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .atomics import store_relaxed
+from .layout import (
+    G_CAPACITY,
+    G_INDEX,
+    G_SLOTS,
+    G_STATES,
+    H_EVICTING,
+    H_LIVE,
+    H_MAX_PROBE,
+    H_PINNED,
+    H_RECOVERED,
+    LINK_FREE,
+    LOW32,
+    R_PINS,
+    R_VERSION,
+    RECORD_WORDS,
+)
+from .pinsync import forget_reader_pins, sync_reader_pins
+from .tables import K_INDEX, K_VMAP, table_insert
+from .tree import attach_child, heap_rebuild
+from .wstate import M_FREE_TOP, M_HEAP_SIZE, NIL, begin, bump, end, field, parent_of, publish, rec, set_field, step
+
+P_TORN = -3  # parent code of a record a writer was changing (odd version)
+S_UNKNOWN, S_VALID, S_INVALID, S_FREE = 0, 1, 2, 3
+
+_ONE = np.uint64(1)
+_LOW32 = np.uint64(LOW32)
+
+
+@njit(cache=True)
+def classify(parent):
+    """Which records are live states reachable from the root.
+
+    ``parent[s]`` is the parent id, -1 for the root, -2 for a free record,
+    ``P_TORN`` for a torn one; ids may be garbage. Returns an int8 array:
+    S_VALID (live, and every ancestor is), S_INVALID (torn, bad link, or below
+    an invalid or free record, or on a cycle) or S_FREE. O(capacity): each
+    record is walked once.
+    """
+    cap = parent.shape[0]
+    status = np.zeros(cap, dtype=np.int8)
+    for s in range(cap):
+        p = parent[s]
+        if p == -2:
+            status[s] = S_FREE
+        elif p < -1 or p >= cap:
+            status[s] = S_INVALID
+    chain = np.empty(cap + 1, dtype=np.int64)
+    for s in range(cap):
+        if status[s] != S_UNKNOWN:
+            continue
+        depth = 0
+        cur = s
+        verdict = S_VALID
+        while True:
+            if status[cur] == S_VALID:
+                break
+            if status[cur] != S_UNKNOWN or depth > cap:
+                verdict = S_INVALID
+                break
+            chain[depth] = cur
+            depth += 1
+            status[cur] = S_INVALID  # provisional: meeting it again in this walk is a cycle
+            if parent[cur] == -1:
+                break
+            cur = parent[cur]
+        for i in range(depth):
+            status[chain[i]] = verdict
+    return status
+
+
+@njit(cache=True)
+def protect_counts(parent, status, data, geom):
+    """For each valid state, how many valid states in its subtree (itself
+    included) have a pin: what the high half of its PINS word must hold."""
+    cap = parent.shape[0]
+    states = geom[G_STATES]
+    out = np.zeros(cap, dtype=np.int64)
+    for s in range(cap):
+        if status[s] == S_VALID and (data[states + s * RECORD_WORDS + R_PINS] & _LOW32) != 0:
+            cur = s
+            for _ in range(cap):
+                out[cur] += 1
+                cur = parent[cur]
+                if cur < 0:
+                    break
+    return out
+
+
+@njit(cache=True)
+def rebuild(A):
+    """Repair the segment and rebuild everything derived from the state table.
+
+    Drops every state whose record is odd (a dead writer was changing it),
+    whose link is out of range, or whose ancestry does not reach the root
+    through live states (descendants of a dropped state, cycles). Then
+    rebuilds the index, the counters and the private structures. Safe with
+    readers attached: they see misses while the index is rebuilt. Returns the
+    number of states dropped.
+    """
+    cap = A.geom[G_CAPACITY]
+    begin(A)
+    parent = np.empty(cap, dtype=np.int64)
+    for s in range(cap):
+        parent[s] = P_TORN if A.data[rec(A, s) + R_VERSION] & _ONE else parent_of(A, s)
+    status = classify(parent)
+    dropped = 0
+    for s in range(cap):
+        if status[s] == S_INVALID:
+            publish(A, s, np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(LINK_FREE), np.uint64(0), np.uint64(0))
+            status[s] = S_FREE
+            dropped += 1
+    index = A.geom[G_INDEX]
+    for i in range(A.geom[G_SLOTS]):
+        if A.data[index + i] != 0:
+            step(A)
+            store_relaxed(A.data, index + i, np.uint64(0))
+    store_relaxed(A.data, H_MAX_PROBE, np.uint64(0))
+    store_relaxed(A.data, H_EVICTING, np.uint64(0))
+    A.vmap[:] = 0
+    A.links[:, :] = NIL
+    A.meta[M_HEAP_SIZE] = 0
+    forget_reader_pins(A)
+    sync_reader_pins(A)  # before the free list: records reader pins name stay out of it
+    n_free = 0
+    live = 0
+    A.held[:] = False
+    for s in range(cap - 1, -1, -1):
+        if status[s] == S_FREE:
+            if A.rpin[s] == 0:
+                A.free[n_free] = s
+                n_free += 1
+            else:
+                A.held[s] = True
+            continue
+        live += 1
+        parent[s] = parent_of(A, s)
+        table_insert(A, K_INDEX, s)
+        table_insert(A, K_VMAP, s)
+        attach_child(A, parent_of(A, s), s)
+    A.meta[M_FREE_TOP] = n_free
+    store_relaxed(A.data, H_LIVE, np.uint64(live))
+    protect = protect_counts(parent, status, A.data, A.geom)
+    pinned = 0
+    for s in range(cap):
+        if status[s] == S_VALID:
+            set_field(A, s, R_PINS, (np.uint64(protect[s]) << np.uint64(32)) | (field(A, s, R_PINS) & _LOW32))
+            pinned += protect[s] > 0
+    store_relaxed(A.data, H_PINNED, np.uint64(pinned))
+    bump(A, H_RECOVERED, dropped)
+    heap_rebuild(A)
+    end(A)
+    return dropped

@@ -1,0 +1,252 @@
+"""The writer's state: the arrays its kernels take, the crash hook, the
+operation bracket and record access.
+
+Publication protocol, the primitives every writer kernel uses (the reader's
+half is in ``shmcache.matcher``; the order in which an operation changes
+states is ``shmcache.mutate``'s):
+
+* An operation is bracketed by the header's MUTATIONS word: made odd (relaxed
+  store + release fence) before the first change, even (release store)
+  after the last, so it grows by exactly 2 per operation (``begin``, ``end``).
+* A record is changed by storing version+1 (odd), a release fence, the
+  fields (relaxed atomic stores), then version+2 with release ordering
+  (``publish``).
+
+Writer-private structures live in ordinary process memory (``Arrays``) and
+are derived from the state table, so ``recovery.rebuild`` can recreate them
+after any crash: children lists, the free-record stack and the LRU heap
+(``shmcache.tree``), the value map (``shmcache.tables``), and the count of
+reader pin entries naming each state (``shmcache.pinsync``).
+
+A test hook can stop the writer at any numbered step: ``meta[M_CRASH] = k``
+makes the k-th step raise ``WriterCrashed``, which unwinds the kernel with
+nothing after that step written; the Python layer then SIGKILLs the process.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from .atomics import fence_release, load_relaxed, store_relaxed, store_release
+from .layout import (
+    G_CAPACITY,
+    G_HITS,
+    G_READER_PINS,
+    G_READER_SLOTS,
+    G_STATES,
+    H_CLOCK,
+    H_MUTATIONS,
+    H_PINNED,
+    LINK_FREE,
+    LINK_PARENT_BIAS,
+    LOW32,
+    R_KEY_HI,
+    R_KEY_LO,
+    R_LINK,
+    R_PINS,
+    R_RECENCY,
+    R_VALUE,
+    R_VERSION,
+    RECORD_WORDS,
+)
+from .matcher import CLOCK_TICK
+
+
+#: Decorator of the writer's helpers: functions that take ``Arrays`` and
+#: never allocate, create or return an array. They are compiled without
+#: Numba's reference counting (NRT). With it, every field of the 13-array
+#: ``Arrays`` tuple a helper touches costs an incref/decref call pair that
+#: LLVM cannot prune in branchy code: a 128-block insert measured 5.6x
+#: slower per block. The kernels that call them (and allocate) keep NRT and
+#: own every reference, so the helpers only borrow. ``_nrt`` is a Numba
+#: compiler option (``numba.core.options``); tests exercise every helper.
+helper = njit(_nrt=False)
+
+
+class WriterCrashed(Exception):
+    """Raised by the crash test hook at the chosen step."""
+
+
+class Arrays(NamedTuple):
+    """Everything a writer kernel touches. ``data``/``wdata`` are the segment's
+    two parts; the rest is writer-private and rebuilt by ``recovery.rebuild``."""
+
+    data: np.ndarray  # uint64, data part, writable
+    wdata: np.ndarray  # uint64, writable part
+    geom: np.ndarray  # int64, layout.G_* vector
+    links: np.ndarray  # int64 (capacity + 1, 3): first child, next, prev; row capacity is the root
+    free: np.ndarray  # int64 (capacity,): stack of free record ids
+    heap_key: np.ndarray  # uint64: recency of each heap entry
+    heap_state: np.ndarray  # int64: state of each heap entry
+    vmap: np.ndarray  # uint64: (owner, value) -> state + 1, 0 empty
+    meta: np.ndarray  # int64: M_* below
+    pins: np.ndarray  # uint32 view of the writable part (readers' pin entries at G_PINS)
+    rpin: np.ndarray  # int32 (capacity,): reader pin entries naming each state
+    held: np.ndarray  # bool (capacity,): free records kept off the free stack while a reader pin names them
+    rprev: np.ndarray  # uint32: the pin area as last scanned
+    rseen: np.ndarray  # uint64 (reader slots,): each slot's PIN_SEQ as last scanned
+
+
+M_FREE_TOP = 0
+M_HEAP_SIZE = 1
+M_CRASH = 2
+M_PIN_SEQ = 3  # W_PIN_SEQ as last scanned (uint64 bits)
+M_RPINNED = 4  # states named by at least one reader pin entry
+M_WORDS = 6
+
+FC, NEXT, PREV = 0, 1, 2
+NIL = -1
+
+_ONE = np.uint64(1)
+_LOW32 = np.uint64(LOW32)
+
+
+def _zeros(n: int, dtype) -> np.ndarray:
+    """Zeros with every page already faulted in. ``np.zeros`` maps lazily
+    zeroed pages, and the writer touches these arrays at random, so the
+    first inserts into a fresh segment would pay a page fault per 4 KB."""
+    a = np.empty(n, dtype=dtype)
+    a.fill(0)
+    return a
+
+
+def new_arrays(data: np.ndarray, wdata: np.ndarray, geom: np.ndarray) -> Arrays:
+    """Allocate the writer-private arrays for a segment (contents rebuilt later)."""
+    cap = int(geom[G_CAPACITY])
+    return Arrays(
+        data=data,
+        wdata=wdata,
+        geom=geom,
+        links=np.full((cap + 1, 3), NIL, dtype=np.int64),
+        free=_zeros(cap, np.int64),
+        heap_key=_zeros(2 * cap + 64, np.uint64),
+        heap_state=_zeros(2 * cap + 64, np.int64),
+        vmap=_zeros(max(16, 2 * cap), np.uint64),
+        meta=np.zeros(M_WORDS, dtype=np.int64),
+        pins=wdata.view(np.uint32),
+        rpin=_zeros(cap, np.int32),
+        held=_zeros(cap, np.bool_),
+        rprev=np.zeros(int(geom[G_READER_SLOTS]) * int(geom[G_READER_PINS]), dtype=np.uint32),
+        rseen=np.zeros(int(geom[G_READER_SLOTS]), dtype=np.uint64),
+    )
+
+
+# --- crash hook and operation bracket ---------------------------------------
+
+
+@njit(inline="always")
+def step(A):
+    c = A.meta[M_CRASH]
+    if c > 0:
+        A.meta[M_CRASH] = c - 1
+        if c == 1:
+            raise WriterCrashed("shmcache test hook: writer stopped at the requested step")
+
+
+@njit(inline="always")
+def begin(A):
+    step(A)
+    m = A.data[H_MUTATIONS]
+    store_relaxed(A.data, H_MUTATIONS, m | _ONE)
+    fence_release()
+    store_relaxed(A.data, H_CLOCK, A.data[H_CLOCK] + CLOCK_TICK)
+
+
+@njit(inline="always")
+def end(A):
+    step(A)
+    store_release(A.data, H_MUTATIONS, (A.data[H_MUTATIONS] | _ONE) + _ONE)
+
+
+@njit(inline="always")
+def bump(A, word, delta):
+    store_relaxed(A.data, word, np.uint64(np.int64(A.data[word]) + delta))
+
+
+# --- record access ------------------------------------------------------------
+
+
+@njit(inline="always")
+def rec(A, s):
+    return A.geom[G_STATES] + s * RECORD_WORDS
+
+
+@njit(inline="always")
+def field(A, s, f):
+    return A.data[rec(A, s) + f]
+
+
+@njit(inline="always")
+def set_field(A, s, f, v):
+    store_relaxed(A.data, rec(A, s) + f, np.uint64(v))
+
+
+@njit(inline="always")
+def parent_of(A, s):
+    """Parent state, -1 for the root, -2 for a free record."""
+    return np.int64(field(A, s, R_LINK) & _LOW32) - LINK_PARENT_BIAS
+
+
+@njit(inline="always")
+def owner_of(A, s):
+    return np.int64(field(A, s, R_LINK) >> np.uint64(32))
+
+
+@njit(inline="always")
+def pins_of(A, s):
+    """The state's own pin count (pins taken on paths through it)."""
+    return np.int64(field(A, s, R_PINS) & _LOW32)
+
+
+@njit(inline="always")
+def is_protected(A, s):
+    """Whether ``s`` or a descendant is pinned: then it is never evicted."""
+    return (field(A, s, R_PINS) >> np.uint64(32)) != 0
+
+
+@helper
+def adjust_protect(A, s, delta):
+    """Add ``delta`` to the pinned-descendant count of ``s`` and its ancestors,
+    keeping the header's PINNED (protected states) in step."""
+    while s >= 0:
+        word = field(A, s, R_PINS)
+        old = np.int64(word >> np.uint64(32))
+        new = old + delta
+        set_field(A, s, R_PINS, (np.uint64(new) << np.uint64(32)) | (word & _LOW32))
+        if old == 0 and new > 0:
+            bump(A, H_PINNED, 1)
+        elif old > 0 and new == 0:
+            bump(A, H_PINNED, -1)
+        s = parent_of(A, s)
+
+
+@njit(inline="always")
+def is_live(A, s):
+    return (field(A, s, R_LINK) & _LOW32) != LINK_FREE
+
+
+@njit(inline="always")
+def effective_recency(A, s):
+    """Last use of ``s`` by the writer or (hit stamp) by any reader."""
+    return max(field(A, s, R_RECENCY), load_relaxed(A.wdata, A.geom[G_HITS] + s))
+
+
+@njit(inline="always")
+def publish(A, s, key_lo, key_hi, value, link, recency, pins):
+    """Rewrite record ``s`` under its version (odd, fields, even)."""
+    base = rec(A, s)
+    v = A.data[base + R_VERSION] | _ONE
+    store_relaxed(A.data, base + R_VERSION, v)
+    fence_release()
+    step(A)
+    store_relaxed(A.data, base + R_KEY_LO, key_lo)
+    store_relaxed(A.data, base + R_KEY_HI, key_hi)
+    store_relaxed(A.data, base + R_VALUE, value)
+    store_relaxed(A.data, base + R_LINK, link)
+    store_relaxed(A.data, base + R_RECENCY, recency)
+    store_relaxed(A.data, base + R_PINS, pins)
+    step(A)
+    store_release(A.data, base + R_VERSION, v + _ONE)
