@@ -37,7 +37,7 @@ from .keys import PrefixMatch, block_keys  # noqa: E402
 from .pins import PinnedMatch  # noqa: E402
 from .reader import Reader  # noqa: E402
 from .segment import exists, unlink  # noqa: E402
-from .writer import Writer  # noqa: E402
+from .writer import Writer, WriterPin  # noqa: E402
 from .client import Client  # noqa: E402
 
 jitcache.sync(_KERNEL_DIGEST)  # before any kernel loads from Numba's cache
@@ -50,6 +50,7 @@ __all__ = [
     "Client",
     "PrefixMatch",
     "PinnedMatch",
+    "WriterPin",
     "block_keys",
     "exists",
     "unlink",

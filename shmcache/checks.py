@@ -35,7 +35,7 @@ from .layout import (
     TAG_MASK,
 )
 from .matcher import find_state, home_slot, max_probe
-from .recovery import S_VALID, classify, protect_counts
+from .recovery import S_VALID, classify
 from .tables import value_lookup
 from .tree import evictable_leaf, node
 from .wstate import (
@@ -87,6 +87,24 @@ def report(out, n, code, a, b):
         out[n, 1] = a
         out[n, 2] = b
     return n + 1
+
+
+@njit(cache=True)
+def protect_counts(parent, status, data, geom):
+    """For each valid state, how many valid states in its subtree (itself
+    included) have a pin: what the high half of its PINS word must hold."""
+    cap = parent.shape[0]
+    states = geom[G_STATES]
+    out = np.zeros(cap, dtype=np.int64)
+    for s in range(cap):
+        if status[s] == S_VALID and (data[states + s * RECORD_WORDS + R_PINS] & _LOW32) != 0:
+            cur = s
+            for _ in range(cap):
+                out[cur] += 1
+                cur = parent[cur]
+                if cur < 0:
+                    break
+    return out
 
 
 @njit(cache=True)

@@ -15,8 +15,11 @@ microseconds on a virtualised host); an idle daemon uses no CPU.
 
 Ownership: every block records the owner id of the client that inserted
 it. When a client disconnects or dies, its blocks are removed with their
-subtrees (its KV died with it) and its pins released; ``keep_on_disconnect``
-opts out. Owner ids embed the writer epoch, so ids from an earlier daemon of
+subtrees (its KV died with it) and its pins released (a client's pins are
+``WriterPin`` handles the daemon keeps per connection, so one client can
+never release another's); ``keep_on_disconnect`` opts out of the removal.
+A daemon that takes a segment over starts with no writer pins: those of
+the clients of the daemon before it went with that daemon. Owner ids embed the writer epoch, so ids from an earlier daemon of
 the same segment are never reused; a block whose owner is not connected is
 dropped silently (nobody holds its KV).
 """
@@ -56,7 +59,7 @@ class _Conn:
     owner: int = 0
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
-    pins: list = field(default_factory=list)  # (tokens, namespace) pinned and not yet unpinned
+    pins: list = field(default_factory=list)  # WriterPin handles of this client's unreleased pins
     closing: bool = False  # protocol error: read no more, close once outbuf is flushed
     eof: bool = False  # the peer finished sending: answer what it sent, then close
     dead: bool = False
@@ -307,15 +310,15 @@ class Daemon:
         if kind == P.K_INSERT:
             return w.insert(tokens, values, namespace, owner=conn.owner)
         if kind == P.K_PIN:
-            pinned = w.pin(tokens, namespace)
-            conn.pins.append((tokens, namespace))
-            return pinned
-        unpinned = w.unpin(tokens, namespace)
-        for i, (t, ns) in enumerate(conn.pins):
-            if ns == namespace and np.array_equal(t, tokens):
-                del conn.pins[i]
-                break
-        return unpinned
+            handle = w.pin(tokens, namespace)
+            conn.pins.append(handle)
+            return handle.length
+        handle = w.find_pin(tokens, namespace, among=conn.pins)
+        if handle is None:
+            raise InvalidInputError("these tokens are not pinned by this client: unpin only what you pinned "
+                                    "(with the same tokens and namespace)")
+        conn.pins.remove(handle)
+        return w.unpin(handle)
 
     # --- dropped blocks and disconnects ---------------------------------------------------
 
@@ -338,11 +341,8 @@ class Daemon:
         self._sel.unregister(conn.sock)
         conn.sock.close()
         del self._conns[conn.owner]
-        for tokens, namespace in conn.pins:
-            try:
-                self.writer.unpin(tokens, namespace)
-            except InvalidInputError:
-                pass  # the blocks went away since (removed by their owner)
+        for handle in conn.pins:
+            self.writer.unpin(handle)  # exact, whatever happened to its blocks since
         if not self.keep_on_disconnect:
             values, owners = self.writer.remove_owner(conn.owner)
             others = owners != conn.owner

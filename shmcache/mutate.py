@@ -82,9 +82,9 @@ OK = 0
 ERR_DUP_VALUE = 1  # info: block index whose value is already cached for this owner
 ERR_DUP_IN_CALL = 2  # info: block index whose value repeats an earlier one in the call
 ERR_FULL = 3  # info: blocks that could be made available
-ERR_NOT_PINNED = 4  # info: block index that is not pinned
 ERR_PARTIAL = 5  # info: new blocks inserted before room ran out (readers pinned during the call)
 
+_ONE = np.uint64(1)
 _LOW32 = np.uint64(LOW32)
 
 
@@ -122,6 +122,7 @@ def drop_state(A, s, out, n_out):
     table_delete(A, K_INDEX, s)
     table_delete(A, K_VMAP, s)
     detach_child(A, parent_of(A, s), s)
+    A.gen[s] += _ONE  # writer pin handles naming it no longer hold anything here
     if pins_of(A, s) > 0:
         adjust_protect(A, s, -1)
     publish(A, s, np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(LINK_FREE), np.uint64(0), np.uint64(0))
@@ -420,24 +421,16 @@ def sync_kernel(A):
     return A.meta[M_RPINNED]
 
 
-@njit(cache=True)
-def pin_kernel(A, keys, n, delta):
-    """Add ``delta`` (+1 or -1) to the pin count of every cached block of the chain.
+@helper
+def add_pins(A, path, k, delta):
+    """Add ``delta`` (+1 or -1) to the own pin count of each of ``path[:k]``,
+    a chain of states from the root, keeping every pinned-descendant count
+    and the header's PINNED exact.
 
     Pin counts are per-block reference counts, as an engine holds blocks
     per request; a state is protected from eviction while it or any
-    descendant is pinned. Returns ``(status, info, n_blocks)``; unpinning a
-    block that is not pinned is ERR_NOT_PINNED with nothing changed.
+    descendant is pinned.
     """
-    path = np.empty(n, dtype=np.int64)
-    versions = np.empty(n, dtype=np.uint64)
-    values = np.empty(n, dtype=np.int64)
-    k = walk(A.data, A.geom, keys, n, path, versions, values)
-    if delta < 0:
-        for i in range(k):
-            if pins_of(A, path[i]) == 0:
-                return ERR_NOT_PINNED, i, k
-    begin(A)
     # Walking up from the deepest block, ``below`` counts the path states at
     # or under the current one that became pinned (or unpinned): exactly what
     # its pinned-descendant count changes by. The path starts at the root, so
@@ -460,5 +453,41 @@ def pin_kernel(A, keys, n, delta):
         elif old_protect > 0 and new_protect == 0:
             bump(A, H_PINNED, -1)
             push_if_evictable(A, s)
+
+
+@njit(cache=True)
+def pin_kernel(A, keys, n, states, gens):
+    """Pin every cached block of the chain ``keys[:n]``; returns how many.
+
+    The pinned states go to ``states[:k]`` and their records' drop counts
+    (``Arrays.gen``) to ``gens[:k]``: the handle ``unpin_kernel`` takes.
+    """
+    versions = np.empty(n, dtype=np.uint64)
+    values = np.empty(n, dtype=np.int64)
+    k = walk(A.data, A.geom, keys, n, states, versions, values)
+    begin(A)
+    add_pins(A, states, k, 1)
+    for i in range(k):
+        gens[i] = A.gen[states[i]]
     end(A)
-    return OK, 0, k
+    return k
+
+
+@njit(cache=True)
+def unpin_kernel(A, states, gens):
+    """Release a pin taken by ``pin_kernel`` (its ``states`` and ``gens``);
+    returns how many of its blocks it still held.
+
+    A block removed since (and perhaps inserted again, maybe in the same
+    record) was dropped with its subtree, so the blocks the pin still holds
+    are exactly the leading ones whose record has not been dropped since:
+    those, and only those, are unpinned. Never fails halfway.
+    """
+    cap = A.geom[G_CAPACITY]
+    k = 0
+    while k < states.shape[0] and 0 <= states[k] < cap and A.gen[states[k]] == gens[k] and pins_of(A, states[k]) > 0:
+        k += 1
+    begin(A)
+    add_pins(A, states, k, -1)
+    end(A)
+    return k

@@ -4,11 +4,12 @@ derived from its state table.
 ``rebuild`` runs whenever a Writer takes a segment (created, opened or
 taken over from a dead writer): it drops the states a dead writer left
 half-written with their descendants, then recreates the index, the header's
-counters and every writer-private structure in ``Arrays``. Two of its
-steps serve elsewhere too: ``classify`` (which records reach the root
-through live states) the invariant checks (``shmcache.checks``) and
-``shmcache dump``; ``protect_counts`` (the pinned-descendant counts a valid
-tree must hold) the checks.
+counters and every writer-private structure in ``Arrays``. It also drops
+every writer pin: they are held through handles of a Writer (or of the
+daemon's clients, through the daemon's Writer), and none of those outlives
+the Writer that made it. Reader pins live in the readers' slots and are
+kept. ``classify`` (which records reach the root through live states)
+serves the invariant checks (``shmcache.checks``) and ``shmcache dump`` too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from .layout import (
     G_CAPACITY,
     G_INDEX,
     G_SLOTS,
-    G_STATES,
     H_EVICTING,
     H_LIVE,
     H_MAX_PROBE,
@@ -31,7 +31,6 @@ from .layout import (
     LOW32,
     R_PINS,
     R_VERSION,
-    RECORD_WORDS,
 )
 from .pinsync import forget_reader_pins, sync_reader_pins
 from .tables import K_INDEX, K_VMAP, table_insert
@@ -88,33 +87,16 @@ def classify(parent):
 
 
 @njit(cache=True)
-def protect_counts(parent, status, data, geom):
-    """For each valid state, how many valid states in its subtree (itself
-    included) have a pin: what the high half of its PINS word must hold."""
-    cap = parent.shape[0]
-    states = geom[G_STATES]
-    out = np.zeros(cap, dtype=np.int64)
-    for s in range(cap):
-        if status[s] == S_VALID and (data[states + s * RECORD_WORDS + R_PINS] & _LOW32) != 0:
-            cur = s
-            for _ in range(cap):
-                out[cur] += 1
-                cur = parent[cur]
-                if cur < 0:
-                    break
-    return out
-
-
-@njit(cache=True)
 def rebuild(A):
     """Repair the segment and rebuild everything derived from the state table.
 
     Drops every state whose record is odd (a dead writer was changing it),
     whose link is out of range, or whose ancestry does not reach the root
     through live states (descendants of a dropped state, cycles). Then
-    rebuilds the index, the counters and the private structures. Safe with
-    readers attached: they see misses while the index is rebuilt. Returns the
-    number of states dropped.
+    rebuilds the index, the counters and the private structures, with no
+    writer pin (see the module docstring). Safe with readers attached: they
+    see misses while the index is rebuilt. Returns the number of states
+    dropped.
     """
     cap = A.geom[G_CAPACITY]
     begin(A)
@@ -158,13 +140,11 @@ def rebuild(A):
         attach_child(A, parent_of(A, s), s)
     A.meta[M_FREE_TOP] = n_free
     store_relaxed(A.data, H_LIVE, np.uint64(live))
-    protect = protect_counts(parent, status, A.data, A.geom)
-    pinned = 0
     for s in range(cap):
-        if status[s] == S_VALID:
-            set_field(A, s, R_PINS, (np.uint64(protect[s]) << np.uint64(32)) | (field(A, s, R_PINS) & _LOW32))
-            pinned += protect[s] > 0
-    store_relaxed(A.data, H_PINNED, np.uint64(pinned))
+        if status[s] == S_VALID and field(A, s, R_PINS) != 0:
+            step(A)
+            set_field(A, s, R_PINS, 0)
+    store_relaxed(A.data, H_PINNED, np.uint64(0))
     bump(A, H_RECOVERED, dropped)
     heap_rebuild(A)
     end(A)

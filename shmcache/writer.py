@@ -70,13 +70,12 @@ from .layout import (
 )
 from . import mutate
 from .checks import check_private, check_segment
-from .pins import clear_slot
-from .reader import Reader
+from .pins import PinnedMatch, clear_slot
 from .recovery import rebuild
 from .report import describe_violations, header_stats
 from .wstate import M_CRASH, WriterCrashed, new_arrays
 
-__all__ = ["Writer"]
+__all__ = ["Writer", "WriterPin"]
 
 EvictCallback = Callable[[np.ndarray], None]
 OwnedEvictCallback = Callable[[np.ndarray, np.ndarray], None]
@@ -140,6 +139,42 @@ class _Gate:
         self.sem.close()
 
 
+def _request(keys: np.ndarray) -> tuple[int, ...]:
+    """What identifies the tokens of a pin: their block count and the chained
+    key of the last block (which covers every token and the namespace)."""
+    n = keys.shape[0]
+    return (n, int(keys[n - 1, 0]), int(keys[n - 1, 1])) if n else (0,)
+
+
+class WriterPin:
+    """The handle ``Writer.pin`` returns: its blocks stay cached (never
+    evicted) until ``Writer.unpin(handle)``.
+
+    ``length`` is the tokens pinned. The handle records which states it
+    pinned and how often each record had been dropped then, so a release
+    touches exactly the blocks it still holds. A handle belongs to its
+    Writer and lapses with it: the next writer of the segment starts with
+    no writer pins.
+    """
+
+    __slots__ = ("length", "_states", "_gens", "_writer", "_request")
+
+    def __init__(self, length: int, states: np.ndarray, gens: np.ndarray, writer: "Writer", request: tuple[int, ...]) -> None:
+        self.length = length
+        self._states: np.ndarray | None = states
+        self._gens = gens
+        self._writer = writer
+        self._request = request
+
+    @property
+    def pinned(self) -> bool:
+        """True until the handle is released or its Writer closed."""
+        return self._states is not None and self._writer._A is not None
+
+    def __repr__(self) -> str:
+        return f"<WriterPin length={self.length} {'pinned' if self.pinned else 'released'}>"
+
+
 class Writer:
     """The single writer of a segment. Create with ``Writer.create`` or ``Writer.open``.
 
@@ -173,6 +208,7 @@ class Writer:
         self._A = new_arrays(mapping.data, mapping.wdata, mapping.geometry.vector())
         self._A.meta[M_CRASH] = crash_at_step
         self._reaped_at = time.monotonic()
+        self._pins: dict[tuple[int, ...], list[WriterPin]] = {}  # unreleased handles, by _request of their tokens
         #: States dropped by the repair when this Writer took the segment over.
         self.recovered = int(self._run(rebuild, self._A))
 
@@ -423,21 +459,60 @@ class Writer:
             raise InvalidInputError(f"n_blocks must be a non-negative int, got {n_blocks!r}")
         return self._dropped(self._run(mutate.evict_kernel, self._A, int(n_blocks)), with_owners)
 
-    def _pin(self, tokens: object, namespace: Namespace, delta: int) -> int:
-        _, keys = self._keys(tokens, namespace)
-        status, info, k = self._run(mutate.pin_kernel, self._A, keys, keys.shape[0], delta)
-        if status == mutate.ERR_NOT_PINNED:
-            raise InvalidInputError(f"block {info} of this prompt is not pinned: unpin only what you pinned")
-        return int(k) * self.block_size
-
-    def pin(self, tokens: object, namespace: Namespace = None) -> int:
+    def pin(self, tokens: object, namespace: Namespace = None) -> "WriterPin":
         """Pin the cached blocks of ``tokens`` (and so their ancestors) against
-        eviction; returns how many tokens were pinned. Pins nest."""
-        return self._pin(tokens, namespace, 1)
+        eviction until ``unpin``; returns the handle (``length``: tokens
+        pinned). Pins nest: each block counts the pins that hold it."""
+        _, keys = self._keys(tokens, namespace)
+        n = keys.shape[0]
+        states, gens = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64)
+        k = int(self._run(mutate.pin_kernel, self._A, keys, n, states, gens))
+        handle = WriterPin(k * self.block_size, states[:k].copy(), gens[:k].copy(), self, _request(keys))
+        self._pins.setdefault(handle._request, []).append(handle)
+        return handle
 
-    def unpin(self, tokens: object, namespace: Namespace = None) -> int:
-        """Undo one ``pin`` of the cached blocks of ``tokens``; returns tokens unpinned."""
-        return self._pin(tokens, namespace, -1)
+    def unpin(self, pin: "WriterPin | object", namespace: Namespace = None) -> int:
+        """Release a pin: a handle ``pin`` returned, or the latest pin of
+        exactly these tokens (in ``namespace``) that this Writer holds.
+
+        Returns the tokens released: the pin's blocks still cached. Blocks
+        removed since (and perhaps inserted again) went with their pins and
+        are left alone, so a pin is released exactly once, whatever happened
+        in between. Raises InvalidInputError, changing nothing, for a handle
+        of another Writer or one already released, or tokens with no pin.
+        """
+        self._check_open()
+        if isinstance(pin, WriterPin):
+            if pin._writer is not self:
+                raise InvalidInputError("this pin handle belongs to another Writer (every pin goes with the Writer that "
+                                        "made it): unpin handles of this Writer only")
+            if pin._states is None:
+                raise InvalidInputError("this pin handle was already released: unpin each handle once")
+            handle = pin
+        elif isinstance(pin, PinnedMatch):
+            raise InvalidInputError("this is a Reader's match_and_pin handle: release it with that Reader's unpin")
+        else:
+            handle = self.find_pin(pin, namespace)
+            if handle is None:
+                raise InvalidInputError("these tokens are not pinned by this Writer: unpin only what you pinned "
+                                        "(with the same tokens and namespace, or the handle pin returned)")
+        states, handle._states = handle._states, None  # released before the kernel: never twice
+        held = self._pins[handle._request]
+        held.remove(handle)
+        if not held:
+            del self._pins[handle._request]
+        return int(self._run(mutate.unpin_kernel, self._A, states, handle._gens)) * self.block_size
+
+    def find_pin(self, tokens: object, namespace: Namespace = None, among: "list[WriterPin] | None" = None) -> "WriterPin | None":
+        """The latest unreleased pin of exactly these tokens (in
+        ``namespace``), among ``among`` (default: every pin of this Writer),
+        or None. The daemon uses it to find a client's own pins."""
+        _, keys = self._keys(tokens, namespace)
+        request = _request(keys)
+        if among is None:
+            held = self._pins.get(request)
+            return held[-1] if held else None
+        return next((h for h in reversed(among) if h._request == request and h._states is not None), None)
 
     def clear(self, *, with_owners: bool = False):
         """Drop every block; returns their values, children before parents
@@ -508,6 +583,7 @@ class Writer:
         if self._A is None:
             return
         self._A = None
+        self._pins.clear()
         data = self._map.data
         if unlink:
             segment.unlink(self.name)
@@ -543,10 +619,9 @@ def warm_up() -> None:
                 w.remove([1], owner=1)
                 w.remove_owner(1)
                 w.clear()
-            w.insert(np.arange(16), [1, 2, 3, 4])
-            with Reader.attach(name) as r, r.match_and_pin(np.arange(16)):
-                w.evict(4)
-            w.reap_readers()
+            w.unpin(w.pin(np.arange(16)))
+            w._map.wdata[reader_word(0, RD_PID)] = 1  # as a reader that died leaves its slot: reaped
+            assert w.reap_readers() == 1
             w.stats()
             w.check()
         Writer.open(name).close()

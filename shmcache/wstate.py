@@ -88,6 +88,7 @@ class Arrays(NamedTuple):
     held: np.ndarray  # bool (capacity,): free records kept off the free stack while a reader pin names them
     rprev: np.ndarray  # uint32: the pin area as last scanned
     rseen: np.ndarray  # uint64 (reader slots,): each slot's PIN_SEQ as last scanned
+    gen: np.ndarray  # uint64 (capacity,): times each record's state was dropped (a writer pin handle's check)
 
 
 M_FREE_TOP = 0
@@ -131,6 +132,7 @@ def new_arrays(data: np.ndarray, wdata: np.ndarray, geom: np.ndarray) -> Arrays:
         held=_zeros(cap, np.bool_),
         rprev=np.zeros(int(geom[G_READER_SLOTS]) * int(geom[G_READER_PINS]), dtype=np.uint32),
         rseen=np.zeros(int(geom[G_READER_SLOTS]), dtype=np.uint64),
+        gen=_zeros(cap, np.uint64),
     )
 
 

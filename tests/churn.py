@@ -90,7 +90,7 @@ def writer_main(name, capacity, seed, ready, stop, log_path, max_ops, max_second
     ops: list[tuple[int, list]] = []
     rng = np.random.default_rng(seed + 1)
     next_value = 1
-    pinned: list[int] = []
+    pinned: list = []  # WriterPin handles
     ready.set()
     deadline = time.monotonic() + max_seconds
     if crash_step:
@@ -125,11 +125,9 @@ def writer_main(name, capacity, seed, ready, stop, log_path, max_ops, max_second
                 events += [("del", key_of.pop(v)) for v in w.evict(int(rng.integers(1, 4))).tolist()]
             elif r < 0.9:
                 if pinned and rng.random() < 0.5:
-                    w.unpin(pool[pinned.pop()])
+                    w.unpin(pinned.pop())
                 else:
-                    i = int(rng.integers(len(pool)))
-                    w.pin(pool[i])
-                    pinned.append(i)
+                    pinned.append(w.pin(pool[int(rng.integers(len(pool)))]))
             elif r < 0.905 and explicit_drops:
                 events += [("del", key_of.pop(v)) for v in w.clear().tolist()]
             else:

@@ -46,6 +46,7 @@ def run_op(name: str, path: str, step: int) -> None:
         Writer.open(name, _crash_at_step=step).close()
         os._exit(0)
     w = Writer.open(name)
+    pin = w.pin(tokens(UNPINNED)) if path == "unpin" else None  # taking the segment over dropped every writer pin
     w._crash_at_step(step)
     if path == "insert":
         w.insert(tokens(NEW), values(NEW))
@@ -56,7 +57,7 @@ def run_op(name: str, path: str, step: int) -> None:
     elif path == "pin":
         w.pin(tokens(PINNED))
     elif path == "unpin":
-        w.unpin(tokens(UNPINNED))
+        w.unpin(pin)
     elif path == "clear":
         w.clear()
     w.close()

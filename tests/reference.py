@@ -7,11 +7,12 @@ unpinned leaf with the oldest recency, and a parent inherits the recency of
 a child evicted under it.
 
 Reader matches tick nothing: they stamp the deepest state with the current
-clock + 0.5 (after the last writer operation, before the next). Reader pins
-are held by handles naming nodes (not prefixes: a prefix removed and
-inserted again is a new node). A node with reader pins is never evicted; if
-a remove or clear drops it, its record stays taken (a *ghost*) until the
-last handle naming it is released.
+clock + 0.5 (after the last writer operation, before the next). Pins, the
+writer's and readers', are held by handles naming nodes (not prefixes: a
+prefix removed and inserted again is a new node, which an old handle does
+not hold). A node with reader pins is never evicted; if a remove or clear
+drops it, its record stays taken (a *ghost*) until the last handle naming
+it is released. A new writer (``recover``) starts with no writer pins.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 
 class RefError(Exception):
-    """The operation must fail with ``kind`` ('dup', 'full', 'not_pinned') and change nothing."""
+    """The operation must fail with ``kind`` ('dup', 'full') and change nothing."""
 
     def __init__(self, kind: str) -> None:
         super().__init__(kind)
@@ -147,14 +148,27 @@ class RefCache:
             out.append(v)
         return out
 
-    def pin(self, tokens, delta: int) -> int:
-        path = self._path(tokens)
-        if delta < 0 and any(self.nodes[p].pins == 0 for p in path):
-            raise RefError("not_pinned")
+    def pin(self, tokens) -> tuple[int, list[tuple[tuple, Node]]]:
+        """A writer pin of the path of ``tokens``: (tokens pinned, handle)."""
         self._tick()
-        for p in path:
-            self.nodes[p].pins += delta
-        return len(path) * self.bs
+        handle = [(p, self.nodes[p]) for p in self._path(tokens)]
+        for _, node in handle:
+            node.pins += 1
+        return len(handle) * self.bs, handle
+
+    def unpin(self, handle: list[tuple[tuple, Node]]) -> int:
+        """Release a writer pin: the nodes of ``handle`` still in the tree."""
+        self._tick()
+        held = [node for p, node in handle if self.nodes.get(p) is node]
+        for node in held:
+            node.pins -= 1
+        return len(held) * self.bs
+
+    def recover(self) -> None:
+        """A new writer takes over: every writer pin is gone."""
+        self._tick()
+        for node in self.nodes.values():
+            node.pins = 0
 
     def clear(self) -> list[int]:
         self._tick()

@@ -160,14 +160,14 @@ def test_remove_drops_subtrees_children_first(w):
 def test_pins_protect_blocks_and_their_ancestors(shm_name):
     with Writer.create(shm_name, capacity=3, block_size=4) as w:
         w.insert(prompt(1, 2), [10, 11])
-        assert w.pin(prompt(1, 2, 7)) == 8
+        assert w.pin(prompt(1, 2, 7)).length == 8
         w.insert(prompt(3), [30])
         with pytest.raises(CacheFullError, match="pinned"):
             w.insert(prompt(4, 5), [40, 41])
         assert w.evict(5).tolist() == [30]
-        assert w.unpin(prompt(1, 2)) == 8
+        assert w.unpin(prompt(1, 2, 7)) == 8
         with pytest.raises(InvalidInputError, match="not pinned"):
-            w.unpin(prompt(1))
+            w.unpin(prompt(1, 2, 7))
         assert w.evict(5).tolist() == [11, 10]
         w.check()
 
@@ -203,15 +203,21 @@ def test_closed_handles_raise(shm_name):
     assert not shmcache.exists(shm_name)
 
 
-def test_writer_reopens_with_content_and_lru(shm_name):
+def test_writer_reopens_with_content_and_lru_and_without_its_pins(shm_name):
+    """A writer's pins go with it: nobody is left to release them."""
     with Writer.create(shm_name, capacity=8, block_size=4) as w:
         w.insert(prompt(1, 2), [10, 11])
-        w.pin(prompt(1))
+        pin = w.pin(prompt(1))
+        assert w.stats()["pinned_blocks"] == 1
+    assert not pin.pinned
     with Writer.open(shm_name) as w:
         assert w.recovered == 0
         assert w.match_prefix(prompt(1, 2)).values.tolist() == [10, 11]
-        assert w.stats()["pinned_blocks"] == 1 and w.stats()["writer_epoch"] == 2
+        assert w.stats()["pinned_blocks"] == 0 and w.stats()["writer_epoch"] == 2
+        with pytest.raises(InvalidInputError, match="another Writer"):
+            w.unpin(pin)
         w.check()
+        assert w.evict(8).tolist() == [11, 10]
 
 
 def test_segment_bytes_per_block_within_budget(shm_name):
@@ -219,18 +225,44 @@ def test_segment_bytes_per_block_within_budget(shm_name):
         assert w.stats()["bytes_per_block"] <= 96
 
 
-def test_unpinning_a_shorter_prefix_keeps_the_pinned_child_and_its_ancestors(shm_name):
-    """Pins are per-block reference counts: pin(AB) then unpin(A) leaves B
-    pinned, so A (its ancestor) must stay too, and room accounting must know."""
+def test_unpin_by_tokens_releases_one_pin_of_exactly_those_tokens(shm_name):
+    """Pins are per-block reference counts held through handles: unpin(A)
+    after pin(AB) is no pin of A and changes nothing; unpin(AB) releases one
+    of two pins of AB (the latest), the handle of the other still holds."""
     with Writer.create(shm_name, capacity=3, block_size=4) as w:
         w.insert(prompt(1, 2), [10, 11])
-        w.pin(prompt(1, 2))
-        w.unpin(prompt(1))
+        first, second = w.pin(prompt(1, 2)), w.pin(np.r_[prompt(1, 2), 9])  # a partial block does not count
+        with pytest.raises(InvalidInputError, match="not pinned"):
+            w.unpin(prompt(1))
+        assert w.find_pin(prompt(1, 2)) is second
+        assert w.unpin(prompt(1, 2)) == 8 and not second.pinned and first.pinned
         assert w.stats()["pinned_blocks"] == 2
         w.insert(prompt(3), [30])
         with pytest.raises(CacheFullError):
             w.insert(prompt(4, 5), [40, 41])
         assert w.evict(3).tolist() == [30]
+        assert w.unpin(first) == 8 and w.stats()["pinned_blocks"] == 0
+        with pytest.raises(InvalidInputError, match="already released"):
+            w.unpin(first)
+        w.check()
+
+
+def test_a_pin_is_released_exactly_whatever_happened_to_its_blocks(shm_name):
+    """pin(ABC); remove C; insert C again (maybe in the same record); pin it
+    anew; release the first pin: A and B are unpinned, the new C keeps the
+    second pin only, and nothing stays pinned once both are released."""
+    with Writer.create(shm_name, capacity=4, block_size=4) as w:
+        w.insert(prompt(1, 2, 3), [10, 11, 12])
+        old = w.pin(prompt(1, 2, 3))
+        assert w.remove([12]).tolist() == [12]
+        w.insert(prompt(1, 2, 3), [10, 11, 13])
+        new = w.pin(prompt(1, 2, 3))
+        assert w.unpin(old) == 8  # A and B: C went with the remove
+        w.check()
+        assert w.stats()["pinned_blocks"] == 3  # the new pin holds A, B, C
+        assert w.unpin(new) == 12
+        assert w.stats()["pinned_blocks"] == 0
+        assert w.evict(4).tolist() == [13, 11, 10]
         w.check()
 
 

@@ -21,6 +21,8 @@ from shmcache import (
 from helpers import live_states
 
 GOOD = np.arange(16, dtype=np.int64)
+#: Writer pin handles the cases misuse, made by the ``segment`` fixture.
+HANDLES: dict = {}
 # Compares equal to int64 (but hashes apart), yet Numba would see a record.
 INT_WITH_FIELDS = np.dtype((np.int64, {"lo": (np.int32, 0), "hi": (np.int32, 4)}))
 
@@ -60,6 +62,10 @@ CASES = [
     ("reader unpin a plain match", lambda w, r, n: r.unpin(r.match_prefix(GOOD + 100)), InvalidInputError, "handle"),
     ("unpin not pinned", lambda w, r, n: w.unpin(GOOD + 100), InvalidInputError, "not pinned"),
     ("pin bad tokens", lambda w, r, n: w.pin(np.ones((2, 2), dtype=np.int32)), InvalidInputError, "1-D"),
+    ("unpin a released handle", lambda w, r, n: w.unpin(HANDLES["released"]), InvalidInputError, "already released"),
+    ("unpin another writer's handle", lambda w, r, n: w.unpin(HANDLES["other"]), InvalidInputError, "another Writer"),
+    ("writer unpin a reader handle", lambda w, r, n: w.unpin(r.match_and_pin(GOOD)), InvalidInputError, "Reader's unpin"),
+    ("find_pin bad tokens", lambda w, r, n: w.find_pin([1.5] * 4), InvalidInputError, "token 0 is 1.5"),
     ("remove strings", lambda w, r, n: w.remove(["a"]), InvalidInputError, "int64"),
     ("remove float array", lambda w, r, n: w.remove(np.ones(2)), InvalidInputError, "integer"),
     ("evict negative", lambda w, r, n: w.evict(-1), InvalidInputError, "non-negative"),
@@ -93,12 +99,16 @@ def segment(request):
     name = f"t-bad-{uuid.uuid4().hex[:12]}"
     w = Writer.create(name, capacity=32, block_size=4)
     w.insert(GOOD + 100, [100, 101, 102, 103])
-    w.pin(GOOD + 100)
+    HANDLES["released"] = w.pin(GOOD + 100)
     w.unpin(GOOD + 100)
+    other = Writer.create(name + "-other", capacity=8, block_size=4)
+    other.insert(GOOD, [1, 2, 3, 4])
+    HANDLES["other"] = other.pin(GOOD)
     r = Reader.attach(name)
     yield w, r, name
     r.close()
     w.close()
+    other.close(unlink=True)
     shmcache.unlink(name)
 
 

@@ -22,7 +22,6 @@ from crash_children import (
     EVICT,
     NEW,
     REMOVED,
-    UNPINNED,
     checking_reader,
     prefixes,
     run_op,
@@ -35,14 +34,12 @@ from helpers import live_states
 PATHS = ["insert", "remove", "evict", "pin", "unpin", "clear", "recovery"]
 
 
-def prepare(name: str, path: str) -> set[int]:
-    """Reset the segment to the full BASE tree (and the pin ``unpin`` needs); its values."""
+def prepare(name: str) -> set[int]:
+    """Reset the segment to the full BASE tree; its values."""
     with Writer.open(name) as w:
         w.clear()
         for p in BASE:
             w.insert(tokens(p), values(p))
-        if path == "unpin":
-            w.pin(tokens(UNPINNED))
         got = {v for v, _, _ in live_states(w._map.data, w.geometry).values()}
     assert got == {value(p) for p in prefixes(BASE)}
     return got
@@ -88,7 +85,7 @@ def test_crash_at_every_step_of_every_writer_path(shm_name, spawn, monkeypatch):
         for path in PATHS:
             for step in itertools.count(1):
                 assert step < 2000, f"{path} never completed"
-                before = prepare(shm_name, path)
+                before = prepare(shm_name)
                 child = forks.Process(target=run_op, args=(shm_name, path, step))
                 child.start()
                 child.join(120)

@@ -230,3 +230,43 @@ def _reader_slot_of(reader, pid):
 
     w = reader._wdata
     return next((s for s in range(256) if int(w[reader_word(s, RD_PID)]) == pid), None)
+
+
+def test_a_client_releases_only_its_own_pins(served):
+    with Client.connect(served.name) as a, Client.connect(served.name) as b:
+        a.insert(np.arange(16), [1, 2, 3, 4])
+        assert a.pin(np.arange(16)) == 16
+        with pytest.raises(InvalidInputError, match="not pinned by this client"):
+            b.unpin(np.arange(16))
+        assert a.reader.stats()["pinned_blocks"] == 4
+        a.remove([4])  # the pinned leaf goes, pin and all
+        assert a.insert(np.arange(16), [1, 2, 3, 5]) == 12
+        assert a.unpin(np.arange(16)) == 12  # exactly the three blocks it still held
+        assert a.reader.stats()["pinned_blocks"] == 0
+
+
+def test_a_restarted_daemon_drops_the_pins_of_the_clients_it_lost(shm_name):
+    """A daemon's clients pin through it; when it dies, the new daemon has
+    none of those clients, so none of their writer pins, while the pins a
+    client's reader holds in its own slot (match_and_pin) stay."""
+    d = Served(shm_name, 64)
+    try:
+        c = Client.connect(shm_name, timeout=5)
+        c.insert(np.arange(16), [1, 2, 3, 4])
+        c.insert(np.arange(16) + 100, [5, 6, 7, 8])
+        assert c.pin(np.arange(16)) == 16
+        held = c.match_and_pin(np.arange(16) + 100)
+        assert c.reader.stats()["pinned_blocks"] == 4
+        d.kill()
+        d = Served(shm_name, 64)
+        with Client.connect(shm_name) as other:
+            assert other.reader.stats()["pinned_blocks"] == 0  # the lost client's writer pin is gone
+            assert other.reader.stats()["writer_epoch"] == 2
+            other.insert(np.arange(4 * 60) + 1000, np.arange(60) + 1000)  # needs 4 blocks evicted
+        assert c.match_prefix(np.arange(16)).length == 0
+        assert c.match_prefix(np.arange(16) + 100).values.tolist() == [5, 6, 7, 8]  # its reader pins held
+        assert held.pinned
+        c.close()
+        assert d.stop() == 0
+    finally:
+        d.kill()

@@ -6,6 +6,7 @@ import os
 import uuid
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -34,6 +35,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.next_value = 1000
         self.r = Reader.attach(self.name)
         self.handles: list = []  # (PinnedMatch, the model's nodes it pins)
+        self.wpins: list = []  # (WriterPin, its tokens, the model's handle)
 
     def teardown(self):
         if hasattr(self, "w"):
@@ -86,18 +88,46 @@ class CacheMachine(RuleBasedStateMachine):
     def evict(self, n):
         assert self.w.evict(n).tolist() == self.ref.evict(n)
 
-    @rule(block_ids=ids, unpin=st.booleans())
-    def pin(self, block_ids, unpin):
+    @rule(block_ids=ids, tail=st.integers(0, BS - 1))
+    def pin(self, block_ids, tail):
+        toks = tokens_of(block_ids, tail)
+        length, handle = self.ref.pin(toks)
+        pin = self.w.pin(toks)
+        assert pin.length == length
+        self.wpins.append((pin, tokens_of(block_ids, 0), handle))
+
+    @rule(pick=st.integers(0, 10), by_tokens=st.booleans())
+    def unpin(self, pick, by_tokens):
+        if not self.wpins:
+            return
+        pin, toks, handle = self.wpins[pick % len(self.wpins)]
+        if by_tokens:  # releases the latest pin of exactly these tokens
+            pin, toks, handle = [p for p in self.wpins if p[1] == toks][-1]
+        self.wpins.remove((pin, toks, handle))
+        want = self.ref.unpin(handle)
+        assert (self.w.unpin(toks) if by_tokens else self.w.unpin(pin)) == want
+        assert not pin.pinned
+
+    @rule(block_ids=ids)
+    def unpin_what_is_not_pinned(self, block_ids):
         toks = tokens_of(block_ids, 0)
-        try:
-            want = self.ref.pin(toks, -1 if unpin else 1)
-        except RefError:
-            try:
-                self.w.unpin(toks)
-            except InvalidInputError:
-                return
-            raise AssertionError("writer unpinned a block that is not pinned")
-        assert (self.w.unpin(toks) if unpin else self.w.pin(toks)) == want
+        if any(t == toks for _, t, _ in self.wpins):
+            return
+        with pytest.raises(InvalidInputError, match="not pinned"):
+            self.w.unpin(toks)
+
+    @rule()
+    def recover(self):
+        """The writer goes (its pins with it) and a new one takes over; the
+        reader and its pins stay."""
+        old = self.wpins[0][0] if self.wpins else None
+        self.w.close()
+        self.w = Writer.open(self.name, on_evict=lambda v: self.evicted.extend(v.tolist()))
+        self.ref.recover()
+        self.wpins.clear()
+        if old is not None:
+            with pytest.raises(InvalidInputError, match="another Writer"):
+                self.w.unpin(old)
 
     @rule(block_ids=ids, pin=st.booleans())
     def reader_match(self, block_ids, pin):
@@ -142,6 +172,8 @@ class CacheMachine(RuleBasedStateMachine):
             keyed[p]: (n.value, keyed[n.parent] if n.parent else None, n.pins) for p, n in self.ref.nodes.items()
         }
         assert live_states(self.w._map.data, self.w.geometry) == want
+        rpinned = {id(n) for _, nodes in self.handles for n in nodes}
+        assert self.w.stats()["reader_pinned_blocks"] == len(rpinned)
         self.w.check()
 
 
