@@ -194,16 +194,19 @@ class Client:
         return self._call(P.K_REMOVE, P.encode_values(as_int64_array(values, "values")))
 
     def pin(self, tokens: object, namespace: Namespace = None) -> int:
-        """Pin the cached blocks of ``tokens``; released when this client disconnects."""
+        """Pin the cached blocks of ``tokens`` through the daemon; returns the
+        tokens pinned. Released by ``unpin(tokens)`` or when this client
+        disconnects."""
         return self._call_frame(P.K_PIN, self._prompt(tokens, None, namespace))
 
     def unpin(self, tokens: object, namespace: Namespace = None) -> int:
-        """Undo one ``pin(tokens)`` through the daemon; returns blocks unpinned.
+        """Undo this client's latest ``pin`` of exactly these tokens through
+        the daemon; returns the tokens released (its blocks still cached).
         Given a ``match_and_pin`` handle instead, releases it locally (no
-        round trip) and returns its block count."""
+        round trip) and returns its length in tokens."""
         if isinstance(tokens, PinnedMatch):
             self.reader.unpin(tokens)
-            return len(tokens.values)
+            return tokens.length
         return self._call_frame(P.K_UNPIN, self._prompt(tokens, None, namespace))
 
     def poll_evicted(self) -> np.ndarray:

@@ -41,7 +41,14 @@ import numpy as np
 
 from . import protocol as P
 from . import segment
-from .errors import CacheFullError, IncompatibleSegmentError, InvalidInputError, ShmCacheError
+from .errors import (
+    CacheFullError,
+    IncompatibleSegmentError,
+    InvalidInputError,
+    SegmentRetiredError,
+    ShmCacheError,
+    WriterLostError,
+)
 from .keys import namespace_from_wire
 from .writer import Writer, warm_up
 
@@ -136,6 +143,7 @@ class Daemon:
             s.bind(self.sock_path)
         finally:
             os.umask(old)
+        self._sock_ino = os.lstat(self.sock_path).st_ino  # removed at exit only while still this one
         s.listen(128)
         s.setblocking(False)
         return s
@@ -177,35 +185,38 @@ class Daemon:
                     f"ready name={self.name} socket={self.sock_path} capacity={self.writer.capacity} "
                     f"block_size={self.writer.block_size} pid={os.getpid()}"
                 )
-            next_reap = time.monotonic()
-            while not self._stopping:
-                if time.monotonic() >= next_reap:
-                    # Also while idle: a dead reader's pins are freed within
-                    # one interval, not at the next request.
-                    reaped = self.writer.reap_readers()
-                    if reaped:
-                        log.info("reclaimed the reader-table slots and pins of %d dead reader(s)", reaped)
-                    next_reap = time.monotonic() + self.writer.reap_interval
-                batch: list[tuple[_Conn, int, int, bytes]] = []
-                for key, mask in self._wait(next_reap):
-                    if key.data == "listen":
-                        self._accept()
-                    elif key.data == "wake":
-                        os.read(self._wake_r, 4096)
-                    else:
-                        conn = key.data
-                        if mask & selectors.EVENT_READ:
-                            self._read(conn, batch)
-                        if mask & selectors.EVENT_WRITE:
-                            self._flush(conn)
-                for conn, kind, request, payload in batch:
-                    if not conn.dead:
-                        self._apply(conn, kind, request, payload)
-                for conn in [c for c in self._conns.values() if c.dead]:
-                    self._disconnect(conn)
-                self._deliver_dropped()
-                for conn in list(self._conns.values()):
-                    self._flush(conn)
+            try:
+                next_reap = time.monotonic()
+                while not self._stopping:
+                    if time.monotonic() >= next_reap:
+                        # Also while idle: a dead reader's pins are freed within
+                        # one interval, not at the next request.
+                        reaped = self.writer.reap_readers()
+                        if reaped:
+                            log.info("reclaimed the reader-table slots and pins of %d dead reader(s)", reaped)
+                        next_reap = time.monotonic() + self.writer.reap_interval
+                    batch: list[tuple[_Conn, int, int, bytes]] = []
+                    for key, mask in self._wait(next_reap):
+                        if key.data == "listen":
+                            self._accept()
+                        elif key.data == "wake":
+                            os.read(self._wake_r, 4096)
+                        else:
+                            conn = key.data
+                            if mask & selectors.EVENT_READ:
+                                self._read(conn, batch)
+                            if mask & selectors.EVENT_WRITE:
+                                self._flush(conn)
+                    for conn, kind, request, payload in batch:
+                        if not conn.dead:
+                            self._apply(conn, kind, request, payload)
+                    for conn in [c for c in self._conns.values() if c.dead]:
+                        self._disconnect(conn)
+                    self._deliver_dropped()
+                    for conn in list(self._conns.values()):
+                        self._flush(conn)
+            except (WriterLostError, SegmentRetiredError) as e:
+                log.error("stopping: %s", e)  # the name is another writer's now: leave it alone
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -382,7 +393,8 @@ class Daemon:
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
         try:
-            os.unlink(self.sock_path)
+            if os.lstat(self.sock_path).st_ino == self._sock_ino:
+                os.unlink(self.sock_path)
         except FileNotFoundError:
             pass
         self.writer.close(unlink=self.unlink_on_exit)

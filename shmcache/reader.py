@@ -20,11 +20,13 @@ its pins and its slot.
 A Reader is not thread-safe: give each thread its own (they are cheap), or
 serialise calls. Matching releases the GIL (the kernels are ``nogil``). Do
 not use a Reader in a process forked from the one that attached it: the
-child shares its slot's lock and pins (the slot lives until both exit).
+child shares its slot's lock (the slot counts as alive until both exit),
+and closing the Reader there only unmaps it.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable
 
@@ -122,10 +124,15 @@ class Reader:
         self._unreturned: np.ndarray | None = None
         self._slot = self._register()
         self._geom[G_SLOT] = self._slot
-        self._leave = weakref.finalize(self, _leave, mapping, self._geom, self._slot)
-        self._namespace: Namespace = None
-        self._ws = np.zeros(0, dtype=np.uint64)
-        self._grow(256)
+        self._leave = weakref.finalize(self, _leave, mapping, self._geom, self._slot, os.getpid())
+        try:
+            self._namespace: Namespace = None
+            self._ws = np.zeros(0, dtype=np.uint64)
+            self._grow(256)
+        except BaseException:
+            self._data = None
+            self._leave()
+            raise
 
     def _grow(self, n_blocks: int) -> None:
         """Size the workspace for prompts of ``n_blocks`` blocks (header kept)."""
@@ -149,7 +156,7 @@ class Reader:
         try:
             return cls(mapping)
         except BaseException:
-            mapping.close()  # and with it the slot lock, if one was taken
+            mapping.close()  # a no-op if the Reader let go of it already
             raise
 
     # --- reader table -------------------------------------------------------
@@ -167,11 +174,15 @@ class Reader:
         for slot in range(int(self._geom[G_READER_SLOTS])):
             if not liveness.try_lock(fd, reader_lock_byte(slot)):
                 continue
-            clear_slot(w, self._pins, self._geom, slot)
-            for word in (RD_QUERIES, RD_QUERY_BLOCKS, RD_HIT_BLOCKS):
-                w[reader_word(slot, word)] = 0
-            w[reader_word(slot, RD_PIDNS)] = pidns
-            publish_word(w, reader_word(slot, RD_PID), np.uint64(pid))
+            try:
+                clear_slot(w, self._pins, self._geom, slot)
+                for word in (RD_QUERIES, RD_QUERY_BLOCKS, RD_HIT_BLOCKS):
+                    w[reader_word(slot, word)] = 0
+                w[reader_word(slot, RD_PIDNS)] = pidns
+                publish_word(w, reader_word(slot, RD_PID), np.uint64(pid))
+            except BaseException:
+                liveness.unlock(fd, reader_lock_byte(slot))
+                raise
             return slot
         return -1
 
@@ -350,11 +361,13 @@ class Reader:
         return f"<shmcache.Reader {self.name!r} {state}>"
 
 
-def _leave(mapping: segment.Mapping, geom: np.ndarray, slot: int) -> None:
+def _leave(mapping: segment.Mapping, geom: np.ndarray, slot: int, pid: int) -> None:
     """Clear reader ``slot``'s pins, free the slot, release its lock and
-    unmap: ``Reader.close``, and the finalizer of a Reader collected open."""
+    unmap: ``Reader.close``, and the finalizer of a Reader collected open.
+    A process forked from the attaching one shares the slot's lock
+    (``shmcache.liveness``) and only unmaps: the slot stays its parent's."""
     try:
-        if slot >= 0:
+        if slot >= 0 and os.getpid() == pid:
             clear_slot(mapping.wdata, mapping.wdata.view(np.uint32), geom, slot)
             publish_word(mapping.wdata, reader_word(slot, RD_PID), np.uint64(0))
             liveness.unlock(mapping.fd, reader_lock_byte(slot))

@@ -140,11 +140,11 @@ def rebuild(A):
         attach_child(A, parent_of(A, s), s)
     A.meta[M_FREE_TOP] = n_free
     store_relaxed(A.data, H_LIVE, np.uint64(live))
+    store_relaxed(A.data, H_PINNED, np.uint64(0))  # first: a crash below leaves only counts the next rebuild zeroes
     for s in range(cap):
         if status[s] == S_VALID and field(A, s, R_PINS) != 0:
             step(A)
             set_field(A, s, R_PINS, 0)
-    store_relaxed(A.data, H_PINNED, np.uint64(0))
     bump(A, H_RECOVERED, dropped)
     heap_rebuild(A)
     end(A)

@@ -86,19 +86,25 @@ def sem_path(name: str) -> str:
     return "/" + PREFIX + name + ".writer"
 
 
+#: Size of a glibc named semaphore's file (``sizeof(sem_t)`` on 64-bit
+#: Linux); a shorter file would fault (SIGBUS) the process that waits on it.
+SEM_BYTES = 32
+
+
 def check_semaphore(name: str) -> None:
     """Refuse a writer semaphore that another user owns or others may post.
 
     Linux keeps named semaphores as ``/dev/shm/sem.<name>`` files; one made
     by someone else (before us, or after ours was unlinked) would let them
-    take or release the writer lock. Raises SegmentPermissionError.
+    play with the claim gate, and a truncated one would crash whoever waits
+    on it. Raises SegmentPermissionError.
     """
     path = "/dev/shm/sem." + sem_path(name)[1:]
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return
-    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o022:
+    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o022 or not stat.S_ISREG(st.st_mode) or st.st_size < SEM_BYTES:
         raise SegmentPermissionError(
             f"the writer semaphore of segment {name!r} ({path}) belongs to uid {st.st_uid} with mode "
             f"{stat.S_IMODE(st.st_mode):04o}: it was not made by this segment's writer; "
@@ -289,9 +295,10 @@ def _await_creator(name: str, fd: int) -> np.ndarray:
     holds it: the creator died before finishing.
     """
     try:
+        check_semaphore(name)
         gate = posix_ipc.Semaphore(sem_path(name))
-    except posix_ipc.ExistentialError:
-        gate = None
+    except (posix_ipc.ExistentialError, SegmentPermissionError):
+        gate = None  # none, or not one to trust: the lock below still tells
     if gate is not None:
         try:
             gate.acquire(READY_WAIT_S)
@@ -358,15 +365,20 @@ def exists(name: str) -> bool:
     return os.path.exists("/dev/shm/" + PREFIX + validate_name(name))
 
 
-def unlink(name: str) -> bool:
+def unlink(name: str, only: int | None = None) -> bool:
     """Remove the segment and its writer semaphore; True if anything was removed.
 
     Processes that have it mapped keep their mapping until they close it,
     but it is first marked retired (when it is a valid segment) so their
     readers stop answering from it. Use it to clean up after a crashed
-    creator, never under a live writer.
+    creator, never under a live writer. With ``only`` (a descriptor of a
+    segment object), nothing is removed unless ``name`` still names that
+    very object: a writer removing its own segment never removes a newer
+    one created under the same name.
     """
     validate_name(name)
+    if only is not None and not _names(name, only):
+        return False
     retire(name)
     removed = False
     for fn, path in ((posix_ipc.unlink_shared_memory, shm_path(name)), (posix_ipc.unlink_semaphore, sem_path(name))):
@@ -376,6 +388,19 @@ def unlink(name: str) -> bool:
         except posix_ipc.ExistentialError:
             pass
     return removed
+
+
+def _names(name: str, fd: int) -> bool:
+    """Whether the object named ``name`` is the one ``fd`` refers to."""
+    try:
+        shm = posix_ipc.SharedMemory(shm_path(name))
+    except posix_ipc.ExistentialError:
+        return False
+    try:
+        a, b = os.fstat(shm.fd), os.fstat(fd)
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+    finally:
+        shm.close_fd()
 
 
 def retire(name: str) -> None:

@@ -31,6 +31,7 @@ import os
 import secrets
 import signal
 import time
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -115,8 +116,8 @@ def _stamp_claim(data: np.ndarray, epoch: int) -> int:
 class _Gate:
     """The writer semaphore used as the gate of the claim procedure (see the
     module docstring): ``enter`` waits at most ``GATE_WAIT_S``; ``leave``
-    gives back what ``enter`` took, and heals a gate left taken by a claimer
-    that died in it when this one went on without it and won."""
+    gives back what ``enter`` took, and heals a gate left taken (by a claimer
+    that died in it) when this one went on without it and won."""
 
     def __init__(self, name: str) -> None:
         segment.check_semaphore(name)
@@ -134,7 +135,7 @@ class _Gate:
             pass
 
     def leave(self, won: bool) -> None:
-        if self.entered or won:
+        if self.entered or (won and self.sem.value == 0):
             self.sem.release()
         self.sem.close()
 
@@ -198,19 +199,26 @@ class Writer:
     def __init__(self, mapping: segment.Mapping, claim: int, on_evict: EvictCallback | None, crash_at_step: int = 0) -> None:
         self._map = mapping
         self._claim_id = np.uint64(claim)
-        self.name = mapping.name
-        self.block_size = mapping.geometry.block_size
-        self.capacity = mapping.geometry.capacity
-        self.geometry: Geometry = mapping.geometry
-        self.seed = int(mapping.data[H_SEED_LO]) | (int(mapping.data[H_SEED_HI]) << 64)
-        self.on_evict = on_evict
-        self._chain = KeyChain(self.block_size, self.seed)
-        self._A = new_arrays(mapping.data, mapping.wdata, mapping.geometry.vector())
-        self._A.meta[M_CRASH] = crash_at_step
-        self._reaped_at = time.monotonic()
-        self._pins: dict[tuple[int, ...], list[WriterPin]] = {}  # unreleased handles, by _request of their tokens
-        #: States dropped by the repair when this Writer took the segment over.
-        self.recovered = int(self._run(rebuild, self._A))
+        self._pid = os.getpid()
+        self._let_go = weakref.finalize(self, _let_go, mapping, self._claim_id, self._pid)
+        try:
+            self.name = mapping.name
+            self.block_size = mapping.geometry.block_size
+            self.capacity = mapping.geometry.capacity
+            self.geometry: Geometry = mapping.geometry
+            self.seed = int(mapping.data[H_SEED_LO]) | (int(mapping.data[H_SEED_HI]) << 64)
+            self.on_evict = on_evict
+            self._chain = KeyChain(self.block_size, self.seed)
+            self._A = new_arrays(mapping.data, mapping.wdata, mapping.geometry.vector())
+            self._A.meta[M_CRASH] = crash_at_step
+            self._reaped_at = time.monotonic()
+            self._pins: dict[tuple[int, ...], list[WriterPin]] = {}  # unreleased handles, by _request of their tokens
+            #: States dropped by the repair when this Writer took the segment over.
+            self.recovered = int(self._run(rebuild, self._A))
+        except BaseException:
+            self._A = None
+            self._let_go()
+            raise
 
     # --- acquiring the segment ---------------------------------------------------
 
@@ -255,7 +263,11 @@ class Writer:
         claim = _stamp_claim(mapping.data, 1)
         gate.release()
         gate.close()
-        return cls(mapping, claim, on_evict)
+        try:
+            return cls(mapping, claim, on_evict)
+        except BaseException:
+            segment.unlink(name, only=mapping.fd)  # a create that failed leaves nothing
+            raise
 
     @staticmethod
     def _refuse_taken(name: str) -> None:
@@ -301,6 +313,7 @@ class Writer:
         try:
             claim = cls._claim(name, mapping, _stop_at_claim_step)
         except BaseException:
+            liveness.unlock(mapping.fd, LOCK_WRITER)  # if the claim got that far
             mapping.close()
             raise
         return cls(mapping, claim, on_evict, _crash_at_step)
@@ -314,6 +327,11 @@ class Writer:
                 os.kill(os.getpid(), signal.SIGSTOP)
 
         data = mapping.data
+        if data[H_RETIRED]:
+            raise SegmentRetiredError(
+                f"segment {name!r} is marked removed, but is still there (whoever removed it died before "
+                f"unlinking it): shmcache.unlink({name!r}), then create it again"
+            )
         step(1)
         gate = _Gate(name)
         won = False
@@ -339,10 +357,18 @@ class Writer:
 
     def _run(self, kernel, *args):
         """Run a mutation kernel, once this Writer has checked that it still
-        holds the segment; the crash test hook ends the process here."""
+        holds the segment (and reaped dead readers when due)."""
+        self._prepare()
+        return self._kernel(kernel, *args)
+
+    def _prepare(self) -> None:
         self._check_open()
         if time.monotonic() - self._reaped_at >= self.reap_interval:
             self.reap_readers()
+
+    @staticmethod
+    def _kernel(kernel, *args):
+        """Call a mutation kernel; the crash test hook ends the process here."""
         try:
             return kernel(*args)
         except WriterCrashed:
@@ -496,12 +522,13 @@ class Writer:
             if handle is None:
                 raise InvalidInputError("these tokens are not pinned by this Writer: unpin only what you pinned "
                                         "(with the same tokens and namespace, or the handle pin returned)")
+        self._prepare()  # whatever can fail, before the handle is marked released
         states, handle._states = handle._states, None  # released before the kernel: never twice
         held = self._pins[handle._request]
         held.remove(handle)
         if not held:
             del self._pins[handle._request]
-        return int(self._run(mutate.unpin_kernel, self._A, states, handle._gens)) * self.block_size
+        return int(self._kernel(mutate.unpin_kernel, self._A, states, handle._gens)) * self.block_size
 
     def find_pin(self, tokens: object, namespace: Namespace = None, among: "list[WriterPin] | None" = None) -> "WriterPin | None":
         """The latest unreleased pin of exactly these tokens (in
@@ -543,9 +570,10 @@ class Writer:
             if not liveness.try_lock(fd, reader_lock_byte(slot)):
                 continue  # a live reader holds it
             try:
-                clear_slot(A.wdata, A.pins, A.geom, slot)
-                publish_word(A.wdata, reader_word(slot, RD_PID), np.uint64(0))
-                reaped += 1
+                if records[slot, RD_PID] | records[slot, RD_PINNED]:  # not left cleanly meanwhile
+                    clear_slot(A.wdata, A.pins, A.geom, slot)
+                    publish_word(A.wdata, reader_word(slot, RD_PID), np.uint64(0))
+                    reaped += 1
             finally:
                 liveness.unlock(fd, reader_lock_byte(slot))
         if reaped:
@@ -577,20 +605,22 @@ class Writer:
 
     def close(self, unlink: bool = False) -> None:
         """Release the segment; with ``unlink=True`` also remove it (and its
-        semaphore) from the system. Attached readers keep their mapping
-        until they close. Idempotent. Every pin this Writer holds goes with
-        it: the next writer starts with none."""
+        semaphore) from the system, if this Writer still holds it (a Writer
+        that lost its claim, or one inherited by a forked child, removes
+        nothing). Attached readers keep their mapping until they close.
+        Idempotent. Every pin this Writer holds goes with it: the next
+        writer starts with none. A Writer garbage-collected open releases
+        the segment the same way (without removing it)."""
         if self._A is None:
             return
         self._A = None
         self._pins.clear()
         data = self._map.data
-        if unlink:
-            segment.unlink(self.name)
-        elif data[H_WRITER_CLAIM] == self._claim_id:
-            data[H_WRITER_PID] = data[H_WRITER_PIDNS] = 0
-        liveness.unlock(self._map.fd, LOCK_WRITER)
-        self._map.close()
+        try:
+            if unlink and os.getpid() == self._pid and data[H_WRITER_CLAIM] == self._claim_id and not data[H_RETIRED]:
+                segment.unlink(self.name, only=self._map.fd)
+        finally:
+            self._let_go()
 
     def __enter__(self) -> "Writer":
         return self
@@ -601,6 +631,21 @@ class Writer:
     def __repr__(self) -> str:
         state = "closed" if self._A is None else f"capacity={self.capacity} block_size={self.block_size}"
         return f"<shmcache.Writer {self.name!r} {state}>"
+
+
+def _let_go(mapping: segment.Mapping, claim: np.uint64, pid: int) -> None:
+    """Give up the writer lock and unmap: ``Writer.close``, and the finalizer
+    of a Writer collected open. A process forked from the holder shares its
+    lock (``shmcache.liveness``) and only unmaps: the lock stays with the
+    process that claimed it."""
+    try:
+        if os.getpid() == pid:
+            data = mapping.data
+            if data[H_WRITER_CLAIM] == claim:
+                data[H_WRITER_PID] = data[H_WRITER_PIDNS] = 0
+            liveness.unlock(mapping.fd, LOCK_WRITER)
+    finally:
+        mapping.close()
 
 
 def warm_up() -> None:

@@ -4,7 +4,10 @@
 to, in step with the other racers (a barrier), so that they all call
 ``Writer.open`` at once. ``fork_dead_writer`` and ``fork_claimer`` fork the
 test process itself: a writer to be killed and a claimer to be paused must
-be cheap to make fifty times over, and they touch no state of the parent.
+be cheap to make fifty times over. The parent has multiprocessing's queue
+feeder threads running then; the children use nothing of theirs (only
+shmcache, with its kernels already loaded, and ``os._exit``), so no lock a
+feeder thread held at the fork can stop them.
 """
 
 from __future__ import annotations

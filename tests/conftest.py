@@ -15,7 +15,7 @@ SHM_DIR = "/dev/shm"
 
 
 def _ours() -> set[str]:
-    return {e for e in os.listdir(SHM_DIR) if "shmcache." in e and ".t-" in e}
+    return {e for e in os.listdir(SHM_DIR) if "shmcache." in e and (".t-" in e or ".warmup-" in e)}
 
 
 @pytest.fixture(scope="session", autouse=True)

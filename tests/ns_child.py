@@ -1,11 +1,12 @@
 """A shmcache holder for tests/test_liveness.py, run in a PID namespace of its
 own (``unshare --pid --fork --mount-proc``) or as a plain child.
 
-``python ns_child.py writer NAME`` creates segment NAME and holds it;
-``python ns_child.py reader NAME`` attaches and pins ``PROMPT``. Either
-prints ``ready`` once it holds what it holds, then answers commands read
-line by line from stdin: ``pins`` (reader: its pinned entries and whether
-its handle still says pinned), ``exit``.
+``main("writer", NAME)`` creates segment NAME and holds it;
+``main("reader", NAME)`` attaches and pins ``PROMPT``. Either prints
+``ready`` once it holds what it holds, then answers commands read line by
+line from stdin: ``pins`` (reader: its pinned entries and whether its
+handle still says pinned), ``exit``. The tests start it with the shmcache
+they imported first on ``sys.path`` (``test_liveness.CHILD``).
 """
 
 from __future__ import annotations

@@ -256,3 +256,27 @@ def test_attaching_while_a_large_segment_is_created_never_sees_a_broken_one(shm_
             creator.kill()
             creator.join()
     print("attach saw, before the segment was ready:", sorted(seen))
+
+
+def test_a_truncated_semaphore_is_refused_never_waited_on(shm_name, monkeypatch):
+    """A 0-byte file where the writer semaphore should be (made by someone
+    else once ours was gone) would SIGBUS whoever waits on it: attach and
+    claims refuse or ignore it, in a child process so a crash shows."""
+    import shmcache.segment
+
+    monkeypatch.setattr(shmcache.segment, "READY_WAIT_S", 0.2)
+    shm = _uninitialised(shm_name)
+    open(f"/dev/shm/sem.shmcache.{shm_name}.writer", "wb").close()
+    try:
+        code = (f"import shmcache\n"
+                f"try:\n    shmcache.Reader.attach({shm_name!r})\n"
+                f"except shmcache.SegmentNotReadyError:\n    print('not ready')\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.strip() == "not ready", done.stderr
+    finally:
+        shm.close_fd()
+    shmcache.unlink(shm_name)
+    Writer.create(shm_name, capacity=8, block_size=4).close()
+    open(f"/dev/shm/sem.shmcache.{shm_name}.writer", "wb").close()
+    with pytest.raises(SegmentPermissionError, match="not made by this segment's writer"):
+        Writer.open(shm_name)
