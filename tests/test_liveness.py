@@ -342,3 +342,25 @@ def test_a_writer_that_fails_to_start_releases_the_segment(shm_name, monkeypatch
     monkeypatch.undo()
     with Writer.open(shm_name) as w:
         w.check()
+
+
+def test_a_killed_embedded_writers_pins_are_gone_after_open_and_a_readers_stay(shm_name):
+    """Writer pins are held through the Writer's handles: a SIGKILLed
+    embedded writer's go with it; a live reader's pins stay."""
+    with Writer.create(shm_name, capacity=64, block_size=4) as w:
+        w.insert(PROMPT, VALUES)
+        w.insert(PROMPT + 1000, [v + 1000 for v in VALUES])
+    with Reader.attach(shm_name) as r:
+        held = r.match_and_pin(PROMPT + 1000)
+
+        def pin_and_die():
+            killed = Writer.open(shm_name)
+            assert killed.pin(PROMPT).length == len(PROMPT)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        assert _in_fork(pin_and_die) == -signal.SIGKILL
+        with Writer.open(shm_name) as w:
+            assert w.stats()["pinned_blocks"] == 0 and w.stats()["reader_pinned_blocks"] == 8
+            assert sorted(w.evict(64).tolist()) == VALUES  # the dead writer's pins held nothing
+            assert held.pinned and r.match_prefix(PROMPT + 1000).length == len(PROMPT)
+            w.check()
