@@ -27,6 +27,8 @@ import numpy as np
 BS = 4
 #: Exit code of a reader that ran out of time before reaching its goal.
 SHORT = 3
+#: ``pin_reader_main``'s column 14 when it could not tell.
+UNKNOWN = 2
 
 
 class Goal(NamedTuple):
@@ -300,7 +302,9 @@ def pin_reader_main(name, seed, ready, start, goal: Goal, out_path, hold=16):
     record MUTATIONS before the call, after it and after the hold, so the
     checker can see what the writer did while the answer was held, and
     whether the answer's blocks were all still there at the end of the hold
-    (column 14). Runs until ``goal``: non-empty pinned answers, and plain
+    (column 14: 1 or 0, from a match again that no write overlapped, so
+    that a shorter answer means a block is gone; ``UNKNOWN`` if every such
+    match overlapped one). Runs until ``goal``: non-empty pinned answers, and plain
     answers with a block dropped while held (the control: pins matter)."""
     from shmcache.layout import H_MUTATIONS
 
@@ -315,14 +319,20 @@ def pin_reader_main(name, seed, ready, start, goal: Goal, out_path, hold=16):
         c1 = int(data[H_MUTATIONS])
         for _ in range(hold - 1):
             r.match_prefix(pool[int(rng.integers(len(pool)))])
-        again = r.match_prefix(pool[i]).values
+        k = m.length // BS
+        still = UNKNOWN
+        for _ in range(1000):  # a match that overlapped a write may be shorter: only a clean one tells
+            before = int(data[H_MUTATIONS])
+            again = r.match_prefix(pool[i]).values
+            if before % 2 == 0 and int(data[H_MUTATIONS]) == before:
+                still = int(len(again) >= k and bool((again[:k] == m.values).all()))
+                break
         c2 = int(data[H_MUTATIONS])
         if pin:
             r.unpin(m)
-        k = m.length // BS
         row[:4] = (i, c0, c1, k)
         row[4 : 4 + k] = m.values
-        row[12:] = (pin, c2, len(again) >= k and bool((again[:k] == m.values).all()))
+        row[12:] = (pin, c2, still)
         return row
 
     def tally(rows: np.ndarray) -> tuple[int, int]:
