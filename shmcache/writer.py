@@ -356,13 +356,12 @@ class Writer:
     # --- running kernels -------------------------------------------------------------
 
     def _run(self, kernel, *args):
-        """Run a mutation kernel, once this Writer has checked that it still
-        holds the segment (and reaped dead readers when due)."""
-        self._prepare()
+        """Run a mutation kernel, reaping dead readers first when due. Every
+        public method has called ``_check_open`` once before it gets here."""
+        self._reap_if_due()
         return self._kernel(kernel, *args)
 
-    def _prepare(self) -> None:
-        self._check_open()
+    def _reap_if_due(self) -> None:
         if time.monotonic() - self._reaped_at >= self.reap_interval:
             self.reap_readers()
 
@@ -522,7 +521,7 @@ class Writer:
             if handle is None:
                 raise InvalidInputError("these tokens are not pinned by this Writer: unpin only what you pinned "
                                         "(with the same tokens and namespace, or the handle pin returned)")
-        self._prepare()  # whatever can fail, before the handle is marked released
+        self._reap_if_due()  # whatever can fail, before the handle is marked released
         states, handle._states = handle._states, None  # released before the kernel: never twice
         held = self._pins[handle._request]
         held.remove(handle)

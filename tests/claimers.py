@@ -53,7 +53,9 @@ def racer_main(name: str, index: int, barrier, commands, results) -> None:
             results.put((index, "error", traceback.format_exc()))
 
 
-def _forked(fn) -> int:
+def forked(fn) -> int:
+    """Run ``fn`` in a forked child that exits with what it returns (1 if
+    it raises); returns the child's pid."""
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -80,7 +82,7 @@ def fork_dead_writer(name: str, crash_step: int) -> int:
         os.kill(os.getpid(), signal.SIGKILL)
         return 1
 
-    return _forked(run)
+    return forked(run)
 
 
 def fork_claimer(name: str, stop_at: int) -> int:
@@ -98,4 +100,4 @@ def fork_claimer(name: str, stop_at: int) -> int:
         w.close()
         return WON
 
-    return _forked(run)
+    return forked(run)

@@ -28,7 +28,7 @@ from shmcache import Reader, Writer, WriterBusyError
 from shmcache.identity import pid_namespace
 from shmcache.segment import sem_path
 
-from claimers import BUSY, CAPACITY, WON, fork_claimer, fork_dead_writer, racer_main
+from claimers import BUSY, CAPACITY, WON, fork_claimer, fork_dead_writer, forked, racer_main
 from ns_child import PROMPT, VALUES
 
 #: ``ns_child.main`` run with the shmcache this process imported (the
@@ -291,15 +291,7 @@ def test_the_semaphore_count_decides_nothing(shm_name):
 
 def _in_fork(fn) -> int:
     """Run ``fn`` in a forked child; its exit code."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    return _wait(pid)
+    return _wait(forked(lambda: (fn(), 0)[1]))
 
 
 def test_a_forked_child_closing_inherited_handles_leaves_the_parents_alone(shm_name):
