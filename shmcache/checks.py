@@ -46,10 +46,10 @@ from .wstate import (
     NEXT,
     NIL,
     PREV,
+    client_of,
     effective_recency,
     field,
     is_live,
-    owner_of,
     parent_of,
 )
 
@@ -225,7 +225,7 @@ def check_private(A):
     for s in range(cap):
         if not is_live(A, s):
             continue
-        f = value_lookup(A, np.int64(field(A, s, R_VALUE)), owner_of(A, s))
+        f = value_lookup(A, np.int64(field(A, s, R_VALUE)), client_of(A, s))
         if f != s:
             n = report(out, n, V_VALUE_MAP, s, f)
         if evictable_leaf(A, s) and not in_heap[s]:

@@ -59,7 +59,7 @@ class Client:
         self._rview = memoryview(self._rbuf)
         self._evicted: deque[np.ndarray] = deque()
         self._request = 0
-        self.owner = self._call(P.K_HELLO, os.getpid().to_bytes(4, "little"))
+        self.client_id = self._call(P.K_HELLO, os.getpid().to_bytes(4, "little"))
 
     @classmethod
     def connect(

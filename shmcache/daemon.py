@@ -13,14 +13,14 @@ it sleeps in the kernel it polls for ``spin_us`` microseconds, so a client
 that sends its next request soon does not pay for waking it (tens of
 microseconds on a virtualised host); an idle daemon uses no CPU.
 
-Ownership: every block records the owner id of the client that inserted
+Clients: every block records the id of the client that inserted
 it. When a client disconnects or dies, its blocks are removed with their
 subtrees (its KV died with it) and its pins released (a client's pins are
 ``WriterPin`` handles the daemon keeps per connection, so one client can
 never release another's); ``keep_on_disconnect`` opts out of the removal.
 A daemon that takes a segment over starts with no writer pins: those of
-the clients of the daemon before it went with that daemon. Owner ids embed the writer epoch, so ids from an earlier daemon of
-the same segment are never reused; a block whose owner is not connected is
+the clients of the daemon before it went with that daemon. Client ids embed the writer epoch, so ids from an earlier daemon of
+the same segment are never reused; a block whose client is not connected is
 dropped silently (nobody holds its KV).
 """
 
@@ -63,7 +63,7 @@ class _Conn:
     sock: socket.socket
     pid: int
     uid: int
-    owner: int = 0
+    client: int = 0
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
     pins: list = field(default_factory=list)  # WriterPin handles of this client's unreleased pins
@@ -106,14 +106,14 @@ class Daemon:
             log.info("took over segment %s (dropped %d half-written states)", name, self.writer.recovered)
         else:
             self.writer = Writer.create(name, capacity, block_size)
-        self.writer.on_evict_owned = self._collect_dropped
+        self.writer.on_evict_clients = self._collect_dropped
         self.sock_path = sock_path or P.socket_path(name)
         self.allow_uids = {os.geteuid(), *allow_uids}
         self.keep_on_disconnect = keep_on_disconnect
         self.unlink_on_exit = unlink_on_exit
-        self._conns: dict[int, _Conn] = {}  # owner -> connection
+        self._conns: dict[int, _Conn] = {}  # client -> connection
         self._dropped: list[tuple[np.ndarray, np.ndarray]] = []
-        self._next_owner = 0
+        self._next_client = 0
         self._epoch = self.writer.stats()["writer_epoch"] & 0xFFF
         self._stopping = False
         # One receive buffer for every connection: a fresh large bytes object
@@ -244,11 +244,11 @@ class Daemon:
                 sock.close()
                 continue
             sock.setblocking(False)
-            self._next_owner += 1
-            conn = _Conn(sock, pid, uid, owner=(self._epoch << 20) | (self._next_owner & 0xFFFFF))
-            self._conns[conn.owner] = conn
+            self._next_client += 1
+            conn = _Conn(sock, pid, uid, client=(self._epoch << 20) | (self._next_client & 0xFFFFF))
+            self._conns[conn.client] = conn
             self._sel.register(sock, selectors.EVENT_READ, conn)
-            log.info("client pid %d connected as owner %d", pid, conn.owner)
+            log.info("client pid %d connected as client id %d", pid, conn.client)
 
     def _read(self, conn: _Conn, batch: list) -> None:
         while True:
@@ -280,7 +280,7 @@ class Daemon:
             batch.append((conn, kind, request, payload))
 
     def _protocol_error(self, conn: _Conn, request: int, message: str) -> None:
-        log.warning("closing client pid %d (owner %d): %s", conn.pid, conn.owner, message)
+        log.warning("closing client pid %d (id %d): %s", conn.pid, conn.client, message)
         conn.outbuf += P.frame(P.K_ERROR, request, P.encode_error(P.E_PROTOCOL, message))
         conn.closing = True
         conn.inbuf.clear()
@@ -304,14 +304,14 @@ class Daemon:
     def _execute(self, conn: _Conn, kind: int, payload: bytes) -> int:
         w = self.writer
         if kind == P.K_HELLO:
-            return conn.owner
+            return conn.client
         if kind == P.K_REMOVE:
             values = P.decode_values(payload)
-            removed, owners = w.remove(values, owner=conn.owner, with_owners=True)
+            removed, clients = w.remove(values, client=conn.client, with_clients=True)
             named = set(values.tolist())
-            extra = np.array([v not in named or o != conn.owner for v, o in zip(removed.tolist(), owners.tolist())], dtype=bool)
+            extra = np.array([v not in named or o != conn.client for v, o in zip(removed.tolist(), clients.tolist())], dtype=bool)
             if extra.any():
-                self._dropped.append((removed[extra], owners[extra]))
+                self._dropped.append((removed[extra], clients[extra]))
             return len(removed)
         tokens, values, tag, ns_bytes = P.decode_prompt(payload)
         try:
@@ -319,7 +319,7 @@ class Daemon:
         except ValueError as e:
             raise P.ProtocolError(str(e)) from None
         if kind == P.K_INSERT:
-            return w.insert(tokens, values, namespace, owner=conn.owner)
+            return w.insert(tokens, values, namespace, client=conn.client)
         if kind == P.K_PIN:
             handle = w.pin(tokens, namespace)
             conn.pins.append(handle)
@@ -333,33 +333,33 @@ class Daemon:
 
     # --- dropped blocks and disconnects ---------------------------------------------------
 
-    def _collect_dropped(self, values: np.ndarray, owners: np.ndarray) -> None:
-        self._dropped.append((values, owners))
+    def _collect_dropped(self, values: np.ndarray, clients: np.ndarray) -> None:
+        self._dropped.append((values, clients))
 
     def _deliver_dropped(self) -> None:
-        """One EVICTED frame per owner per pass, values in drop order."""
+        """One EVICTED frame per client per pass, values in drop order."""
         if not self._dropped:
             return
         values = np.concatenate([v for v, _ in self._dropped])
-        owners = np.concatenate([o for _, o in self._dropped])
+        clients = np.concatenate([o for _, o in self._dropped])
         self._dropped.clear()
-        for owner in np.unique(owners).tolist():
-            conn = self._conns.get(owner)
+        for client in np.unique(clients).tolist():
+            conn = self._conns.get(client)
             if conn is not None and not conn.dead and not conn.closing and not conn.eof:
-                conn.outbuf += P.frame(P.K_EVICTED, 0, P.encode_values(values[owners == owner]))
+                conn.outbuf += P.frame(P.K_EVICTED, 0, P.encode_values(values[clients == client]))
 
     def _disconnect(self, conn: _Conn) -> None:
         self._sel.unregister(conn.sock)
         conn.sock.close()
-        del self._conns[conn.owner]
+        del self._conns[conn.client]
         for handle in conn.pins:
             self.writer.unpin(handle)  # exact, whatever happened to its blocks since
         if not self.keep_on_disconnect:
-            values, owners = self.writer.remove_owner(conn.owner)
-            others = owners != conn.owner
+            values, clients = self.writer.remove_client(conn.client)
+            others = clients != conn.client
             if others.any():
-                self._dropped.append((values[others], owners[others]))
-            log.info("client pid %d (owner %d) left; removed its %d blocks", conn.pid, conn.owner, int((~others).sum()))
+                self._dropped.append((values[others], clients[others]))
+            log.info("client pid %d (id %d) left; removed its %d blocks", conn.pid, conn.client, int((~others).sum()))
 
     def _flush(self, conn: _Conn) -> None:
         if conn.dead:

@@ -43,17 +43,17 @@ _LOW32 = np.uint64(LOW32)
 
 @njit(cache=True)
 def tree_arrays(data, geom):
-    """``(parent, subtree size, children, owner, pinned)`` per record; size 0
+    """``(parent, subtree size, children, client, pinned)`` per record; size 0
     for records that are free or do not reach the root."""
     cap = geom[G_CAPACITY]
     states = geom[G_STATES]
     parent = np.empty(cap, dtype=np.int64)
-    owner = np.empty(cap, dtype=np.int64)
+    client = np.empty(cap, dtype=np.int64)
     pinned = np.zeros(cap, dtype=np.bool_)
     for s in range(cap):
         link = data[states + s * RECORD_WORDS + R_LINK]
         parent[s] = np.int64(link & _LOW32) - LINK_PARENT_BIAS
-        owner[s] = np.int64(link >> np.uint64(32))
+        client[s] = np.int64(link >> np.uint64(32))
         pinned[s] = (data[states + s * RECORD_WORDS + R_PINS] & _LOW32) != 0
     status = classify(parent)
     depth = np.zeros(cap, dtype=np.int64)
@@ -82,10 +82,10 @@ def tree_arrays(data, geom):
         if p >= 0:
             size[p] += size[s]
             children[p] += 1
-    return parent, size, children, owner, pinned
+    return parent, size, children, client, pinned
 
 
-def _top(parent, size, children, owner, data, geom, depth: int, width: int) -> list[dict]:
+def _top(parent, size, children, client, data, geom, depth: int, width: int) -> list[dict]:
     """The widest prefixes: up to ``width`` children per level, ``depth`` levels."""
     states = int(geom[G_STATES])
     live = size > 0
@@ -98,7 +98,7 @@ def _top(parent, size, children, owner, data, geom, depth: int, width: int) -> l
         out = {
             "state": int(s),
             "value": int(np.int64(data[states + s * RECORD_WORDS + R_VALUE])),
-            "owner": int(owner[s]),
+            "client": int(client[s]),
             "blocks": int(size[s]),
             "children": int(children[s]),
         }
@@ -152,14 +152,14 @@ def describe(reader, depth: int = 0, width: int = 5, check: bool = False) -> dic
         "writer_block_hit_rate": round(wh / wq, 6) if wq else 0.0,
     }
     info["readers"] = readers
-    parent, size, children, owner, pinned = tree_arrays(data, geom)
+    parent, size, children, client, pinned = tree_arrays(data, geom)
     live = size > 0
-    owners, counts = np.unique(owner[live], return_counts=True)
-    info["owners"] = {str(int(o)): int(c) for o, c in zip(owners, counts)}
+    clients, counts = np.unique(client[live], return_counts=True)
+    info["clients"] = {str(int(o)): int(c) for o, c in zip(clients, counts)}
     info["pinned_blocks"] = int((pinned & live).sum())
     info["root_prefixes"] = int((live & (parent == -1)).sum())
     if depth > 0:
-        info["tree"] = _top(parent, size, children, owner, data, geom, depth, width)
+        info["tree"] = _top(parent, size, children, client, data, geom, depth, width)
     if check:
         try:
             reader.check()
@@ -183,7 +183,7 @@ def render(info: dict) -> str:
         f"hits    readers: {h['reader_queries']:,} queries, block hit rate {h['reader_block_hit_rate']:.1%}; "
         f"writer: {h['writer_matches']:,} matches, {h['writer_block_hit_rate']:.1%}",
         f"index   max probe {info['max_probe']}",
-        "owners  " + (", ".join(f"{o}: {n:,}" for o, n in info["owners"].items()) or "none"),
+        "clients  " + (", ".join(f"{o}: {n:,}" for o, n in info["clients"].items()) or "none"),
     ]
     for r in info["readers"]:
         lines.append(f"reader  slot {r['slot']} {who(r['pid'], r['pid_namespace'])} ({'alive' if r['alive'] else 'dead'}), "
@@ -192,7 +192,7 @@ def render(info: dict) -> str:
     def tree(nodes: list[dict], indent: int) -> None:
         for n in nodes:
             lines.append(f"{'  ' * indent}- {n['blocks']:,} blocks under value {n['value']} "
-                         f"(owner {n['owner']}, {n['children']} children)")
+                         f"(client {n['client']}, {n['children']} children)")
             tree(n.get("top", []), indent + 1)
 
     if "tree" in info:

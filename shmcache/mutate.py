@@ -62,13 +62,13 @@ from .wstate import (
     adjust_protect,
     begin,
     bump,
+    client_of,
     effective_recency,
     end,
     field,
     helper,
     is_live,
     is_protected,
-    owner_of,
     parent_of,
     pins_of,
     publish,
@@ -79,7 +79,7 @@ from .wstate import (
 
 # Status codes returned by kernels (mapped to exceptions in shmcache.writer).
 OK = 0
-ERR_DUP_VALUE = 1  # info: block index whose value is already cached for this owner
+ERR_DUP_VALUE = 1  # info: block index whose value is already cached for this client
 ERR_DUP_IN_CALL = 2  # info: block index whose value repeats an earlier one in the call
 ERR_FULL = 3  # info: blocks that could be made available
 ERR_PARTIAL = 5  # info: new blocks inserted before room ran out (readers pinned during the call)
@@ -92,13 +92,13 @@ _LOW32 = np.uint64(LOW32)
 
 
 @helper
-def add_state(A, parent, key_lo, key_hi, value, owner, clock):
+def add_state(A, parent, key_lo, key_hi, value, client, clock):
     """Publish a new state under ``parent`` and index it; returns its id."""
     top = A.meta[M_FREE_TOP] - 1
     s = A.free[top]
     A.meta[M_FREE_TOP] = top
     store_relaxed(A.wdata, A.geom[G_HITS] + s, np.uint64(0))
-    link = np.uint64(parent + LINK_PARENT_BIAS) | (np.uint64(owner) << np.uint64(32))
+    link = np.uint64(parent + LINK_PARENT_BIAS) | (np.uint64(client) << np.uint64(32))
     publish(A, s, key_lo, key_hi, np.uint64(value), link, clock, np.uint64(0))
     table_insert(A, K_INDEX, s)
     table_insert(A, K_VMAP, s)
@@ -109,7 +109,7 @@ def add_state(A, parent, key_lo, key_hi, value, owner, clock):
 
 @helper
 def drop_state(A, s, out, n_out):
-    """Unindex and free the leaf ``s``; its (value, owner) go to ``out[n_out]``.
+    """Unindex and free the leaf ``s``; its (value, client) go to ``out[n_out]``.
 
     Evictions have announced ``s`` already (``reader_pinned``); removes and
     clears announce it here, so whether a reader pin holds the record back
@@ -118,7 +118,7 @@ def drop_state(A, s, out, n_out):
     if load_relaxed(A.data, H_EVICTING) != np.uint64(s + 1):
         announce_drop(A, s)
     out[n_out, 0] = np.int64(field(A, s, R_VALUE))
-    out[n_out, 1] = owner_of(A, s)
+    out[n_out, 1] = client_of(A, s)
     table_delete(A, K_INDEX, s)
     table_delete(A, K_VMAP, s)
     detach_child(A, parent_of(A, s), s)
@@ -240,14 +240,14 @@ def evictable_count(A, path, k, need):
 
 
 @helper
-def prefetch_new_blocks(A, keys, values, k, n, owner):
+def prefetch_new_blocks(A, keys, values, k, n, client):
     """Ask for every cache line the insert of blocks ``k..n`` will touch at
     random (value-map and index home slots, the records it will take and
     their hit stamps) before touching any: one at a time, each is a memory
     round trip; asked together, they overlap."""
     index, n_slots, n_vmap = A.geom[G_INDEX], A.geom[G_SLOTS], A.vmap.shape[0]
     for i in range(k, n):
-        prefetch(A.vmap, value_home(values[i], owner, n_vmap))
+        prefetch(A.vmap, value_home(values[i], client, n_vmap))
         prefetch(A.data, index + home_slot(keys[i, 1], n_slots))
     top = A.meta[M_FREE_TOP]
     for j in range(min(n - k, top)):
@@ -257,23 +257,23 @@ def prefetch_new_blocks(A, keys, values, k, n, owner):
 
 
 @helper
-def first_cached_value(A, values, k, n, owner):
-    """First ``i`` in ``k..n`` whose value ``owner`` already has cached, or -1.
+def first_cached_value(A, values, k, n, client):
+    """First ``i`` in ``k..n`` whose value ``client`` already has cached, or -1.
     (The kernels' loops over blocks live in helpers: a kernel passing the
     Arrays tuple to a helper pays its reference counting on every call.)"""
     for i in range(k, n):
-        if value_lookup(A, values[i], owner) >= 0:
+        if value_lookup(A, values[i], client) >= 0:
             return i
     return -1
 
 
 @helper
-def add_chain(A, path, k, keys, values, end, owner, clock):
+def add_chain(A, path, k, keys, values, end, client, clock):
     """Add blocks ``k..end`` below ``path[:k]`` (whose recency becomes
     ``clock``), each the child of the one before."""
     parent = path[k - 1] if k > 0 else np.int64(-1)
     for i in range(k, end):
-        parent = add_state(A, parent, keys[i, 0], keys[i, 1], values[i], owner, clock)
+        parent = add_state(A, parent, keys[i, 0], keys[i, 1], values[i], client, clock)
     for i in range(k):
         set_field(A, path[i], R_RECENCY, clock)
     if end > k:
@@ -281,20 +281,20 @@ def add_chain(A, path, k, keys, values, end, owner, clock):
 
 
 @njit(cache=True)
-def insert_kernel(A, keys, values, n, owner):
+def insert_kernel(A, keys, values, n, client):
     """Insert the chain ``keys[:n]`` with ``values[:n]`` (values of blocks
     already cached are ignored: they keep theirs).
 
     Returns ``(status, info, n_cached_blocks, evicted)``, ``evicted`` being
-    ``(value, owner)`` rows. On any status but OK nothing was changed.
+    ``(value, client)`` rows. On any status but OK nothing was changed.
     """
     path = np.empty(n, dtype=np.int64)
     versions = np.empty(n, dtype=np.uint64)
     old_values = np.empty(n, dtype=np.int64)
     k = walk(A.data, A.geom, keys, n, path, versions, old_values)
-    prefetch_new_blocks(A, keys, values, k, n, owner)
+    prefetch_new_blocks(A, keys, values, k, n, client)
     evicted = np.empty((max(n - k, 0), 2), dtype=np.int64)
-    i = first_cached_value(A, values, k, n, owner)
+    i = first_cached_value(A, values, k, n, client)
     if i >= 0:
         return ERR_DUP_VALUE, i, k, evicted[:0]
     if n - k > 1:
@@ -316,7 +316,7 @@ def insert_kernel(A, keys, values, n, owner):
     # Short only if readers pinned blocks while this call evicted: insert
     # what fits (a prefix of the new blocks, so the tree stays prefix-closed).
     end_new = min(n, k + A.meta[M_FREE_TOP])
-    add_chain(A, path, k, keys, values, end_new, owner, clock)
+    add_chain(A, path, k, keys, values, end_new, client, clock)
     bump(A, H_INSERTED, end_new - k)
     end(A)
     if end_new < n:
@@ -345,7 +345,7 @@ def match_kernel(A, keys, n):
 def drop_subtrees(A, roots, out):
     """One operation: drop each state of ``roots`` that is still live, with its
     subtree (a root inside an earlier root's subtree is already gone).
-    Returns the ``(value, owner)`` rows written to ``out``, children first."""
+    Returns the ``(value, client)`` rows written to ``out``, children first."""
     begin(A)
     n_out = 0
     for s in roots:
@@ -360,29 +360,29 @@ def drop_subtrees(A, roots, out):
 
 
 @njit(cache=True)
-def remove_kernel(A, values, owner):
-    """Drop the states holding ``values`` (of ``owner``) with their subtrees.
+def remove_kernel(A, values, client):
+    """Drop the states holding ``values`` (of ``client``) with their subtrees.
 
-    Unknown values are skipped. Returns the removed ``(value, owner)`` rows,
-    children first (a subtree may hold other owners' blocks).
+    Unknown values are skipped. Returns the removed ``(value, client)`` rows,
+    children first (a subtree may hold other clients' blocks).
     """
     roots = np.empty(values.shape[0], dtype=np.int64)
     room = 0
     for i in range(values.shape[0]):
-        roots[i] = value_lookup(A, values[i], owner)
+        roots[i] = value_lookup(A, values[i], client)
         if roots[i] >= 0:
             room += subtree_size(A, roots[i])
     return drop_subtrees(A, roots, np.empty((min(room, np.int64(A.data[H_LIVE])), 2), dtype=np.int64))
 
 
 @njit(cache=True)
-def remove_owner_kernel(A, owner):
-    """Drop every state ``owner`` inserted, with its subtree (a client's KV
-    died with it). Returns the ``(value, owner)`` rows, children first."""
+def remove_client_kernel(A, client):
+    """Drop every state ``client`` inserted, with its subtree (a client's KV
+    died with it). Returns the ``(value, client)`` rows, children first."""
     roots = np.empty(np.int64(A.data[H_LIVE]), dtype=np.int64)
     n = 0
     for s in range(A.geom[G_CAPACITY]):
-        if is_live(A, s) and owner_of(A, s) == owner and n < roots.shape[0]:
+        if is_live(A, s) and client_of(A, s) == client and n < roots.shape[0]:
             roots[n] = s
             n += 1
     return drop_subtrees(A, roots[:n], np.empty((np.int64(A.data[H_LIVE]), 2), dtype=np.int64))
@@ -390,7 +390,7 @@ def remove_owner_kernel(A, owner):
 
 @njit(cache=True)
 def evict_kernel(A, n):
-    """Evict up to ``n`` LRU unpinned leaves, cascading; returns their ``(value, owner)`` rows."""
+    """Evict up to ``n`` LRU unpinned leaves, cascading; returns their ``(value, client)`` rows."""
     out = np.empty((min(n, np.int64(A.data[H_LIVE])), 2), dtype=np.int64)
     begin(A)
     n_out = evict_into(A, out.shape[0], np.int64(-1), out, 0)
@@ -400,7 +400,7 @@ def evict_kernel(A, n):
 
 @njit(cache=True)
 def clear_kernel(A):
-    """Drop every state; returns the ``(value, owner)`` rows, children before parents."""
+    """Drop every state; returns the ``(value, client)`` rows, children before parents."""
     out = np.empty((np.int64(A.data[H_LIVE]), 2), dtype=np.int64)
     begin(A)
     n_out = 0

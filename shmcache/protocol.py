@@ -18,7 +18,7 @@ Frame header (``HEADER``, 12 bytes)::
 
 Requests (client -> daemon) and their payloads:
 
-* ``K_HELLO``: ``u32 pid``. The reply's ``result`` is the client's owner id.
+* ``K_HELLO``: ``u32 pid``. The reply's ``result`` is the client's id (the id its blocks record).
 * ``K_INSERT``: ``u32 n_tokens, u32 n_values, u8 namespace tag, u8 0,
   u16 namespace length, u32 0``, the namespace bytes padded to 8, then
   ``n_values`` int64 values and ``n_tokens`` uint32 tokens. Reply: tokens

@@ -1,8 +1,8 @@
 """The writer's two hash tables: the transition index, shared (in the
 segment's data part, where readers look states up by key), and the value
-map from (owner, value) to state, private (derived from the state table
+map from (client, value) to state, private (derived from the state table
 like every structure in ``Arrays``; it finds the states ``remove`` names
-and refuses a value an owner already has cached).
+and refuses a value an client already has cached).
 
 Both are open-addressed with linear probing and backward-shift deletion
 (no tombstones), by one code path: ``K_INDEX`` or ``K_VMAP`` picks the
@@ -19,7 +19,7 @@ from numba import njit
 from .atomics import store_relaxed, store_release
 from .layout import G_INDEX, G_SLOTS, H_MAX_PROBE, R_KEY_HI, R_KEY_LO, R_VALUE, SLOT_STATE_MASK, TAG_MASK
 from .matcher import home_slot
-from .wstate import field, helper, owner_of, step
+from .wstate import field, helper, client_of, step
 
 K_INDEX = 0
 K_VMAP = 1
@@ -29,25 +29,25 @@ _SLOT = np.uint64(SLOT_STATE_MASK)
 
 
 @njit(inline="always")
-def value_hash(value, owner):
-    """A well-mixed 64-bit hash of ``(owner, value)`` (splitmix64's finaliser)."""
-    z = np.uint64(value) ^ (np.uint64(owner) * np.uint64(0x9E3779B97F4A7C15))
+def value_hash(value, client):
+    """A well-mixed 64-bit hash of ``(client, value)`` (splitmix64's finaliser)."""
+    z = np.uint64(value) ^ (np.uint64(client) * np.uint64(0x9E3779B97F4A7C15))
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
 
 
 @njit(inline="always")
-def value_home(value, owner, n_slots):
-    return home_slot(value_hash(value, owner), n_slots)
+def value_home(value, client, n_slots):
+    return home_slot(value_hash(value, client), n_slots)
 
 
 @njit(inline="always")
-def value_tag(value, owner):
+def value_tag(value, client):
     """The value map's slot tag: low hash bits, independent of the home
     (which the high bits pick), so a probe skips foreign slots without
     reading their records."""
-    return value_hash(value, owner) << np.uint64(32)
+    return value_hash(value, client) << np.uint64(32)
 
 
 @njit(inline="always")
@@ -62,14 +62,14 @@ def table(A, kind):
 def entry_of(A, kind, s):
     if kind == K_INDEX:
         return (field(A, s, R_KEY_LO) & _TAG) | np.uint64(s + 1)
-    return value_tag(field(A, s, R_VALUE), owner_of(A, s)) | np.uint64(s + 1)
+    return value_tag(field(A, s, R_VALUE), client_of(A, s)) | np.uint64(s + 1)
 
 
 @njit(inline="always")
 def home_of(A, kind, s):
     if kind == K_INDEX:
         return home_slot(field(A, s, R_KEY_HI), A.geom[G_SLOTS])
-    return value_home(field(A, s, R_VALUE), owner_of(A, s), A.vmap.shape[0])
+    return value_home(field(A, s, R_VALUE), client_of(A, s), A.vmap.shape[0])
 
 
 @njit(inline="always")
@@ -134,17 +134,17 @@ def table_delete(A, kind, s):
 
 
 @helper
-def value_lookup(A, value, owner):
-    """State holding ``value`` for ``owner``, or -1."""
+def value_lookup(A, value, client):
+    """State holding ``value`` for ``client``, or -1."""
     n = A.vmap.shape[0]
-    pos = value_home(value, owner, n)
-    tag = value_tag(value, owner)
+    pos = value_home(value, client, n)
+    tag = value_tag(value, client)
     for _ in range(n):
         w = A.vmap[pos]
         if w == 0:
             return -1
         s = np.int64(w & _SLOT) - 1
-        if (w & _TAG) == tag and np.int64(field(A, s, R_VALUE)) == value and owner_of(A, s) == owner:
+        if (w & _TAG) == tag and np.int64(field(A, s, R_VALUE)) == value and client_of(A, s) == client:
             return s
         pos += 1
         if pos == n:

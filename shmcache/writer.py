@@ -79,7 +79,7 @@ from .wstate import M_CRASH, WriterCrashed, new_arrays
 __all__ = ["Writer", "WriterPin"]
 
 EvictCallback = Callable[[np.ndarray], None]
-OwnedEvictCallback = Callable[[np.ndarray, np.ndarray], None]
+ClientEvictCallback = Callable[[np.ndarray, np.ndarray], None]
 
 #: How long a claimer waits for the gate (the semaphore) before it goes on
 #: without it: another claimer is inside for microseconds, a creator for
@@ -93,9 +93,9 @@ CLAIM_STEPS = 5
 #: holding pins (``Writer.reap_interval``).
 REAP_INTERVAL_S = 1.0
 
-def check_owner(owner: object) -> None:
-    if isinstance(owner, bool) or not isinstance(owner, (int, np.integer)) or not 0 <= owner <= 0xFFFFFFFF:
-        raise InvalidInputError(f"owner must be an int in [0, 2**32), got {owner!r}")
+def check_client(client: object) -> None:
+    if isinstance(client, bool) or not isinstance(client, (int, np.integer)) or not 0 <= client <= 0xFFFFFFFF:
+        raise InvalidInputError(f"client must be an int in [0, 2**32), got {client!r}")
 
 
 def _holder(data: np.ndarray) -> str:
@@ -181,10 +181,10 @@ class Writer:
 
     ``on_evict`` (optional) is called after an ``insert`` that had to evict,
     with the evicted values (an int64 array the callee owns), so the engine
-    can free that KV. ``on_evict_owned(values, owners)`` is the same with the
-    owner id of each value, for writers shared by several clients (the
+    can free that KV. ``on_evict_clients(values, clients)`` is the same with the
+    client id of each value, for writers shared by several clients (the
     daemon). Explicit ``evict``/``remove``/``clear`` return their values
-    instead (and owners, with ``with_owners=True``).
+    instead (and clients, with ``with_clients=True``).
 
     Readers' pins (``Reader.match_and_pin``) are honoured by every eviction.
     Pins of a reader process that died are reclaimed by ``reap_readers``,
@@ -193,7 +193,7 @@ class Writer:
     as full.
     """
 
-    on_evict_owned: OwnedEvictCallback | None = None
+    on_evict_clients: ClientEvictCallback | None = None
     reap_interval: float = REAP_INTERVAL_S
 
     def __init__(self, mapping: segment.Mapping, claim: int, on_evict: EvictCallback | None, crash_at_step: int = 0) -> None:
@@ -402,27 +402,27 @@ class Writer:
 
     # --- operations ----------------------------------------------------------------------
 
-    def insert(self, tokens: object, values: object, namespace: Namespace = None, *, owner: int = 0) -> int:
+    def insert(self, tokens: object, values: object, namespace: Namespace = None, *, client: int = 0) -> int:
         """Cache every full block of ``tokens``, block ``i`` holding ``values[i]``.
 
         Returns how many leading tokens were already cached (those blocks
         keep their old values; ``values`` for them are ignored). Evicts LRU
         unpinned leaves when full and passes their values to ``on_evict``.
         Raises InvalidInputError (bad tokens or values, or a new block's value
-        already cached for this owner: ``remove`` needs values unique) or
+        already cached for this client: ``remove`` needs values unique) or
         CacheFullError (not enough unpinned room); nothing changes then.
         """
         toks, keys = self._keys(tokens, namespace)
         n = keys.shape[0]
         vals = as_values(values, n, toks.shape[0], self.block_size)
-        check_owner(owner)
-        status, info, cached, evicted = self._run(mutate.insert_kernel, self._A, keys, vals, n, owner)
+        check_client(client)
+        status, info, cached, evicted = self._run(mutate.insert_kernel, self._A, keys, vals, n, client)
         if status == mutate.ERR_FULL and self.reap_readers():
-            status, info, cached, evicted = self._run(mutate.insert_kernel, self._A, keys, vals, n, owner)
+            status, info, cached, evicted = self._run(mutate.insert_kernel, self._A, keys, vals, n, client)
         if status == mutate.ERR_DUP_VALUE:
             raise InvalidInputError(
                 f"value {int(vals[info])} of block {info} is already cached for another block: "
-                "values must be unique per owner (remove the old block first)"
+                "values must be unique per client (remove the old block first)"
             )
         if status == mutate.ERR_DUP_IN_CALL:
             raise InvalidInputError(f"value {int(vals[info])} appears twice in this insert: give each block its own value")
@@ -434,8 +434,8 @@ class Writer:
         if len(evicted):
             if self.on_evict is not None:
                 self.on_evict(evicted[:, 0].copy())
-            if self.on_evict_owned is not None:
-                self.on_evict_owned(evicted[:, 0].copy(), evicted[:, 1].copy())
+            if self.on_evict_clients is not None:
+                self.on_evict_clients(evicted[:, 0].copy(), evicted[:, 1].copy())
         if status == mutate.ERR_PARTIAL:
             raise CacheFullError(
                 f"readers pinned blocks while this insert evicted: only its first {info} new blocks "
@@ -453,36 +453,36 @@ class Writer:
         return PrefixMatch(len(values) * self.block_size, values)
 
     @staticmethod
-    def _dropped(rows: np.ndarray, with_owners: bool):
+    def _dropped(rows: np.ndarray, with_clients: bool):
         values = rows[:, 0].copy()
-        return (values, rows[:, 1].copy()) if with_owners else values
+        return (values, rows[:, 1].copy()) if with_clients else values
 
-    def remove(self, values: object, *, owner: int = 0, with_owners: bool = False):
-        """Drop the blocks holding ``values`` (inserted by ``owner``) and their
+    def remove(self, values: object, *, client: int = 0, with_clients: bool = False):
+        """Drop the blocks holding ``values`` (inserted by ``client``) and their
         subtrees, pinned or not.
 
         Values not cached are ignored. Returns every removed value, children
-        before parents; with ``with_owners=True``, ``(values, owners)``: a
-        subtree may hold blocks other owners inserted.
+        before parents; with ``with_clients=True``, ``(values, clients)``: a
+        subtree may hold blocks other clients inserted.
         """
         self._check_open()
-        check_owner(owner)
-        return self._dropped(self._run(mutate.remove_kernel, self._A, as_int64_array(values, "values"), owner), with_owners)
+        check_client(client)
+        return self._dropped(self._run(mutate.remove_kernel, self._A, as_int64_array(values, "values"), client), with_clients)
 
-    def remove_owner(self, owner: int) -> tuple[np.ndarray, np.ndarray]:
-        """Drop every block ``owner`` inserted, with their subtrees (its KV is
-        gone). Returns ``(values, owners)`` of everything removed."""
+    def remove_client(self, client: int) -> tuple[np.ndarray, np.ndarray]:
+        """Drop every block ``client`` inserted, with their subtrees (its KV is
+        gone). Returns ``(values, clients)`` of everything removed."""
         self._check_open()
-        return self._dropped(self._run(mutate.remove_owner_kernel, self._A, owner), True)
+        return self._dropped(self._run(mutate.remove_client_kernel, self._A, client), True)
 
-    def evict(self, n_blocks: int, *, with_owners: bool = False):
+    def evict(self, n_blocks: int, *, with_clients: bool = False):
         """Evict up to ``n_blocks`` LRU unpinned leaves, cascading to parents
         that become leaves. Returns the evicted values in eviction order
-        (``(values, owners)`` with ``with_owners=True``)."""
+        (``(values, clients)`` with ``with_clients=True``)."""
         self._check_open()
         if isinstance(n_blocks, bool) or not isinstance(n_blocks, (int, np.integer)) or n_blocks < 0:
             raise InvalidInputError(f"n_blocks must be a non-negative int, got {n_blocks!r}")
-        return self._dropped(self._run(mutate.evict_kernel, self._A, int(n_blocks)), with_owners)
+        return self._dropped(self._run(mutate.evict_kernel, self._A, int(n_blocks)), with_clients)
 
     def pin(self, tokens: object, namespace: Namespace = None) -> "WriterPin":
         """Pin the cached blocks of ``tokens`` (and so their ancestors) against
@@ -540,11 +540,11 @@ class Writer:
             return held[-1] if held else None
         return next((h for h in reversed(among) if h._request == request and h._states is not None), None)
 
-    def clear(self, *, with_owners: bool = False):
+    def clear(self, *, with_clients: bool = False):
         """Drop every block; returns their values, children before parents
-        (``(values, owners)`` with ``with_owners=True``)."""
+        (``(values, clients)`` with ``with_clients=True``)."""
         self._check_open()
-        return self._dropped(self._run(mutate.clear_kernel, self._A), with_owners)
+        return self._dropped(self._run(mutate.clear_kernel, self._A), with_clients)
 
     def block_keys(self, tokens: object, namespace: Namespace = None) -> np.ndarray:
         """Chained keys of ``tokens`` under this segment's block size and seed."""
@@ -655,13 +655,13 @@ def warm_up() -> None:
     try:
         with Writer.create(name, capacity=16, block_size=4) as w:
             for toks in (np.arange(16, dtype=np.int64), np.arange(16, dtype=np.uint32)):
-                w.insert(toks, [1, 2, 3, 4], owner=1)
+                w.insert(toks, [1, 2, 3, 4], client=1)
                 w.match_prefix(toks)
                 w.pin(toks)
                 w.unpin(toks)
                 w.evict(1)
-                w.remove([1], owner=1)
-                w.remove_owner(1)
+                w.remove([1], client=1)
+                w.remove_client(1)
                 w.clear()
             w.unpin(w.pin(np.arange(16)))
             w._map.wdata[reader_word(0, RD_PID)] = 1  # as a reader that died leaves its slot: reaped

@@ -81,7 +81,7 @@ class Arrays(NamedTuple):
     free: np.ndarray  # int64 (capacity,): stack of free record ids
     heap_key: np.ndarray  # uint64: recency of each heap entry
     heap_state: np.ndarray  # int64: state of each heap entry
-    vmap: np.ndarray  # uint64: (owner, value) -> state + 1, 0 empty
+    vmap: np.ndarray  # uint64: (client, value) -> state + 1, 0 empty
     meta: np.ndarray  # int64: M_* below
     pins: np.ndarray  # uint32 view of the writable part (readers' pin entries at G_PINS)
     rpin: np.ndarray  # int32 (capacity,): reader pin entries naming each state
@@ -193,7 +193,7 @@ def parent_of(A, s):
 
 
 @njit(inline="always")
-def owner_of(A, s):
+def client_of(A, s):
     return np.int64(field(A, s, R_LINK) >> np.uint64(32))
 
 

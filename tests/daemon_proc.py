@@ -66,7 +66,7 @@ def producer(name, index, n_prompts, go, done, drain, release, results):
     drain.wait(300)
     c.remove([])
     evicted += c.poll_evicted().tolist()
-    results.put((index, c.owner, inserted, evicted))
+    results.put((index, c.client_id, inserted, evicted))
     release.wait(300)
     c.close()
 

@@ -22,7 +22,7 @@ def live_states(data: np.ndarray, geometry) -> dict[tuple[int, int], tuple[int, 
 
 
 def owned_values(data: np.ndarray, geometry) -> dict[int, set[int]]:
-    """``{owner: {values}}`` of every live record."""
+    """``{client: {values}}`` of every live record."""
     start = geometry.states_offset // 8
     recs = data[start : start + geometry.capacity * RECORD_WORDS].reshape(geometry.capacity, RECORD_WORDS)
     live = np.nonzero((recs[:, R_LINK] & LOW32) != 0)[0]

@@ -92,20 +92,20 @@ def test_demo_kills_a_daemon_that_is_never_ready_and_says_why_it_may_be_slow(cap
 def test_dump_json_and_check_on_a_live_segment(shm_name, capsys):
     with Writer.create(shm_name, capacity=64, block_size=4) as w:
         w.insert(np.arange(16), [1, 2, 3, 4])
-        w.insert(np.r_[np.arange(8), np.full(8, 99)], [1, 2, 7, 8], owner=5)
+        w.insert(np.r_[np.arange(8), np.full(8, 99)], [1, 2, 7, 8], client=5)
         w.insert(np.arange(100, 108), [20, 21])
         w.pin(np.arange(8))
         assert main(["dump", shm_name, "--json", "--check", "--tree", "--depth", "3"]) == 0
         info = json.loads(capsys.readouterr().out)
         assert info["occupancy"]["live_blocks"] == 8 and info["violations"] == []
-        assert info["writer"]["alive"] is True and info["owners"] == {"0": 6, "5": 2}
+        assert info["writer"]["alive"] is True and info["clients"] == {"0": 6, "5": 2}
         assert info["pinned_blocks"] == 2 and info["root_prefixes"] == 2
         widest = info["tree"][0]
         assert (widest["value"], widest["blocks"], widest["children"]) == (1, 6, 1)
         assert [n["value"] for n in widest["top"][0]["top"]] == [3, 7] or [n["value"] for n in widest["top"][0]["top"]] == [7, 3]
         assert main(["dump", shm_name, "--tree"]) == 0
         text = capsys.readouterr().out
-        assert "6 blocks under value 1" in text and "owners  0: 6, 5: 2" in text
+        assert "6 blocks under value 1" in text and "clients  0: 6, 5: 2" in text
 
 
 def test_dump_check_names_the_damage(shm_name, capsys):

@@ -84,15 +84,15 @@ def test_producers_in_parallel_and_eviction_delivered_exactly_once(shm_name, spa
         drain.set()
         got = {}
         for _ in range(2):
-            index, owner, inserted, evicted = results.get(timeout=60)
-            got[owner] = (set(inserted), evicted)
+            index, client, inserted, evicted = results.get(timeout=60)
+            got[client] = (set(inserted), evicted)
         with Reader.attach(shm_name) as r:
             live = owned_values(r._map.data, r._map.geometry)
             r.check()
-        for owner, (inserted, evicted) in got.items():
+        for client, (inserted, evicted) in got.items():
             assert len(evicted) == len(set(evicted)), "a value was delivered twice"
             assert set(evicted) <= inserted
-            assert inserted - set(evicted) == live.get(owner, set()), "a dropped value was never delivered"
+            assert inserted - set(evicted) == live.get(client, set()), "a dropped value was never delivered"
         assert sum(len(e) for _, e in got.values()) == 2 * 600 - 64
         release.set()
         for p in procs:
