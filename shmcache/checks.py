@@ -16,6 +16,7 @@ from numba import njit
 from .layout import (
     G_CAPACITY,
     G_INDEX,
+    G_OWNERS,
     G_SLOTS,
     G_STATES,
     H_LIVE,
@@ -24,9 +25,13 @@ from .layout import (
     H_PINNED,
     LINK_PARENT_BIAS,
     LOW32,
+    MAX_OWNERS,
+    O_BLOCKS,
+    OWNER_WORDS,
     R_KEY_HI,
     R_KEY_LO,
     R_LINK,
+    R_OWNERS,
     R_PINS,
     R_VALUE,
     R_VERSION,
@@ -65,6 +70,8 @@ V_LIVE_COUNT = 9
 V_PINNED_COUNT = 10
 V_PROTECT_COUNT = 11
 V_MUTATING = 12
+V_OWNERS_SUBSET = 13
+V_OWNER_COUNT = 14
 V_FREE_LIST = 20
 V_CHILD_LIST = 21
 V_VALUE_MAP = 22
@@ -136,6 +143,7 @@ def check_segment(data, geom):
     status = classify(parent)
     live = parent != -2
     protect = protect_counts(parent, status, data, geom)
+    held = np.zeros(MAX_OWNERS, dtype=np.int64)
     for s in range(cap):
         if not live[s]:
             continue
@@ -145,6 +153,11 @@ def check_segment(data, geom):
             n = report(out, n, V_BAD_PARENT if bad_link else V_UNREACHABLE, s, p)
             continue
         base = states + s * RECORD_WORDS
+        owners = data[base + R_OWNERS]
+        if parent[s] >= 0 and owners & ~data[states + parent[s] * RECORD_WORDS + R_OWNERS]:
+            n = report(out, n, V_OWNERS_SUBSET, s, parent[s])
+        for i in range(MAX_OWNERS):
+            held[i] += (owners >> np.uint64(i)) & _ONE
         if np.int64(data[base + R_PINS] >> np.uint64(32)) != protect[s]:
             n = report(out, n, V_PROTECT_COUNT, s, protect[s])
         f, _, _ = find_state(data, geom, data[base + R_KEY_LO], data[base + R_KEY_HI], data[base + R_LINK] & _LOW32, max_probe(data, geom))
@@ -172,6 +185,10 @@ def check_segment(data, geom):
         n = report(out, n, V_LIVE_COUNT, np.int64(data[H_LIVE]), n_live)
     if np.int64(data[H_PINNED]) != n_pinned:
         n = report(out, n, V_PINNED_COUNT, np.int64(data[H_PINNED]), n_pinned)
+    for i in range(MAX_OWNERS):
+        recorded = np.int64(data[geom[G_OWNERS] + i * OWNER_WORDS + O_BLOCKS])
+        if recorded != held[i]:
+            n = report(out, n, V_OWNER_COUNT, i, held[i])
     return out[: min(n, MAX_VIOLATIONS)]
 
 

@@ -2,7 +2,8 @@
 
 * ``shmcache serve NAME --capacity N``: the writer daemon, in the foreground
   (logs to stderr, one ``ready ...`` line on stdout, clean exit on SIGTERM or
-  SIGINT; exit 1 with one line on stderr when it cannot start).
+  SIGINT; exit 1 with one line on stderr when it cannot start). With
+  ``--kv-events OWNER=ENDPOINT`` it also ingests engines' KV events.
 * ``shmcache demo``: a daemon and worker processes replaying the bundled
   Mooncake trace, with a live progress line, a summary and the dump.
 * ``shmcache dump NAME``: inspect a live segment read-only (``--json`` for
@@ -25,6 +26,11 @@ def serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        sources, topic = [], None
+        if args.kv_events or args.kv_events_replay or args.kv_events_config:
+            from .ingest import sources_from
+
+            sources, topic = sources_from(args.kv_events, args.kv_events_replay, args.kv_events_config)
         daemon = Daemon(
             args.name,
             args.capacity,
@@ -33,6 +39,8 @@ def serve(args: argparse.Namespace) -> int:
             allow_uids=tuple(args.allow_uid),
             keep_on_disconnect=args.on_disconnect == "keep",
             unlink_on_exit=not args.keep,
+            kv_events=sources,
+            kv_events_topic=args.kv_events_topic if args.kv_events_topic is not None else topic or "",
             **({} if args.spin_us is None else {"spin_us": args.spin_us}),
         )
     except (ShmCacheError, OSError) as e:
@@ -73,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--spin-us", type=int,
                    help="microseconds to poll for requests before sleeping (default 200; 0: sleep at once)")
     v.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    v.add_argument("--kv-events", action="append", default=[], metavar="OWNER=ENDPOINT",
+                   help="subscribe to an engine's KV-event publisher (vLLM, SGLang) and attribute its blocks to OWNER; "
+                        "repeat per data-parallel rank")
+    v.add_argument("--kv-events-replay", action="append", default=[], metavar="OWNER=ENDPOINT",
+                   help="that publisher's replay socket: missed batches are fetched from it")
+    v.add_argument("--kv-events-topic", metavar="PREFIX", help="subscribe to topics starting with PREFIX (default: all)")
+    v.add_argument("--kv-events-config", metavar="FILE",
+                   help='JSON {"sources": [{"owner": ..., "endpoint": ..., "replay": ...}], "topic": ...}')
     v.set_defaults(func=serve)
     d = sub.add_parser("demo", help="daemon + worker processes replaying the bundled request trace")
     d.add_argument("--workers", type=int, default=4)

@@ -31,6 +31,7 @@ from . import protocol as P
 from .errors import CacheFullError, ClosedError, DaemonUnavailableError, InvalidInputError
 from .hashing import narrow_tokens
 from .keys import Namespace, as_int64_array, as_tokens, as_values, bad_token_error, namespace_bytes
+from .owners import check_owner_name
 from .pins import PinnedMatch
 from .reader import Reader
 
@@ -42,11 +43,15 @@ _ERRORS = {P.E_INVALID: InvalidInputError, P.E_FULL: CacheFullError, P.E_PROTOCO
 class Client:
     """A worker's handle: lock-free matches, changes through the daemon."""
 
-    def __init__(self, reader: Reader, sock: socket.socket, timeout: float, spin_us: float = P.SPIN_US) -> None:
+    def __init__(self, reader: Reader, sock: socket.socket, timeout: float, spin_us: float = P.SPIN_US,
+                 owner: str | None = None) -> None:
         self.reader = reader
         self.name = reader.name
         self.block_size = reader.block_size
+        self.owner = owner
         self.match_prefix = reader.match_prefix
+        self.match_owners = reader.match_owners
+        self.owners = reader.owners
         self.match_keys = reader.match_keys
         self.match_and_pin = reader.match_and_pin
         self.block_keys = reader.block_keys
@@ -59,13 +64,20 @@ class Client:
         self._rview = memoryview(self._rbuf)
         self._evicted: deque[np.ndarray] = deque()
         self._request = 0
-        self.client_id = self._call(P.K_HELLO, os.getpid().to_bytes(4, "little"))
+        self.client_id = self._call(P.K_HELLO, P.encode_hello(os.getpid(), owner))
 
     @classmethod
     def connect(
-        cls, name: str, *, sock_path: str | None = None, timeout: float = 10.0, spin_us: float = P.SPIN_US
+        cls, name: str, *, owner: str | None = None, sock_path: str | None = None, timeout: float = 10.0,
+        spin_us: float = P.SPIN_US,
     ) -> "Client":
         """Attach to segment ``name`` (read-only) and connect to its daemon.
+
+        ``owner`` names who holds the blocks this client inserts (a
+        data-parallel rank, say: ``"rank3"``), for ``match_owners``; they
+        stay held by it until it removes them or its last client with that
+        owner name disconnects. Without one, a client's blocks are held by
+        no named owner and are removed when it disconnects.
 
         ``timeout``: seconds a request may wait for its reply. ``spin_us``:
         microseconds to poll for a reply before sleeping (0: sleep at once,
@@ -75,6 +87,8 @@ class Client:
         """
         if isinstance(spin_us, bool) or not isinstance(spin_us, (int, float)) or not 0 <= spin_us <= 1e6:
             raise InvalidInputError(f"spin_us must be a number of microseconds in [0, 1e6], got {spin_us!r}")
+        if owner is not None:
+            check_owner_name(owner)
         reader = Reader.attach(name)
         path = sock_path or P.socket_path(name)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -93,7 +107,7 @@ class Client:
             reader.close()
             raise DaemonUnavailableError(f"no shmcache daemon on {path} ({e.strerror}): start `shmcache serve {name}`") from None
         try:
-            return cls(reader, sock, timeout, spin_us)
+            return cls(reader, sock, timeout, spin_us, owner)
         except BaseException:
             sock.close()
             reader.close()

@@ -64,6 +64,7 @@ class _Conn:
     pid: int
     uid: int
     client: int = 0
+    owner: str | None = None  # the named owner its blocks are held by (HELLO), if any
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
     pins: list = field(default_factory=list)  # WriterPin handles of this client's unreleased pins
@@ -86,6 +87,8 @@ class Daemon:
         keep_on_disconnect: bool = False,
         unlink_on_exit: bool = True,
         spin_us: int = P.SPIN_US,
+        kv_events: "list[Source] | tuple" = (),
+        kv_events_topic: str = "",
     ) -> None:
         segment.validate_name(name)
         if isinstance(spin_us, bool) or not isinstance(spin_us, int) or not 0 <= spin_us <= 1_000_000:
@@ -114,7 +117,8 @@ class Daemon:
         self._conns: dict[int, _Conn] = {}  # client -> connection
         self._dropped: list[tuple[np.ndarray, np.ndarray]] = []
         self._next_client = 0
-        self._epoch = self.writer.stats()["writer_epoch"] & 0xFFF
+        # Client ids stay below 2**31 (ingest.EVENTS_CLIENT and up are event sources').
+        self._epoch = self.writer.stats()["writer_epoch"] & 0x7FF
         self._stopping = False
         # One receive buffer for every connection: a fresh large bytes object
         # per recv costs an mmap and page faults each time.
@@ -130,6 +134,18 @@ class Daemon:
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._listener, selectors.EVENT_READ, "listen")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._ingest = None
+        if kv_events:
+            from .ingest import Ingest
+
+            try:
+                self._ingest = Ingest(self.writer, list(kv_events), kv_events_topic)
+            except BaseException:
+                self._listener.close()
+                self.writer.close(unlink=created)
+                raise
+            for fd in self._ingest.fds():
+                self._sel.register(fd, selectors.EVENT_READ, "events")
 
     # --- setup ----------------------------------------------------------------
 
@@ -201,6 +217,8 @@ class Daemon:
                             self._accept()
                         elif key.data == "wake":
                             os.read(self._wake_r, 4096)
+                        elif key.data == "events":
+                            pass  # drained below, every pass
                         else:
                             conn = key.data
                             if mask & selectors.EVENT_READ:
@@ -212,6 +230,8 @@ class Daemon:
                             self._apply(conn, kind, request, payload)
                     for conn in [c for c in self._conns.values() if c.dead]:
                         self._disconnect(conn)
+                    if self._ingest is not None:
+                        self._ingest.drain()
                     self._deliver_dropped()
                     for conn in list(self._conns.values()):
                         self._flush(conn)
@@ -223,14 +243,17 @@ class Daemon:
             self._shutdown()
 
     def _wait(self, next_reap: float) -> list:
-        """Ready connections: polled for ``spin_s``, then slept for until the next reap."""
+        """Ready connections: polled for ``spin_s``, then slept for until the
+        next reap (not at all while KV events are queued)."""
         spin_until = time.perf_counter() + self.spin_s
         while True:
             ready = self._sel.select(timeout=0)
             if ready or time.perf_counter() >= spin_until:
                 break
             os.sched_yield()  # a spinning loop must not starve the clients it waits for
-        return ready or self._sel.select(timeout=max(0.0, next_reap - time.monotonic()))
+        if ready or (self._ingest is not None and self._ingest.pending()):
+            return ready
+        return self._sel.select(timeout=max(0.0, next_reap - time.monotonic()))
 
     def _accept(self) -> None:
         while True:
@@ -304,6 +327,10 @@ class Daemon:
     def _execute(self, conn: _Conn, kind: int, payload: bytes) -> int:
         w = self.writer
         if kind == P.K_HELLO:
+            _, owner = P.decode_hello(payload)
+            if owner is not None and conn.owner is None:
+                w.attach_owner(owner)
+                conn.owner = owner
             return conn.client
         if kind == P.K_REMOVE:
             values = P.decode_values(payload)
@@ -319,7 +346,7 @@ class Daemon:
         except ValueError as e:
             raise P.ProtocolError(str(e)) from None
         if kind == P.K_INSERT:
-            return w.insert(tokens, values, namespace, client=conn.client)
+            return w.insert(tokens, values, namespace, client=conn.client, owner=conn.owner)
         if kind == P.K_PIN:
             handle = w.pin(tokens, namespace)
             conn.pins.append(handle)
@@ -354,7 +381,12 @@ class Daemon:
         del self._conns[conn.client]
         for handle in conn.pins:
             self.writer.unpin(handle)  # exact, whatever happened to its blocks since
-        if not self.keep_on_disconnect:
+        if conn.owner is not None:
+            if self.writer.detach_owner(conn.owner) == 0 and not self.keep_on_disconnect:
+                released = self.writer.clear_owner(conn.owner)
+                log.info("client pid %d (id %d), the last of owner %s, left; it let go of %d blocks",
+                         conn.pid, conn.client, conn.owner, released)
+        elif not self.keep_on_disconnect:
             values, clients = self.writer.remove_client(conn.client)
             others = clients != conn.client
             if others.any():
@@ -384,6 +416,8 @@ class Daemon:
             self._sel.modify(conn.sock, want, conn)
 
     def _shutdown(self) -> None:
+        if self._ingest is not None:
+            self._ingest.close()
         for conn in list(self._conns.values()):
             self._sel.unregister(conn.sock)
             conn.sock.close()

@@ -156,6 +156,7 @@ def describe(reader, depth: int = 0, width: int = 5, check: bool = False) -> dic
     live = size > 0
     clients, counts = np.unique(client[live], return_counts=True)
     info["clients"] = {str(int(o)): int(c) for o, c in zip(clients, counts)}
+    info["owners"] = reader.owner_info()
     info["pinned_blocks"] = int((pinned & live).sum())
     info["root_prefixes"] = int((live & (parent == -1)).sum())
     if depth > 0:
@@ -185,6 +186,15 @@ def render(info: dict) -> str:
         f"index   max probe {info['max_probe']}",
         "clients  " + (", ".join(f"{o}: {n:,}" for o, n in info["clients"].items()) or "none"),
     ]
+    for name, o in info["owners"].items():
+        line = f"owner   {name}: {o['blocks']:,} blocks, {o['kind']}{', attached' if o['attached'] else ''}"
+        if o["kind"] == "events":
+            skipped = ", ".join(f"{k} {n:,}" for k, n in o["skipped"].items() if n) or "none"
+            lag = f"{o['lag_ns'] / 1e6:.2f} ms" if o["batches"] else "-"
+            line += (f"; seq {o['next_seq'] - 1 if o['batches'] else '-'}, {o['batches']:,} batches, "
+                     f"{o['events']:,} events, lag {lag}, lost {o['lost_batches']:,}, healed {o['healed_batches']:,}, "
+                     f"restarts {o['restarts']}, clears {o['clears']}, malformed {o['malformed']:,}, skipped: {skipped}")
+        lines.append(line)
     for r in info["readers"]:
         lines.append(f"reader  slot {r['slot']} {who(r['pid'], r['pid_namespace'])} ({'alive' if r['alive'] else 'dead'}), "
                      f"{r['queries']:,} queries, block hit rate {r['block_hit_rate']:.1%}, {r['pinned_blocks']:,} pinned")

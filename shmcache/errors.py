@@ -97,6 +97,11 @@ class PinLimitError(ShmCacheError):
     reader-table slot."""
 
 
+class OwnerLimitError(ShmCacheError):
+    """Every entry of the segment's owner table is taken by an owner that
+    holds blocks or is connected, so another owner cannot be added."""
+
+
 class DaemonUnavailableError(ShmCacheError, ConnectionError):
     """The writer daemon is not reachable (not started, dead, or not answering).
 

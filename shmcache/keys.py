@@ -173,11 +173,13 @@ class KeyChain:
             self._roots[cache_key] = root
         return root
 
-    def keys(self, tokens: np.ndarray, namespace: Namespace) -> np.ndarray:
-        """``(n_full_blocks, 2)`` uint64 keys of a validated token array."""
+    def keys(self, tokens: np.ndarray, namespace: Namespace, root: tuple[np.uint64, np.uint64] | None = None) -> np.ndarray:
+        """``(n_full_blocks, 2)`` uint64 keys of a validated token array,
+        chained from ``namespace``'s root, or from ``root`` (the key of the
+        block they follow) when given."""
         n = tokens.shape[0] // self.block_size
         out = np.empty((n, 2), dtype=np.uint64)
-        root_lo, root_hi = self.root(namespace)
+        root_lo, root_hi = self.root(namespace) if root is None else root
         scratch = np.empty(n * self.block_size, dtype=np.uint32)
         bad = chain_keys(tokens, n, self.block_size, root_lo, root_hi, scratch, out)
         if bad >= 0:

@@ -37,6 +37,7 @@ SEED_LO/HI   10,11  per-segment key seed (see ``shmcache.hashing``)
 INCARNATION     12  random id of this creation of the name
 CREATED_NS      13  creation time, ns since the epoch
 READER_PINS     14  pin entries per reader slot (a multiple of 16)
+OWNERS_OFFSET   15  byte offset of the owner table
 WRITER_PID      16  pid of the writer holding the segment, 0 when none; for
                     people only (liveness is the writer lock, below)
 WRITER_PIDNS    17  inode of that pid's PID namespace (``identity``)
@@ -50,6 +51,8 @@ RETIRED         27  non-zero once the segment is being removed: a reader that
                     still maps it must stop answering from it
 EVICTING        28  state + 1 of the leaf the writer is about to evict, 0 when
                     none: the writer's half of the reader-pin handshake
+OWNERS_EPOCH    29  seqlock word of the owner table's names: odd while an
+                    entry is named or renamed, +2 per change
 LIVE            32  states in use
 PINNED          33  protected states (pinned, or above a pinned state)
 INSERTED..      34+ lifetime counters (see ``H_*`` below)
@@ -67,24 +70,54 @@ A reader touching a state touches exactly one cache line.
 field    word  meaning
 =======  ====  ===============================================================
 VERSION     0  even: stable; odd: being written. +1 before and +1 after every
-               change, never reset, so a reused record never repeats a value
+               change (+2 after a change of OWNERS alone: ``set_owners``),
+               never reset, so a reused record never repeats a value
 KEY_LO      1  low 64 bits of the chained 128-bit block key
 KEY_HI      2  high 64 bits
 VALUE       3  the engine's int64 (KV block id, host slot, ...)
 LINK        4  low 32: ``LINK_FREE`` (0), ``LINK_ROOT`` (1) or parent+2;
-               high 32: owner id (0 for the embedded writer)
+               high 32: id of the client that inserted it (0 for the
+               embedded writer; the daemon's clients and event sources
+               have their own, see ``shmcache.daemon``)
 RECENCY     5  CLOCK of the writer's last use (LRU); writer-only
 PINS        6  low 32: own pin count (per-block reference count);
                high 32: pinned states in the subtree, itself included. A
                state is *protected* (never evicted) while this is > 0;
                writer-only, rebuilt by recovery
-RESERVED    7  0; room for per-owner presence
+OWNERS      7  presence: bit ``i`` set while owner-table entry ``i`` holds
+               the block (0: held by no named owner)
 =======  ====  ===============================================================
 
 Invariants (checked by ``Writer.check``): a live record's parent is live or
 the root; every subtree pin count is exact; every live
 record is found through the index under its key, and every index slot points
-at a live record whose key carries the slot's tag; LIVE and PINNED match.
+at a live record whose key carries the slot's tag; LIVE and PINNED match;
+an owner holds a block only if it holds its parent (a child's OWNERS bits
+are a subset of its parent's), and each owner's BLOCKS is the number of
+records with its bit.
+
+Owner table (data part, ``MAX_OWNERS`` entries of ``OWNER_WORDS`` words at OWNERS_OFFSET)
+------------------------------------------------------------------------------------------
+Named owners (a data-parallel rank, an engine, a client) and, for those
+fed by KV events, their event source's counters. Entry ``i`` is bit ``i``
+of every record's OWNERS word. Names change only under OWNERS_EPOCH, and
+an entry is renamed only while it holds no block, so a reader that saw
+OWNERS_EPOCH even and unchanged across a walk maps every bit it read to
+the right name. Counters are single words, written by the writer's process
+only, and read without a lock (each is exact; two may be from different
+instants).
+
+==========  =====  ==========================================================
+field       word   meaning
+==========  =====  ==========================================================
+NAME_LEN        0  bytes of the name; 0: the entry is free
+NAME         1..8  the name (1-64 bytes of ``[A-Za-z0-9._:@/-]``), zero-padded
+BLOCKS          9  blocks it holds
+KIND           10  ``OWNER_CLIENT`` or ``OWNER_EVENTS``: what feeds it
+ATTACHED       11  1 while its client is connected or its publisher subscribed
+NEXT_SEQ       12  event sequence number expected next; 0 before the first
+BATCHES..      13+ event-source counters (``O_*`` below, ``SKIP_REASONS``)
+==========  =====  ==========================================================
 
 Transition index (data part, ``INDEX_SLOTS`` words)
 ---------------------------------------------------
@@ -118,7 +151,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 MAGIC = int.from_bytes(b"SHMCACHE", "little")
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 HEADER_WORDS = 512
 HEADER_BYTES = HEADER_WORDS * 8
@@ -142,6 +175,7 @@ H_SEED_HI = 11
 H_INCARNATION = 12
 H_CREATED_NS = 13
 H_READER_PINS = 14
+H_OWNERS_OFFSET = 15
 H_WRITER_PID = 16
 H_WRITER_PIDNS = 17
 H_WRITER_EPOCH = 18
@@ -151,6 +185,7 @@ H_CLOCK = 25
 H_MAX_PROBE = 26
 H_RETIRED = 27
 H_EVICTING = 28
+H_OWNERS_EPOCH = 29
 H_LIVE = 32
 H_PINNED = 33
 H_INSERTED = 34
@@ -172,12 +207,53 @@ R_VALUE = 3
 R_LINK = 4
 R_RECENCY = 5
 R_PINS = 6
-R_RESERVED = 7
+R_OWNERS = 7
 
 LINK_FREE = 0
 LINK_ROOT = 1
 LINK_PARENT_BIAS = 2
 LOW32 = 0xFFFFFFFF
+
+# --- owner table ------------------------------------------------------------
+MAX_OWNERS = 64  # the bits of a record's OWNERS word
+OWNER_WORDS = 48
+OWNERS_BYTES = MAX_OWNERS * OWNER_WORDS * 8
+MAX_OWNER_NAME = 64
+O_NAME_LEN = 0
+O_NAME = 1
+O_BLOCKS = 9
+O_KIND = 10
+O_ATTACHED = 11
+O_NEXT_SEQ = 12
+O_BATCHES = 13  # batches applied
+O_EVENTS = 14  # events applied
+O_STORED = 15  # blocks stored (new to this owner)
+O_REMOVED = 16  # blocks this owner released (BlockRemoved, clears, restarts)
+O_LOST = 17  # batches missed and not recovered by replay
+O_HEALED = 18  # batches recovered from the replay socket
+O_RESTARTS = 19  # times the sequence went back (publisher restarted)
+O_CLEARS = 20  # AllBlocksCleared events
+O_LAG_NS = 21  # latest batch: wall-clock ns from its timestamp to applied
+O_LAST_NS = 22  # wall-clock ns when the latest batch was applied
+O_MALFORMED = 23  # messages that could not be decoded (bad frames, payload)
+O_SKIPPED = 24  # first of ``len(SKIP_REASONS)`` counters of blocks not keyed
+OWNER_CLIENT = 1
+OWNER_EVENTS = 2
+#: Why an event's blocks were not keyed, in the order of their counters.
+SKIP_REASONS = (
+    "group",  # another KV-cache group than the main one (sliding window, mamba, ...)
+    "medium",  # stored in an offload tier (CPU, disk), not the GPU
+    "extra_keys",  # multimodal or salted blocks: the tokens alone are not the key
+    "no_tokens",  # the event carries no (or too few) token ids
+    "parent",  # parent block never stored by this owner (or no longer held)
+    "block_size",  # an engine block size that does not divide the segment's
+    "unknown_type",  # an event type this version does not know
+    "bad_field",  # a field of the wrong type or value (a hash that is not an int or bytes, ...)
+    "full",  # no room: every block pinned
+    "duplicate",  # a block hash the owner already used for other tokens
+    "unknown_block",  # a BlockRemoved of a block the owner never stored (or whose store was skipped)
+)
+assert O_SKIPPED + len(SKIP_REASONS) <= OWNER_WORDS
 
 # --- transition index ------------------------------------------------------
 INDEX_LOAD_INVERSE = 2
@@ -235,7 +311,8 @@ G_READER_SLOTS = 6
 G_SLOT = 7  # the calling reader's slot in the reader table (-1: none); per process
 G_PINS = 8  # uint32 offset of the pin area in the writable part
 G_READER_PINS = 9
-G_WORDS = 10
+G_OWNERS = 10  # word offset of the owner table in the data part
+G_WORDS = 11
 
 
 def _round_up(n: int, align: int) -> int:
@@ -250,6 +327,7 @@ class Geometry:
     block_size: int
     index_slots: int
     reader_slots: int
+    owners_offset: int
     states_offset: int
     index_offset: int
     wregion_offset: int
@@ -268,7 +346,8 @@ class Geometry:
             reader_pins = min(DEFAULT_READER_PINS, capacity)
         reader_pins = _round_up(max(reader_pins, 1), PIN_ALIGN)
         index_slots = max(16, INDEX_LOAD_INVERSE * capacity)
-        states_offset = HEADER_BYTES
+        owners_offset = HEADER_BYTES
+        states_offset = owners_offset + OWNERS_BYTES
         index_offset = states_offset + capacity * RECORD_BYTES
         wregion_offset = _round_up(index_offset + index_slots * 8, REGION_ALIGN)
         hits_offset = (READERS_WORD + READER_SLOTS * READER_WORDS) * 8
@@ -279,6 +358,7 @@ class Geometry:
             block_size=block_size,
             index_slots=index_slots,
             reader_slots=READER_SLOTS,
+            owners_offset=owners_offset,
             states_offset=states_offset,
             index_offset=index_offset,
             wregion_offset=wregion_offset,
@@ -296,6 +376,7 @@ class Geometry:
             H_INDEX_SLOTS: self.index_slots,
             H_READER_SLOTS: self.reader_slots,
             H_READER_PINS: self.reader_pins,
+            H_OWNERS_OFFSET: self.owners_offset,
             H_STATES_OFFSET: self.states_offset,
             H_INDEX_OFFSET: self.index_offset,
             H_WREGION_OFFSET: self.wregion_offset,
@@ -315,6 +396,7 @@ class Geometry:
         g[G_SLOT] = -1
         g[G_PINS] = self.pins_offset // 4
         g[G_READER_PINS] = self.reader_pins
+        g[G_OWNERS] = self.owners_offset // 8
         return g
 
     @property

@@ -58,6 +58,7 @@ from .layout import (
     H_CLOCK,
     H_MAX_PROBE,
     H_MUTATIONS,
+    H_OWNERS_EPOCH,
     H_RETIRED,
     LINK_PARENT_BIAS,
     LINK_ROOT,
@@ -65,6 +66,7 @@ from .layout import (
     R_KEY_HI,
     R_KEY_LO,
     R_LINK,
+    R_OWNERS,
     R_VALUE,
     R_VERSION,
     RD_HIT_BLOCKS,
@@ -95,26 +97,28 @@ def home_slot(key_hi, n_slots):
 
 
 @njit(inline="always")
-def read_state(data, base, key_lo, key_hi, link):
+def read_state(data, base, key_lo, key_hi, link, with_owners):
     """One read of the record at word ``base``: its version (acquire), then
-    its fields (relaxed).
+    its fields (relaxed), its presence word too if ``with_owners`` (a
+    constant: the plain match never loads it).
 
-    Returns ``(status, version, value)``: status 1 when the record carries
-    this key and parent link, 0 when it does not, -1 when its version is odd
-    (being written). The read is validated later, for the whole path at
-    once (``finish_walk``), so a torn read costs a shorter answer, never a
-    wrong one.
+    Returns ``(status, version, value, owners)``: status 1 when the record
+    carries this key and parent link, 0 when it does not, -1 when its
+    version is odd (being written). The read is validated later, for the
+    whole path at once (``finish_walk``), so a torn read costs a shorter
+    answer, never a wrong one.
     """
     v = load_acquire(data, base + R_VERSION)
     if v & _ONE:
-        return -1, v, np.uint64(0)
+        return -1, v, np.uint64(0), np.uint64(0)
     k0 = load_relaxed(data, base + R_KEY_LO)
     k1 = load_relaxed(data, base + R_KEY_HI)
     val = load_relaxed(data, base + R_VALUE)
     lk = load_relaxed(data, base + R_LINK)
+    owners = load_relaxed(data, base + R_OWNERS) if with_owners else np.uint64(0)
     if k0 == key_lo and k1 == key_hi and (lk & _LOW32) == link:
-        return 1, v, val
-    return 0, v, val
+        return 1, v, val, owners
+    return 0, v, val, owners
 
 
 @njit(inline="always")
@@ -125,8 +129,9 @@ def max_probe(data, geom):
 
 
 @njit(inline="always")
-def lookup(data, index, n_slots, states, capacity, probes, key_lo, key_hi, link):
-    """Look a block key up in the index; ``(state, version, value)`` or state -1.
+def lookup(data, index, n_slots, states, capacity, probes, key_lo, key_hi, link, with_owners):
+    """Look a block key up in the index; ``(state, version, value, owners)``
+    or state -1 (``owners`` is read only ``with_owners``).
 
     The geometry comes in as scalars so that a walk loads it once: the
     atomic loads in the loop keep LLVM from hoisting array reads out of it.
@@ -140,21 +145,24 @@ def lookup(data, index, n_slots, states, capacity, probes, key_lo, key_hi, link)
         if (w & _TAG) == tag:
             s = np.int64(w & _SLOT) - 1
             if 0 <= s < capacity:
-                status, version, value = read_state(data, states + s * RECORD_WORDS, key_lo, key_hi, link)
+                status, version, value, owners = read_state(data, states + s * RECORD_WORDS, key_lo, key_hi, link, with_owners)
                 if status == 1:
-                    return s, version, value
+                    return s, version, value, owners
                 if status < 0:
                     break
         pos += 1
         if pos == n_slots:
             pos = 0
-    return np.int64(-1), np.uint64(0), np.uint64(0)
+    return np.int64(-1), np.uint64(0), np.uint64(0), np.uint64(0)
 
 
 @njit(inline="always")
 def find_state(data, geom, key_lo, key_hi, link, probes):
-    """``lookup`` with the geometry taken from a ``G_*`` vector."""
-    return lookup(data, geom[G_INDEX], geom[G_SLOTS], geom[G_STATES], geom[G_CAPACITY], probes, key_lo, key_hi, link)
+    """``lookup`` with the geometry taken from a ``G_*`` vector; ``(state,
+    version, value)``."""
+    s, version, value, _ = lookup(data, geom[G_INDEX], geom[G_SLOTS], geom[G_STATES], geom[G_CAPACITY], probes,
+                                  key_lo, key_hi, link, False)
+    return s, version, value
 
 
 @njit(inline="always")
@@ -174,11 +182,15 @@ def finish_walk(data, geom, g0, n, path, versions):
 
 
 @njit(inline="always")
-def walk(data, geom, keys, n_blocks, path, versions, values):
-    """Match ``keys[:n_blocks]`` from the root; returns the matched block count.
+def walk(data, geom, start, keys, n_blocks, path, versions, values, owners, with_owners):
+    """Match ``keys[:n_blocks]`` below state ``start`` (-1: the root); returns
+    the matched block count.
 
     ``path``/``versions``/``values`` receive the matched states, their
-    versions and values. The result is a one-instant snapshot (module doc).
+    versions and values, and ``owners`` their presence words if
+    ``with_owners`` (a constant). The result is a one-instant snapshot
+    (module doc). ``start``, when given, is the caller's to trust: only the
+    writer walks from a state.
     """
     g0 = load_acquire(data, H_MUTATIONS)
     probes = max_probe(data, geom)
@@ -186,15 +198,18 @@ def walk(data, geom, keys, n_blocks, path, versions, values):
     n_slots = geom[G_SLOTS]
     states = geom[G_STATES]
     capacity = geom[G_CAPACITY]
-    link = np.uint64(LINK_ROOT)
+    link = np.uint64(LINK_ROOT) if start < 0 else np.uint64(start + LINK_PARENT_BIAS)
     n = 0
     while n < n_blocks:
-        s, version, value = lookup(data, index, n_slots, states, capacity, probes, keys[n, 0], keys[n, 1], link)
+        s, version, value, held = lookup(data, index, n_slots, states, capacity, probes, keys[n, 0], keys[n, 1], link,
+                                         with_owners)
         if s < 0:
             break
         path[n] = s
         versions[n] = version
         values[n] = np.int64(value)
+        if with_owners:
+            owners[n] = held
         link = np.uint64(s + LINK_PARENT_BIAS)
         n += 1
     return finish_walk(data, geom, g0, n, path, versions)
@@ -234,24 +249,29 @@ def note_hits(data, wdata, geom, path, n, n_blocks):
 #:
 #: A reader's workspace is a uint64 array owned by its Reader. It starts
 #: with a header: the geometry vector (``layout.G_*``, slot included), the
-#: key-chain root of the current namespace, and the address and length in
-#: words of the segment's two mapped parts; the per-call arrays follow
-#: (path, versions, keys, token scratch). Each array argument costs about
-#: 30 ns a call to type and unbox, so a match passes three: the tokens or
-#: keys, the workspace, and the fresh array that receives the values. The
-#: Reader unmaps the parts only after it stops calling kernels.
+#: key-chain root of the current namespace, the address and length in
+#: words of the segment's two mapped parts, and the owner-table epoch the
+#: Reader's owner names are from; the per-call arrays follow (path,
+#: versions, keys, presence words, token scratch). Each array argument
+#: costs about 30 ns a call to type and unbox, so a match passes three: the
+#: tokens or keys, the workspace, and the fresh array that receives the
+#: values. The Reader unmaps the parts only after it stops calling kernels.
 WS_ROOT = G_WORDS
 WS_DATA = G_WORDS + 2
 WS_WDATA = G_WORDS + 4
-WS_HEADER = G_WORDS + 6
+WS_OWNERS_EPOCH = G_WORDS + 6
+WS_HEADER = G_WORDS + 7
 WS_TOO_SMALL = -(1 << 62)
 RETIRED = -(1 << 62) + 1
+OWNERS_RENAMED = -(1 << 62) + 2
 
 
 @register_jitable
 def workspace_words(n_blocks: int, block_size: int) -> int:
-    """Size in words of a workspace for prompts of up to ``n_blocks`` blocks."""
-    return WS_HEADER + 4 * n_blocks + (n_blocks * block_size + 1) // 2
+    """Size in words of a workspace for prompts of up to ``n_blocks`` blocks:
+    path, versions, keys (two words) and presence words per block, then the
+    tokens as uint32, whose room ``match_owners_kernel`` reuses for values."""
+    return WS_HEADER + 5 * n_blocks + max(n_blocks, (n_blocks * block_size + 1) // 2)
 
 
 def workspace_path(ws: np.ndarray, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,7 +292,7 @@ def segment_parts(ws):
 def match_in_workspace(data, wdata, geom, keys, n_blocks, work, values):
     path = work[0:n_blocks].view(np.int64)
     versions = work[n_blocks : 2 * n_blocks]
-    n = walk(data, geom, keys, n_blocks, path, versions, values)
+    n = walk(data, geom, np.int64(-1), keys, n_blocks, path, versions, values, versions, False)
     note_hits(data, wdata, geom, path, n, n_blocks)
     return n
 
@@ -302,6 +322,19 @@ def prefetch_homes(data, geom, keys, n_blocks):
         prefetch(data, index + home_slot(keys[b, 1], n_slots))
 
 
+@njit(inline="always")
+def hash_prompt(tokens, ws, n_blocks, block_size):
+    """Chain the keys of ``tokens``' first ``n_blocks`` blocks from the
+    workspace's root into the workspace; returns ``(keys, bad)``, ``bad``
+    the index of the first token outside ``[0, 2**32)`` or -1."""
+    work = ws[WS_HEADER:]
+    keys = as_pairs(work[2 * n_blocks : 4 * n_blocks])
+    t32, bad = tokens_u32(tokens[: n_blocks * block_size], work[5 * n_blocks :].view(np.uint32))
+    if bad < 0:
+        chain_into(t32, n_blocks, block_size, ws[WS_ROOT], ws[WS_ROOT + 1], keys)
+    return keys, bad
+
+
 @njit(cache=True, nogil=True, _nrt=False)
 def match_tokens_kernel(tokens, ws, values):
     """Reader match of raw tokens: hash the chain from the workspace's root,
@@ -320,34 +353,95 @@ def match_tokens_kernel(tokens, ws, values):
     n_blocks = tokens.shape[0] // block_size
     if ws.shape[0] < workspace_words(n_blocks, block_size) or values.shape[0] < n_blocks:
         return WS_TOO_SMALL
-    work = ws[WS_HEADER:]
-    keys = as_pairs(work[2 * n_blocks : 4 * n_blocks])
-    t32, bad = tokens_u32(tokens[: n_blocks * block_size], work[4 * n_blocks :].view(np.uint32))
+    keys, bad = hash_prompt(tokens, ws, n_blocks, block_size)
     if bad >= 0:
         return -bad - 1
-    chain_into(t32, n_blocks, block_size, ws[WS_ROOT], ws[WS_ROOT + 1], keys)
     prefetch_homes(data, geom, keys, n_blocks)
-    return match_in_workspace(data, wdata, geom, keys, n_blocks, work, values)
+    return match_in_workspace(data, wdata, geom, keys, n_blocks, ws[WS_HEADER:], values)
+
+
+@njit(inline="always")
+def owner_lengths(owners, n, entries, out, block_size):
+    """For each owner-table entry of ``entries``, how many leading tokens of
+    a matched path it holds: the blocks before the first one whose
+    presence word (``owners[:n]``) lacks its bit, written to ``out``.
+    O(n + entries x owners that drop out along the path)."""
+    held = np.uint64(0)
+    for j in range(entries.shape[0]):
+        held |= _ONE << np.uint64(entries[j] & 63)
+        out[j] = n * block_size
+    for d in range(n):
+        still = held & owners[d]
+        if still != held:
+            for j in range(entries.shape[0]):
+                if (held & ~still) & (_ONE << np.uint64(entries[j] & 63)):
+                    out[j] = d * block_size
+            held = still
+            if held == 0:
+                break
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def match_owners_kernel(tokens, ws, entries, out):
+    """For each owner-table entry in ``entries``, how many leading tokens of
+    ``tokens`` that owner holds, written to ``out`` (tokens, a multiple of
+    the block size): all of them from one instant during the call.
+
+    Returns the number of blocks matched by any owner or none (the longest
+    cached prefix), or the codes of ``match_tokens_kernel``, or
+    ``OWNERS_RENAMED`` when the owner table's names changed since the
+    Reader read them (the workspace's epoch): read them again and retry.
+    Matching neither stamps hits nor counts a query: it is a question about
+    the cache, not a use of it.
+    """
+    data, wdata = segment_parts(ws)
+    if load_acquire(data, H_RETIRED) != 0:
+        return RETIRED
+    if load_acquire(data, H_OWNERS_EPOCH) != ws[WS_OWNERS_EPOCH]:
+        return OWNERS_RENAMED
+    geom = ws[:G_WORDS].view(np.int64)
+    block_size = geom[G_BLOCK_SIZE]
+    n_blocks = tokens.shape[0] // block_size
+    if ws.shape[0] < workspace_words(n_blocks, block_size):
+        return WS_TOO_SMALL
+    keys, bad = hash_prompt(tokens, ws, n_blocks, block_size)
+    if bad >= 0:
+        return -bad - 1
+    prefetch_homes(data, geom, keys, n_blocks)
+    work = ws[WS_HEADER:]
+    path = work[0:n_blocks].view(np.int64)
+    versions = work[n_blocks : 2 * n_blocks]
+    owners = work[4 * n_blocks : 5 * n_blocks]
+    values = work[5 * n_blocks : 6 * n_blocks].view(np.int64)  # the token scratch, hashed already
+    n = walk(data, geom, np.int64(-1), keys, n_blocks, path, versions, values, owners, True)
+    fence_acquire()
+    if load_relaxed(data, H_OWNERS_EPOCH) != ws[WS_OWNERS_EPOCH]:
+        return OWNERS_RENAMED
+    owner_lengths(owners, n, entries, out, block_size)
+    return n
 
 
 _WORKSPACE_TYPE = types.Array(types.uint64, 1, "C")
 _VALUES_TYPE = types.Array(types.int64, 1, "C")
 
 
-def token_kernel(dtype: np.dtype) -> Callable[[np.ndarray, np.ndarray, np.ndarray], int]:
-    """``match_tokens_kernel`` for tokens of ``dtype``, as its compiled entry
-    point (loaded from Numba's cache, or compiled, now).
+def token_kernel(dtype: np.dtype, owners: bool = False) -> Callable[..., int]:
+    """``match_tokens_kernel`` (``match_owners_kernel`` if ``owners``) for
+    tokens of ``dtype``, as its compiled entry point (loaded from Numba's
+    cache, or compiled, now).
 
     Calling the entry point skips Numba's dispatcher, which on every call
     derives the three argument types and picks an overload: about 0.1 µs of
     a 2.5 µs warm match. The entry point checks only that each argument is
     an ndarray of the right item size, so the caller must pass: tokens of
     ``dtype`` (native byte order), 1-D and C-contiguous; a reader
-    workspace; a 1-D int64 values array. An array of more dimensions would
+    workspace; 1-D int64 arrays for the rest. An array of more dimensions would
     overrun the one-dimensional argument struct it is unboxed into. The tokens
     are typed read-only and possibly misaligned, the weakest assumptions,
     so every such array fits (the kernel only reads them, with loads that
     assume no alignment: as fast on aligned arrays).
     """
     tokens_type = types.Array(from_dtype(dtype), 1, "C", readonly=True, aligned=False)
+    if owners:
+        return match_owners_kernel.compile((tokens_type, _WORKSPACE_TYPE, _VALUES_TYPE, _VALUES_TYPE))
     return match_tokens_kernel.compile((tokens_type, _WORKSPACE_TYPE, _VALUES_TYPE))

@@ -63,17 +63,20 @@ from .wstate import (
     begin,
     bump,
     client_of,
+    count_owners,
     effective_recency,
     end,
     field,
     helper,
     is_live,
     is_protected,
+    owners_of,
     parent_of,
     pins_of,
     publish,
     rec,
     set_field,
+    set_owners,
     step,
 )
 
@@ -83,6 +86,7 @@ ERR_DUP_VALUE = 1  # info: block index whose value is already cached for this cl
 ERR_DUP_IN_CALL = 2  # info: block index whose value repeats an earlier one in the call
 ERR_FULL = 3  # info: blocks that could be made available
 ERR_PARTIAL = 5  # info: new blocks inserted before room ran out (readers pinned during the call)
+ERR_STALE = 6  # the state to insert below is gone, or not held by the inserting owner
 
 _ONE = np.uint64(1)
 _LOW32 = np.uint64(LOW32)
@@ -92,14 +96,16 @@ _LOW32 = np.uint64(LOW32)
 
 
 @helper
-def add_state(A, parent, key_lo, key_hi, value, client, clock):
-    """Publish a new state under ``parent`` and index it; returns its id."""
+def add_state(A, parent, key_lo, key_hi, value, client, clock, owners):
+    """Publish a new state under ``parent``, held by ``owners``, and index
+    it; returns its id."""
     top = A.meta[M_FREE_TOP] - 1
     s = A.free[top]
     A.meta[M_FREE_TOP] = top
     store_relaxed(A.wdata, A.geom[G_HITS] + s, np.uint64(0))
     link = np.uint64(parent + LINK_PARENT_BIAS) | (np.uint64(client) << np.uint64(32))
-    publish(A, s, key_lo, key_hi, np.uint64(value), link, clock, np.uint64(0))
+    count_owners(A, np.uint64(0), owners)
+    publish(A, s, key_lo, key_hi, np.uint64(value), link, clock, np.uint64(0), owners)
     table_insert(A, K_INDEX, s)
     table_insert(A, K_VMAP, s)
     attach_child(A, parent, s)
@@ -125,7 +131,9 @@ def drop_state(A, s, out, n_out):
     A.gen[s] += _ONE  # writer pin handles naming it no longer hold anything here
     if pins_of(A, s) > 0:
         adjust_protect(A, s, -1)
-    publish(A, s, np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(LINK_FREE), np.uint64(0), np.uint64(0))
+    count_owners(A, owners_of(A, s), np.uint64(0))
+    free = np.uint64(0)
+    publish(A, s, free, free, free, np.uint64(LINK_FREE), free, free, free)
     if A.rpin[s] == 0:
         free_record(A, s)
     else:
@@ -209,16 +217,21 @@ def evict_into(A, need, protect, out, n_out):
 
 
 @njit
-def evictable_count(A, path, k, need):
+def evictable_count(A, start, path, k, need):
     """How many states eviction could free for an insert below ``path[:k]``
-    that needs ``need``: live states that no writer pin protects, no reader
-    pin names, and that are not on the path (it must survive). Exact without
-    reader pins; with them a lower bound (a state both writer- and
-    reader-pinned counts twice), made exact by one pass over the table only
-    when the bound falls short of ``need``.
+    (itself below ``start``, -1 for the root) that needs ``need``: live
+    states that no writer pin protects, no reader pin names, and that are
+    not on the path from the root (it must survive). Exact without reader
+    pins; with them a lower bound (a state both writer- and reader-pinned
+    counts twice), made exact by one pass over the table only when the
+    bound falls short of ``need``.
     """
     sync_reader_pins(A)
     free_on_path = 0
+    s = start
+    while s >= 0:
+        free_on_path += not is_protected(A, s) and A.rpin[s] == 0
+        s = parent_of(A, s)
     for i in range(k):
         if not is_protected(A, path[i]) and A.rpin[path[i]] == 0:
             free_on_path += 1
@@ -229,6 +242,10 @@ def evictable_count(A, path, k, need):
     on_path = np.zeros(A.geom[G_CAPACITY], dtype=np.bool_)
     for i in range(k):
         on_path[path[i]] = True
+    s = start
+    while s >= 0:
+        on_path[s] = True
+        s = parent_of(A, s)
     exact = 0
     for s in range(A.geom[G_CAPACITY]):
         if is_live(A, s) and not is_protected(A, s) and A.rpin[s] == 0 and not on_path[s]:
@@ -268,57 +285,75 @@ def first_cached_value(A, values, k, n, client):
 
 
 @helper
-def add_chain(A, path, k, keys, values, end, client, clock):
-    """Add blocks ``k..end`` below ``path[:k]`` (whose recency becomes
-    ``clock``), each the child of the one before."""
-    parent = path[k - 1] if k > 0 else np.int64(-1)
+def add_chain(A, start, path, k, keys, values, end, client, clock, owners):
+    """Add blocks ``k..end`` below ``path[:k]`` (itself below ``start``, -1
+    for the root), each the child of the one before, their states going to
+    ``path[k:end]``. The whole path is then held by ``owners`` and its
+    recency is ``clock``."""
+    parent = path[k - 1] if k > 0 else start
     for i in range(k, end):
-        parent = add_state(A, parent, keys[i, 0], keys[i, 1], values[i], client, clock)
+        parent = add_state(A, parent, keys[i, 0], keys[i, 1], values[i], client, clock, owners)
+        path[i] = parent
     for i in range(k):
         set_field(A, path[i], R_RECENCY, clock)
+        held = owners_of(A, path[i])
+        if held & owners != owners:
+            set_owners(A, path[i], held | owners)
     if end > k:
         push_if_evictable(A, parent)
 
 
 @njit(cache=True)
-def insert_kernel(A, keys, values, n, client):
-    """Insert the chain ``keys[:n]`` with ``values[:n]`` (values of blocks
-    already cached are ignored: they keep theirs).
+def insert_kernel(A, start, start_gen, keys, values, n, client, owners, refs):
+    """Insert the chain ``keys[:n]`` with ``values[:n]`` below state
+    ``start`` (-1: the root; else valid while its drop count is
+    ``start_gen``), the whole path held by ``owners`` (presence bits, 0 for
+    none). Values of blocks already cached are ignored: they keep theirs.
 
     Returns ``(status, info, n_cached_blocks, evicted)``, ``evicted`` being
-    ``(value, client)`` rows. On any status but OK nothing was changed.
+    ``(value, client)`` rows; ``refs[i]``, if ``refs`` has room, receives
+    block ``i``'s ``(state, drop count)``, what ``start``/``start_gen`` of a
+    later insert below it take. On any status but OK nothing was changed.
     """
     path = np.empty(n, dtype=np.int64)
     versions = np.empty(n, dtype=np.uint64)
     old_values = np.empty(n, dtype=np.int64)
-    k = walk(A.data, A.geom, keys, n, path, versions, old_values)
+    evicted = np.empty((0, 2), dtype=np.int64)
+    if start >= 0 and not (start < A.geom[G_CAPACITY] and is_live(A, start) and A.gen[start] == start_gen
+                           and owners_of(A, start) & owners == owners):
+        return ERR_STALE, 0, 0, evicted
+    k = walk(A.data, A.geom, start, keys, n, path, versions, old_values, versions, False)
     prefetch_new_blocks(A, keys, values, k, n, client)
-    evicted = np.empty((max(n - k, 0), 2), dtype=np.int64)
     i = first_cached_value(A, values, k, n, client)
     if i >= 0:
-        return ERR_DUP_VALUE, i, k, evicted[:0]
+        return ERR_DUP_VALUE, i, k, evicted
     if n - k > 1:
         order = np.argsort(values[k:n], kind="mergesort")
         for j in range(1, n - k):
             if values[k + order[j]] == values[k + order[j - 1]]:
-                return ERR_DUP_IN_CALL, k + order[j], k, evicted[:0]
+                return ERR_DUP_IN_CALL, k + order[j], k, evicted
     sync_reader_pins(A)  # records reader pins held back may have been released
     need = (n - k) - A.meta[M_FREE_TOP]
     if need > 0:
-        evictable = evictable_count(A, path, k, need)
+        evictable = evictable_count(A, start, path, k, need)
         if need > evictable:
-            return ERR_FULL, evictable + A.meta[M_FREE_TOP], k, evicted[:0]
+            return ERR_FULL, evictable + A.meta[M_FREE_TOP], k, evicted
+    evicted = np.empty((max(need, 0), 2), dtype=np.int64)
     begin(A)
     clock = A.data[H_CLOCK]
     n_ev = 0
     if need > 0:
-        n_ev = evict_into(A, need, path[k - 1] if k > 0 else np.int64(-1), evicted, 0)
+        n_ev = evict_into(A, need, path[k - 1] if k > 0 else start, evicted, 0)
     # Short only if readers pinned blocks while this call evicted: insert
     # what fits (a prefix of the new blocks, so the tree stays prefix-closed).
     end_new = min(n, k + A.meta[M_FREE_TOP])
-    add_chain(A, path, k, keys, values, end_new, client, clock)
+    add_chain(A, start, path, k, keys, values, end_new, client, clock, owners)
     bump(A, H_INSERTED, end_new - k)
     end(A)
+    if refs.shape[0] >= end_new:
+        for i in range(end_new):
+            refs[i, 0] = path[i]
+            refs[i, 1] = np.int64(A.gen[path[i]])
     if end_new < n:
         return ERR_PARTIAL, end_new - k, k, evicted[:n_ev]
     return OK, 0, k, evicted[:n_ev]
@@ -330,7 +365,7 @@ def match_kernel(A, keys, n):
     path = np.empty(n, dtype=np.int64)
     versions = np.empty(n, dtype=np.uint64)
     values = np.empty(n, dtype=np.int64)
-    k = walk(A.data, A.geom, keys, n, path, versions, values)
+    k = walk(A.data, A.geom, np.int64(-1), keys, n, path, versions, values, versions, False)
     clock = A.data[H_CLOCK] + CLOCK_TICK
     store_relaxed(A.data, H_CLOCK, clock)
     for i in range(k):
@@ -378,11 +413,14 @@ def remove_kernel(A, values, client):
 @njit(cache=True)
 def remove_client_kernel(A, client):
     """Drop every state ``client`` inserted, with its subtree (a client's KV
-    died with it). Returns the ``(value, client)`` rows, children first."""
+    died with it), except those a named owner holds: they stay while held
+    (the owner's KV is alive), and so does the path to them, since an owner
+    holds every ancestor of a block it holds. Returns the ``(value,
+    client)`` rows, children first."""
     roots = np.empty(np.int64(A.data[H_LIVE]), dtype=np.int64)
     n = 0
     for s in range(A.geom[G_CAPACITY]):
-        if is_live(A, s) and client_of(A, s) == client and n < roots.shape[0]:
+        if is_live(A, s) and client_of(A, s) == client and owners_of(A, s) == 0 and n < roots.shape[0]:
             roots[n] = s
             n += 1
     return drop_subtrees(A, roots[:n], np.empty((np.int64(A.data[H_LIVE]), 2), dtype=np.int64))
@@ -464,7 +502,7 @@ def pin_kernel(A, keys, n, states, gens):
     """
     versions = np.empty(n, dtype=np.uint64)
     values = np.empty(n, dtype=np.int64)
-    k = walk(A.data, A.geom, keys, n, states, versions, values)
+    k = walk(A.data, A.geom, np.int64(-1), keys, n, states, versions, values, versions, False)
     begin(A)
     add_pins(A, states, k, 1)
     for i in range(k):

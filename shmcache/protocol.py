@@ -18,7 +18,10 @@ Frame header (``HEADER``, 12 bytes)::
 
 Requests (client -> daemon) and their payloads:
 
-* ``K_HELLO``: ``u32 pid``. The reply's ``result`` is the client's id (the id its blocks record).
+* ``K_HELLO``: ``u32 pid``, then optionally the client's owner name
+  (UTF-8, the rest of the payload): the blocks it inserts are then held
+  by that named owner. The reply's ``result`` is the client's id (the id
+  its blocks record).
 * ``K_INSERT``: ``u32 n_tokens, u32 n_values, u8 namespace tag, u8 0,
   u16 namespace length, u32 0``, the namespace bytes padded to 8, then
   ``n_values`` int64 values and ``n_tokens`` uint32 tokens. Reply: tokens
@@ -62,6 +65,7 @@ SPIN_US = 200
 
 _PROMPT = struct.Struct("<IIBBHI")
 _RESULT = struct.Struct("<q")
+_PID = struct.Struct("<I")
 _ERROR = struct.Struct("<H")
 
 
@@ -138,6 +142,21 @@ def decode_prompt(payload: bytearray) -> tuple[np.ndarray, np.ndarray, int, byte
     values = np.frombuffer(payload, dtype="<i8", count=n_values, offset=at)
     tokens = np.frombuffer(payload, dtype="<u4", count=n_tokens, offset=at + 8 * n_values)
     return tokens, values, tag, bytes(ns)
+
+
+def encode_hello(pid: int, owner: str | None) -> bytes:
+    return _PID.pack(pid) + (owner.encode() if owner is not None else b"")
+
+
+def decode_hello(payload: bytes) -> tuple[int, str | None]:
+    """``(pid, owner name or None)``; the name is checked by the daemon."""
+    if len(payload) < _PID.size:
+        raise ProtocolError("HELLO payload is shorter than its pid")
+    try:
+        owner = bytes(payload[_PID.size :]).decode() or None
+    except UnicodeDecodeError:
+        raise ProtocolError("HELLO owner name is not UTF-8") from None
+    return _PID.unpack_from(payload)[0], owner
 
 
 def encode_values(values: np.ndarray) -> bytes:

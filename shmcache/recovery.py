@@ -21,6 +21,7 @@ from .atomics import store_relaxed
 from .layout import (
     G_CAPACITY,
     G_INDEX,
+    G_OWNERS,
     G_SLOTS,
     H_EVICTING,
     H_LIVE,
@@ -29,13 +30,36 @@ from .layout import (
     H_RECOVERED,
     LINK_FREE,
     LOW32,
+    MAX_OWNERS,
+    O_BLOCKS,
+    OWNER_WORDS,
     R_PINS,
     R_VERSION,
 )
 from .pinsync import forget_reader_pins, sync_reader_pins
 from .tables import K_INDEX, K_VMAP, table_insert
 from .tree import attach_child, heap_rebuild
-from .wstate import M_FREE_TOP, M_HEAP_SIZE, NIL, begin, bump, end, field, parent_of, publish, rec, set_field, step
+from .wstate import (
+    FC,
+    M_FREE_TOP,
+    M_HEAP_SIZE,
+    NEXT,
+    NIL,
+    begin,
+    bump,
+    count_owners,
+    end,
+    field,
+    helper,
+    is_live,
+    owners_of,
+    parent_of,
+    publish,
+    rec,
+    set_field,
+    set_owners,
+    step,
+)
 
 P_TORN = -3  # parent code of a record a writer was changing (odd version)
 S_UNKNOWN, S_VALID, S_INVALID, S_FREE = 0, 1, 2, 3
@@ -107,7 +131,8 @@ def rebuild(A):
     dropped = 0
     for s in range(cap):
         if status[s] == S_INVALID:
-            publish(A, s, np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(LINK_FREE), np.uint64(0), np.uint64(0))
+            free = np.uint64(0)
+            publish(A, s, free, free, free, np.uint64(LINK_FREE), free, free, free)
             status[s] = S_FREE
             dropped += 1
     index = A.geom[G_INDEX]
@@ -145,7 +170,37 @@ def rebuild(A):
         if status[s] == S_VALID and field(A, s, R_PINS) != 0:
             step(A)
             set_field(A, s, R_PINS, 0)
+    repair_owners(A)
     bump(A, H_RECOVERED, dropped)
     heap_rebuild(A)
     end(A)
     return dropped
+
+
+@helper
+def repair_owners(A):
+    """Recount every owner's BLOCKS, then restore the subset rule (an
+    owner holds a block only if it holds its parent) that a writer dying
+    in the middle of a release leaves broken: a block keeps only the
+    owners its parent has. Walks the tree parents first (children lists)."""
+    cap = A.geom[G_CAPACITY]
+    table = A.geom[G_OWNERS]
+    for i in range(MAX_OWNERS):
+        store_relaxed(A.data, table + i * OWNER_WORDS + O_BLOCKS, np.uint64(0))
+    for s in range(cap):
+        if is_live(A, s):
+            count_owners(A, np.uint64(0), owners_of(A, s))
+    cur = A.links[cap, FC]
+    while cur != NIL:
+        p = parent_of(A, cur)
+        held = owners_of(A, cur)
+        if p >= 0 and held & ~owners_of(A, p):
+            set_owners(A, cur, held & owners_of(A, p))
+        if A.links[cur, FC] != NIL:
+            cur = A.links[cur, FC]
+            continue
+        while cur != NIL and A.links[cur, NEXT] == NIL:
+            p = parent_of(A, cur)
+            cur = NIL if p < 0 else p
+        if cur != NIL:
+            cur = A.links[cur, NEXT]

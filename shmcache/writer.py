@@ -52,6 +52,7 @@ from .errors import (
 from .identity import me, who
 from .keys import KeyChain, Namespace, PrefixMatch, as_int64_array, as_tokens, as_values, check_seed
 from .layout import (
+    G_STATES,
     H_RETIRED,
     H_SEED_HI,
     H_SEED_LO,
@@ -60,18 +61,27 @@ from .layout import (
     H_WRITER_PID,
     H_WRITER_PIDNS,
     LOCK_WRITER,
+    MAX_OWNERS,
+    O_ATTACHED,
+    O_BLOCKS,
+    OWNER_CLIENT,
+    R_KEY_HI,
+    R_KEY_LO,
+    R_OWNERS,
     RD_PID,
     RD_PINNED,
     READER_WORDS,
     READERS_WORD,
+    RECORD_WORDS,
     Geometry,
     check_geometry_args,
     reader_lock_byte,
     reader_word,
 )
-from . import mutate
+from . import mutate, owners
 from .checks import check_private, check_segment
 from .pins import PinnedMatch, clear_slot
+from .presence import path_kernel, release_kernel
 from .recovery import rebuild
 from .report import describe_violations, header_stats
 from .wstate import M_CRASH, WriterCrashed, new_arrays
@@ -140,6 +150,9 @@ class _Gate:
         self.sem.close()
 
 
+_NO_REFS = np.empty((0, 2), dtype=np.int64)
+
+
 def _request(keys: np.ndarray) -> tuple[int, ...]:
     """What identifies the tokens of a pin: their block count and the chained
     key of the last block (which covers every token and the namespace)."""
@@ -181,10 +194,21 @@ class Writer:
 
     ``on_evict`` (optional) is called after an ``insert`` that had to evict,
     with the evicted values (an int64 array the callee owns), so the engine
-    can free that KV. ``on_evict_clients(values, clients)`` is the same with the
-    client id of each value, for writers shared by several clients (the
-    daemon). Explicit ``evict``/``remove``/``clear`` return their values
-    instead (and clients, with ``with_clients=True``).
+    can free that KV, and after an owner let go of blocks no other owner
+    held (``release``, ``clear_owner``: they left the cache).
+    ``on_evict_clients(values, clients)`` is the same with the client id of
+    each value, for writers shared by several clients (the daemon).
+    Explicit ``evict``/``remove``/``clear`` return their values instead (and
+    clients, with ``with_clients=True``).
+
+    Owners: ``insert(..., owner="rank0")`` records that the named owner (a
+    data-parallel rank, an engine) holds every block of the prompt;
+    ``Reader.match_owners`` then tells, per owner, how much of a prompt it
+    holds. An owner holds a block until it lets go of it (``release``,
+    ``clear_owner``); a block held by owners leaves the cache when the last
+    one lets go, or when capacity eviction or ``remove`` drops it. A block
+    no owner ever held (inserted without one) stays until evicted or
+    removed.
 
     Readers' pins (``Reader.match_and_pin``) are honoured by every eviction.
     Pins of a reader process that died are reclaimed by ``reap_readers``,
@@ -213,8 +237,11 @@ class Writer:
             self._A.meta[M_CRASH] = crash_at_step
             self._reaped_at = time.monotonic()
             self._pins: dict[tuple[int, ...], list[WriterPin]] = {}  # unreleased handles, by _request of their tokens
+            self._entries: dict[str, int] = {}  # owner name -> owner-table entry, as this Writer named them
             #: States dropped by the repair when this Writer took the segment over.
             self.recovered = int(self._run(rebuild, self._A))
+            for entry in range(MAX_OWNERS):
+                self._owner_word(entry)[O_ATTACHED] = 0  # whatever was attached was the previous writer's
         except BaseException:
             self._A = None
             self._let_go()
@@ -402,23 +429,37 @@ class Writer:
 
     # --- operations ----------------------------------------------------------------------
 
-    def insert(self, tokens: object, values: object, namespace: Namespace = None, *, client: int = 0) -> int:
-        """Cache every full block of ``tokens``, block ``i`` holding ``values[i]``.
+    def insert(self, tokens: object, values: object, namespace: Namespace = None, *, client: int = 0,
+               owner: str | None = None) -> int:
+        """Cache every full block of ``tokens``, block ``i`` holding ``values[i]``;
+        with ``owner``, that named owner holds every one of them.
 
         Returns how many leading tokens were already cached (those blocks
         keep their old values; ``values`` for them are ignored). Evicts LRU
         unpinned leaves when full and passes their values to ``on_evict``.
-        Raises InvalidInputError (bad tokens or values, or a new block's value
-        already cached for this client: ``remove`` needs values unique) or
-        CacheFullError (not enough unpinned room); nothing changes then.
+        Raises InvalidInputError (bad tokens, values or owner name, or a new
+        block's value already cached for this client: ``remove`` needs
+        values unique), CacheFullError (not enough unpinned room) or
+        OwnerLimitError; nothing changes then.
         """
         toks, keys = self._keys(tokens, namespace)
         n = keys.shape[0]
         vals = as_values(values, n, toks.shape[0], self.block_size)
         check_client(client)
-        status, info, cached, evicted = self._run(mutate.insert_kernel, self._A, keys, vals, n, client)
+        held = self._owner_bit(owner)
+        _, cached = self._insert(-1, 0, keys, vals, client, held, _NO_REFS)
+        return cached * self.block_size
+
+    def _insert(self, start: int, start_gen: int, keys: np.ndarray, vals: np.ndarray, client: int, held: np.uint64,
+                refs: np.ndarray) -> tuple[int, int]:
+        """Run the insert kernel (once more after reaping dead readers if it
+        found no room) and raise its errors; returns ``(status, cached
+        blocks)``, status OK or ERR_STALE."""
+        n = keys.shape[0]
+        args = (self._A, start, start_gen, keys, vals, n, client, held, refs)
+        status, info, cached, evicted = self._run(mutate.insert_kernel, *args)
         if status == mutate.ERR_FULL and self.reap_readers():
-            status, info, cached, evicted = self._run(mutate.insert_kernel, self._A, keys, vals, n, client)
+            status, info, cached, evicted = self._run(mutate.insert_kernel, *args)
         if status == mutate.ERR_DUP_VALUE:
             raise InvalidInputError(
                 f"value {int(vals[info])} of block {info} is already cached for another block: "
@@ -431,11 +472,7 @@ class Writer:
                 f"insert needs {n - cached} free blocks but only {info} can be made free (capacity "
                 f"{self.capacity}, the rest is pinned or on this prompt's path): unpin blocks or create a larger segment"
             )
-        if len(evicted):
-            if self.on_evict is not None:
-                self.on_evict(evicted[:, 0].copy())
-            if self.on_evict_clients is not None:
-                self.on_evict_clients(evicted[:, 0].copy(), evicted[:, 1].copy())
+        self._notify(evicted)
         if status == mutate.ERR_PARTIAL:
             raise CacheFullError(
                 f"readers pinned blocks while this insert evicted: only its first {info} new blocks "
@@ -444,7 +481,149 @@ class Writer:
                 int(info),
                 int(cached) * self.block_size,
             )
-        return int(cached) * self.block_size
+        return status, int(cached)
+
+    def _notify(self, dropped: np.ndarray) -> None:
+        """Hand ``(value, client)`` rows the cache dropped by itself to the callbacks."""
+        if len(dropped):
+            if self.on_evict is not None:
+                self.on_evict(dropped[:, 0].copy())
+            if self.on_evict_clients is not None:
+                self.on_evict_clients(dropped[:, 0].copy(), dropped[:, 1].copy())
+
+    def extend(self, below: "np.ndarray | None", tokens: object, values: object, *, owner: str,
+               namespace: Namespace = None, client: int = 0) -> "np.ndarray | None":
+        """Cache the full blocks of ``tokens`` as the continuation of an
+        already cached block, all held by ``owner``: the insert of a feed
+        that names blocks by their predecessor, as engines' KV events do.
+
+        ``below`` is the ``(state, drop count)`` row this method (or an
+        earlier ``extend`` from the root) returned for the preceding block,
+        or None for blocks at the start of a prompt (chained from
+        ``namespace``). Returns one such row per block of ``tokens`` (an
+        ``(n, 2)`` int64 array), or None when ``below`` is no longer a block
+        ``owner`` holds (dropped, or released by it since): its successors
+        cannot be keyed then. Errors as ``insert``.
+        """
+        self._check_open()
+        toks = as_tokens(tokens)
+        root = None
+        if below is not None:
+            state, gen = int(below[0]), int(below[1])
+            if not 0 <= state < self.capacity:
+                raise InvalidInputError(f"below must be a row returned by extend, got {below!r}")
+            data, at = self._A.data, int(self._A.geom[G_STATES]) + state * RECORD_WORDS
+            root = (data[at + R_KEY_LO], data[at + R_KEY_HI])
+        else:
+            state, gen = -1, 0
+        keys = self._chain.keys(toks, namespace, root)
+        vals = as_values(values, keys.shape[0], toks.shape[0], self.block_size)
+        check_client(client)
+        refs = np.empty((keys.shape[0], 2), dtype=np.int64)
+        status, _ = self._insert(state, gen, keys, vals, client, self._owner_bit(owner), refs)
+        return None if status == mutate.ERR_STALE else refs
+
+    def holds(self, row: "np.ndarray | tuple[int, int]", owner: str) -> bool:
+        """Whether ``owner`` still holds the block of an ``extend`` row (it was
+        neither dropped nor let go of since)."""
+        self._check_open()
+        entry = self._owner_entry(owner, create=False)
+        state, gen = int(row[0]), int(row[1])
+        if entry < 0 or not 0 <= state < self.capacity or int(self._A.gen[state]) != gen:
+            return False
+        word = self._A.data[int(self._A.geom[G_STATES]) + state * RECORD_WORDS + R_OWNERS]
+        return bool((int(word) >> entry) & 1)
+
+    def release(self, tokens: object, owner: str, namespace: Namespace = None) -> int:
+        """``owner`` stops holding the last full block of ``tokens`` and every
+        block after it (they are no prefix it holds any more); it keeps the
+        blocks before. Blocks no other owner holds leave the cache (their
+        values go to ``on_evict``). Returns how many blocks ``owner`` let go
+        of (0 if it did not hold that block)."""
+        _, keys = self._keys(tokens, namespace)
+        entry = self._owner_entry(owner, create=False)
+        if entry < 0 or not len(keys):
+            return 0
+        refs = self._run(path_kernel, self._A, keys)
+        if len(refs) < len(keys):
+            return 0
+        return self.release_refs(refs[-1:], owner)
+
+    def release_refs(self, refs: np.ndarray, owner: str) -> int:
+        """``release`` of the blocks named by ``(state, drop count)`` rows from
+        ``extend``: rows whose block was dropped since are skipped."""
+        self._check_open()
+        entry = self._owner_entry(owner, create=False)
+        if entry < 0:
+            return 0
+        refs = np.ascontiguousarray(refs, dtype=np.int64).reshape(-1, 2)
+        dropped, released = self._run(release_kernel, self._A, refs[:, 0].copy(), refs[:, 1].copy(), entry)
+        self._notify(dropped)
+        return int(released)
+
+    def clear_owner(self, owner: str) -> int:
+        """``owner`` lets go of every block it holds (its engine restarted or
+        cleared its cache; its client left). Returns how many."""
+        self._check_open()
+        entry = self._owner_entry(owner, create=False)
+        if entry < 0:
+            return 0
+        root = np.array([self.capacity], dtype=np.int64)
+        dropped, released = self._run(release_kernel, self._A, root, np.zeros(1, dtype=np.int64), entry)
+        self._notify(dropped)
+        return int(released)
+
+    def owners(self) -> dict[str, int]:
+        """Every named owner with the number of blocks it holds."""
+        self._check_open()
+        table = owners.snapshot(self._A.data, self._A.geom)
+        return {name: int(table.words[i, O_BLOCKS]) for i, name in table.named()}
+
+    def owner_info(self) -> dict[str, dict]:
+        """Per named owner: blocks, kind, attached and, for KV-event sources,
+        their counters (``shmcache.owners.describe``)."""
+        self._check_open()
+        return owners.describe(owners.snapshot(self._A.data, self._A.geom))
+
+    def attach_owner(self, owner: str, kind: int = OWNER_CLIENT) -> None:
+        """Count one more connected source of ``owner`` (a client or an event
+        publisher), naming it if new: an attached owner's entry is never
+        given to another name, even while it holds no block."""
+        self._check_open()
+        entry = self._owner_entry(owner, kind=kind)
+        self._owner_word(entry)[O_ATTACHED] += 1
+
+    def detach_owner(self, owner: str) -> int:
+        """Count one source of ``owner`` less; returns how many remain."""
+        self._check_open()
+        words = self._owner_word(self._owner_entry(owner))
+        words[O_ATTACHED] = max(int(words[O_ATTACHED]) - 1, 0)
+        return int(words[O_ATTACHED])
+
+    def _owner_bit(self, owner: str | None) -> np.uint64:
+        return np.uint64(0) if owner is None else np.uint64(1) << np.uint64(self._owner_entry(owner))
+
+    def _owner_entry(self, owner: str, create: bool = True, kind: int = OWNER_CLIENT) -> int:
+        """The owner-table entry of ``owner``; named now if it has none and
+        ``create`` (else -1)."""
+        entry = self._entries.get(owner)
+        if entry is not None:
+            return entry
+        table = owners.snapshot(self._A.data, self._A.geom)
+        entry = table.find(owners.check_owner_name(owner))
+        if entry < 0 and not create:
+            return -1
+        if entry < 0:
+            entry = owners.claim(self._A.data, self._A.geom, owner, kind)  # checks the name
+            renamed = table.name(entry)
+            if renamed is not None:
+                self._entries.pop(renamed, None)
+        self._entries[owner] = entry
+        return entry
+
+    def _owner_word(self, entry: int) -> np.ndarray:
+        """The words of owner-table entry ``entry``, writable (this process is the writer)."""
+        return owners.entry_words(self._A.data, self._A.geom, entry)
 
     def match_prefix(self, tokens: object, namespace: Namespace = None) -> PrefixMatch:
         """The longest cached prefix of ``tokens``; counts as a use for LRU."""
@@ -655,13 +834,17 @@ def warm_up() -> None:
     try:
         with Writer.create(name, capacity=16, block_size=4) as w:
             for toks in (np.arange(16, dtype=np.int64), np.arange(16, dtype=np.uint32)):
-                w.insert(toks, [1, 2, 3, 4], client=1)
+                w.insert(toks, [1, 2, 3, 4], client=1, owner="warm-up")
                 w.match_prefix(toks)
                 w.pin(toks)
                 w.unpin(toks)
                 w.evict(1)
                 w.remove([1], client=1)
                 w.remove_client(1)
+                rows = w.extend(None, toks, [5, 6, 7, 8], owner="warm-up")
+                w.extend(rows[1], toks[8:], [9, 10], owner="warm-up")
+                w.release(toks, "warm-up")
+                w.clear_owner("warm-up")
                 w.clear()
             w.unpin(w.pin(np.arange(16)))
             w._map.wdata[reader_word(0, RD_PID)] = 1  # as a reader that died leaves its slot: reaped

@@ -10,7 +10,10 @@ states is ``shmcache.mutate``'s):
   after the last, so it grows by exactly 2 per operation (``begin``, ``end``).
 * A record is changed by storing version+1 (odd), a release fence, the
   fields (relaxed atomic stores), then version+2 with release ordering
-  (``publish``).
+  (``publish``; ``set_owners`` changes the presence word alone, without
+  the odd version). Either way the version changes, so a reader's
+  one-instant check covers which owners hold a block as it covers the
+  block itself.
 
 Writer-private structures live in ordinary process memory (``Arrays``) and
 are derived from the state table, so ``recovery.rebuild`` can recreate them
@@ -34,6 +37,7 @@ from .atomics import fence_release, load_relaxed, store_relaxed, store_release
 from .layout import (
     G_CAPACITY,
     G_HITS,
+    G_OWNERS,
     G_READER_PINS,
     G_READER_SLOTS,
     G_STATES,
@@ -43,9 +47,12 @@ from .layout import (
     LINK_FREE,
     LINK_PARENT_BIAS,
     LOW32,
+    O_BLOCKS,
+    OWNER_WORDS,
     R_KEY_HI,
     R_KEY_LO,
     R_LINK,
+    R_OWNERS,
     R_PINS,
     R_RECENCY,
     R_VALUE,
@@ -237,8 +244,9 @@ def effective_recency(A, s):
 
 
 @njit(inline="always")
-def publish(A, s, key_lo, key_hi, value, link, recency, pins):
-    """Rewrite record ``s`` under its version (odd, fields, even)."""
+def publish(A, s, key_lo, key_hi, value, link, recency, pins, owners):
+    """Rewrite record ``s`` under its version (odd, fields, even). The
+    caller keeps the owner table's BLOCKS counts in step (``count_owners``)."""
     base = rec(A, s)
     v = A.data[base + R_VERSION] | _ONE
     store_relaxed(A.data, base + R_VERSION, v)
@@ -250,5 +258,55 @@ def publish(A, s, key_lo, key_hi, value, link, recency, pins):
     store_relaxed(A.data, base + R_LINK, link)
     store_relaxed(A.data, base + R_RECENCY, recency)
     store_relaxed(A.data, base + R_PINS, pins)
+    store_relaxed(A.data, base + R_OWNERS, owners)
     step(A)
     store_release(A.data, base + R_VERSION, v + _ONE)
+
+
+# --- owners -----------------------------------------------------------------------
+
+
+@njit(inline="always")
+def owners_of(A, s):
+    """The presence word of ``s``: bit ``i`` while owner ``i`` holds it."""
+    return field(A, s, R_OWNERS)
+
+
+@helper
+def count_owners(A, old, new):
+    """Keep each owner's BLOCKS count in step with one record's presence
+    word going from ``old`` to ``new``."""
+    changed = old ^ new
+    i = 0
+    while changed != 0:
+        if changed & _ONE:
+            at = A.geom[G_OWNERS] + i * OWNER_WORDS + O_BLOCKS
+            delta = 1 if (new >> np.uint64(i)) & _ONE else -1
+            store_relaxed(A.data, at, np.uint64(np.int64(A.data[at]) + delta))
+        changed >>= _ONE
+        i += 1
+
+
+@helper
+def set_owners(A, s, owners):
+    """Rewrite the presence word of ``s`` alone: a release fence, the word,
+    then version+2 (release).
+
+    No odd version is needed: the word is one atomic store and no other
+    field changes. A reader whose two version reads of ``s`` both saw the
+    old version read, at the instant between them, whatever presence word
+    it loaded: the next change cannot begin before this one's version is
+    out, and if it loaded the new word, the fence makes its second read see
+    the new version (it cuts the path there). A writer that dies between
+    the store and the version leaves a consistent record for recovery
+    (which only restores the subset rule), where an odd version would cost
+    the state and its subtree.
+    """
+    base = rec(A, s)
+    count_owners(A, A.data[base + R_OWNERS], owners)
+    v = A.data[base + R_VERSION]
+    fence_release()
+    step(A)
+    store_relaxed(A.data, base + R_OWNERS, owners)
+    step(A)
+    store_release(A.data, base + R_VERSION, v + np.uint64(2))

@@ -14,6 +14,9 @@ CAPACITY = 24
 BASE = [(0, 0, 0, 0), (0, 0, 1, 1), (0, 1, 2, 0), (0, 2), (1, 1, 1, 1), (1, 2, 0, 2), (2, 0, 1, 0), (2, 2, 2, 2)]
 NEW = (1, 0, 2, 1)  # 3 new blocks: inserting it must evict 3
 REMOVED = (0, 0)  # its subtree holds 5 blocks
+# Owner "a" holds every BASE block; "b" holds SHARED's, so releasing REMOVED
+# from "a" drops only (0, 0, 1) and (0, 0, 1, 1): the rest "b" still holds.
+SHARED = (0, 0, 0, 0)
 PINNED = (2, 2, 2, 2)
 UNPINNED = (1, 2, 0, 2)
 EVICT = 4
@@ -60,13 +63,25 @@ def run_op(name: str, path: str, step: int) -> None:
         w.unpin(pin)
     elif path == "clear":
         w.clear()
+    elif path == "release":
+        w.release(tokens(REMOVED), "a")
     w.close()
     os._exit(0)
 
 
+def common(p: tuple, q: tuple) -> int:
+    return next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), min(len(p), len(q)))
+
+
+def most_held(prompt: tuple) -> dict[str, int]:
+    """The most tokens of ``prompt`` each owner can ever be credited with."""
+    return {"a": BS * max(common(prompt, p) for p in BASE), "b": BS * common(prompt, SHARED)}
+
+
 def checking_reader(name, stop, results) -> None:
     """Match every prompt of the workload until told to stop; count answers
-    that are not a prefix of the prompt's true values."""
+    that are not a prefix of the prompt's true values, or that credit an
+    owner with blocks it never held."""
     from shmcache import Reader
 
     r = Reader.attach(name)
@@ -75,7 +90,9 @@ def checking_reader(name, stop, results) -> None:
     while not stop.is_set():
         for p in prompts:
             got = r.match_prefix(tokens(p)).values.tolist()
+            held = r.match_owners(tokens(p))
             matches += 1
             wrong += got != values(p)[: len(got)]
+            wrong += any(n > most_held(p).get(o, 0) for o, n in held.items())
     r.close()
     results.put((matches, wrong))

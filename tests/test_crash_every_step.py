@@ -1,7 +1,7 @@
 """Issue 4, crash at every step: for every numbered step of every writer path
-(insert with eviction, remove, evict, pin, unpin, clear, and the repair
-itself), a writer process is SIGKILLed exactly there while reader processes
-match. Each time the segment must recover, pass ``check()``, keep every block
+(insert with eviction, remove, evict, pin, unpin, clear, an owner's release,
+and the repair itself), a writer process is SIGKILLed exactly there while
+reader processes match (and ask which owners hold what). Each time the segment must recover, pass ``check()``, keep every block
 the operation did not touch, drop at most the one record that was in flight,
 and no reader may ever return a wrong value or hang.
 """
@@ -22,6 +22,7 @@ from crash_children import (
     EVICT,
     NEW,
     REMOVED,
+    SHARED,
     checking_reader,
     prefixes,
     run_op,
@@ -31,7 +32,7 @@ from crash_children import (
 )
 from helpers import live_states
 
-PATHS = ["insert", "remove", "evict", "pin", "unpin", "clear", "recovery"]
+PATHS = ["insert", "remove", "evict", "pin", "unpin", "clear", "release", "recovery"]
 
 
 def prepare(name: str) -> set[int]:
@@ -39,7 +40,8 @@ def prepare(name: str) -> set[int]:
     with Writer.open(name) as w:
         w.clear()
         for p in BASE:
-            w.insert(tokens(p), values(p))
+            w.insert(tokens(p), values(p), owner="a")
+        w.insert(tokens(SHARED), values(SHARED), owner="b")
         got = {v for v, _, _ in live_states(w._map.data, w.geometry).values()}
     assert got == {value(p) for p in prefixes(BASE)}
     return got
@@ -62,6 +64,10 @@ def allowed(path: str, before: set[int], after: set[int]) -> str | None:
     elif path == "clear":
         if new:
             return f"clear added {new}"
+    elif path == "release":
+        only_a = {value(p) for p in prefixes(BASE) if p[: len(REMOVED)] == REMOVED} - {value(p) for p in prefixes([SHARED])}
+        if new or not gone <= only_a:
+            return f"release touched gone={gone - only_a} new={new}"
     elif gone or new:
         return f"{path} changed the content: gone={gone} new={new}"
     return None

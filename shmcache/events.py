@@ -1,0 +1,408 @@
+"""KV events in: the batches vLLM and SGLang publish, decoded and applied as
+one named owner's holds on a segment.
+
+The wire format (vLLM 0.33's ``vllm/distributed/kv_events.py``; SGLang
+0.5.23 publishes the same structs):
+
+* A ZMQ message is three frames: topic, the batch's sequence number as 8
+  bytes big-endian (0 for a publisher's first batch, +1 per batch, 0 again
+  when it restarts), and a msgpack payload. Replay answers from the
+  publisher's ROUTER socket carry the same frames after an empty one.
+* The payload is a batch ``[ts, events, rank]`` (``rank``, vLLM's
+  ``data_parallel_rank`` or SGLang's ``attn_dp_rank``, may be nil or absent).
+* An event is a map tagged by ``"type"`` (``BlockStored``, ``BlockRemoved``,
+  ``AllBlocksCleared``), or, as vLLM up to 0.23 and older SGLang encode
+  them, a positional array ``[tag, field, ...]`` in declaration order
+  (``STORED_FIELDS``, ``REMOVED_FIELDS``). Unknown fields are ignored.
+* Block hashes are ints (vLLM: unsigned, possibly >= 2**63; SGLang: signed
+  int64) or bytes (a SHA-256 digest). They are only names: an owner's
+  blocks are keyed with shmcache's own chained keys from their token ids,
+  chained from the parent block's key, which ``OwnerFeed`` finds through
+  its map from the engine's hash to the block (``Writer.extend``'s rows).
+
+What cannot be keyed from tokens alone is skipped and counted by reason
+(``layout.SKIP_REASONS``); nothing an engine sends can make an owner
+credited with a block it does not hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import numpy as np
+
+from .errors import CacheFullError, InvalidInputError
+from .layout import (
+    O_BATCHES,
+    O_CLEARS,
+    O_EVENTS,
+    O_LAG_NS,
+    O_LAST_NS,
+    O_MALFORMED,
+    O_NEXT_SEQ,
+    O_REMOVED,
+    O_RESTARTS,
+    O_SKIPPED,
+    O_STORED,
+    OWNER_EVENTS,
+    SKIP_REASONS,
+)
+
+log = logging.getLogger("shmcache.events")
+
+#: Positional field order of the array encoding, as vLLM declares them.
+STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name",
+                 "extra_keys", "group_idx", "kv_cache_spec_kind", "kv_cache_spec_sliding_window", "locality",
+                 "ownership")
+REMOVED_FIELDS = ("block_hashes", "medium", "group_idx", "locality", "ownership")
+#: Cache groups whose blocks are keyed by their tokens alone.
+MAIN_KINDS = (None, "full_attention", "mla_attention", "full", "mla")
+#: The tiers an owner's matchable KV lives in.
+GPU_MEDIUMS = (None, "GPU", "gpu")
+SKIP = {reason: O_SKIPPED + i for i, reason in enumerate(SKIP_REASONS)}
+
+_decode = msgspec.msgpack.Decoder().decode
+
+
+class MalformedError(ValueError):
+    """A message or batch that does not follow the wire format."""
+
+
+@dataclass
+class Stored:
+    hashes: list
+    parent: object
+    tokens: list
+    block_size: int
+    lora_name: str | None
+    extra_keys: list | None
+
+
+@dataclass
+class Removed:
+    hashes: list
+
+
+@dataclass
+class Cleared:
+    pass
+
+
+@dataclass
+class Skipped:
+    """An event not applied: why, and how many blocks it named."""
+
+    reason: str
+    blocks: int
+
+
+def _fields(event: object, names: tuple[str, ...]) -> dict:
+    if isinstance(event, dict):
+        return event
+    return dict(zip(names, event[1:]))
+
+
+def _is_hash(h: object) -> bool:
+    return (isinstance(h, int) and not isinstance(h, bool)) or isinstance(h, bytes)
+
+
+def decode_event(event: object) -> Stored | Removed | Cleared | Skipped:
+    """One event, normalised; ``Skipped`` for what cannot be applied."""
+    if isinstance(event, dict):
+        tag = event.get("type")
+    elif isinstance(event, (list, tuple)) and event:
+        tag = event[0]
+    else:
+        return Skipped("bad_field", 0)
+    if tag == "AllBlocksCleared":
+        return Cleared()
+    if tag not in ("BlockStored", "BlockRemoved"):
+        return Skipped("unknown_type", 0)
+    f = _fields(event, STORED_FIELDS if tag == "BlockStored" else REMOVED_FIELDS)
+    hashes = f.get("block_hashes")
+    if not isinstance(hashes, list) or not all(_is_hash(h) for h in hashes):
+        return Skipped("bad_field", len(hashes) if isinstance(hashes, list) else 0)
+    n = len(hashes)
+    if f.get("medium") not in GPU_MEDIUMS or f.get("locality") not in (None, "LOCAL") or f.get("ownership") is not None:
+        return Skipped("medium", n)
+    if f.get("group_idx") not in (None, 0):
+        return Skipped("group", n)
+    if tag == "BlockRemoved":
+        return Removed(hashes)
+    if f.get("kv_cache_spec_kind") not in MAIN_KINDS:
+        return Skipped("group", n)
+    parent, tokens, block_size = f.get("parent_block_hash"), f.get("token_ids"), f.get("block_size")
+    lora_name, extra = f.get("lora_name"), f.get("extra_keys")
+    if not (parent is None or _is_hash(parent)) or not isinstance(block_size, int) or block_size < 1 \
+            or not (lora_name is None or isinstance(lora_name, str)) or not (extra is None or isinstance(extra, list)):
+        return Skipped("bad_field", n)
+    if not isinstance(tokens, list) or not tokens:
+        return Skipped("no_tokens", n)
+    if len(tokens) != n * block_size or not all(isinstance(t, int) and 0 <= t < 1 << 32 for t in tokens):
+        return Skipped("bad_field", n)
+    return Stored(hashes, parent, tokens, block_size, lora_name, extra)
+
+
+def decode_batch(payload: bytes) -> tuple[float | None, list]:
+    """``(ts, events)`` of a batch payload; raises MalformedError."""
+    try:
+        batch = _decode(payload)
+    except (msgspec.DecodeError, ValueError) as e:
+        raise MalformedError(f"payload is not msgpack: {e}") from None
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2 or not isinstance(batch[1], list):
+        raise MalformedError("payload is not a batch [ts, events, rank]")
+    ts = batch[0] if isinstance(batch[0], (int, float)) and not isinstance(batch[0], bool) else None
+    return ts, batch[1]
+
+
+def parse_frames(frames: list[bytes]) -> tuple[int, bytes]:
+    """``(sequence number, payload)`` of a published message (topic, seq,
+    payload); raises MalformedError."""
+    if len(frames) != 3 or len(frames[1]) != 8:
+        raise MalformedError(f"expected 3 frames (topic, 8-byte sequence, payload), got {len(frames)}")
+    return int.from_bytes(frames[1], "big"), frames[2]
+
+
+def fold_hash(h: int | bytes) -> int:
+    """An engine block hash as the int64 a block's value holds: its low 64
+    bits, two's complement (bytes: the first eight, little-endian)."""
+    if isinstance(h, bytes):
+        return int.from_bytes(h[:8].ljust(8, b"\0"), "little", signed=True)
+    h &= (1 << 64) - 1
+    return h - (1 << 64) if h >= 1 << 63 else h
+
+
+def _pack(state: int, gen: int) -> int:
+    """A segment block as one int: the ``(state, drop count)`` row of
+    ``Writer.extend`` (a Python int is a third of the memory of the row)."""
+    return gen << 32 | state
+
+
+def _rows(packed: list[int]) -> np.ndarray:
+    v = np.array(packed, dtype=np.int64)
+    return np.stack([v & 0xFFFFFFFF, v >> 32], axis=1)
+
+
+@dataclass
+class _Partial:
+    """An engine block that ends inside a segment block (its engine blocks
+    are smaller): ``anchor`` is the packed row of the last complete segment
+    block before it (None: the start of a prompt), ``pending`` the tokens
+    after that up to and including it, ``prev`` the engine hash of the
+    block before it in the same segment block (None if it is the first),
+    and ``completes`` the packed rows of segment blocks later engine blocks
+    completed: they are no longer held once this one goes."""
+
+    anchor: int | None
+    pending: tuple
+    namespace: str | None
+    prev: object = None
+    completes: list = field(default_factory=list)
+
+
+class OwnerFeed:
+    """One owner's events, applied to a Writer: sequence numbers, the map
+    from engine hash to segment block, regrouping of smaller engine blocks,
+    and the counters in the owner's table entry.
+
+    ``client`` is the client id its blocks record (the daemon gives every
+    event source its own, so values, the engines' folded hashes, are
+    unique per source). The map holds, per engine hash, the packed row of
+    the segment block it completes (an int) or a ``_Partial``; it is as
+    large as the engine's cache, whose removals shrink it.
+    """
+
+    def __init__(self, writer, owner: str, client: int) -> None:
+        self.writer = writer
+        self.owner = owner
+        self.client = client
+        self.block_size = writer.block_size
+        self.blocks: dict[object, int | _Partial] = {}
+        self.next_seq: int | None = None
+        writer.attach_owner(owner, kind=OWNER_EVENTS)
+        self.words = writer._owner_word(writer._owner_entry(owner))
+        self._refused_size: int | None = None
+
+    # --- counters ------------------------------------------------------------
+
+    def count(self, word: int, n: int = 1) -> None:
+        self.words[word] += n
+
+    def skip(self, reason: str, blocks: int) -> None:
+        self.words[SKIP[reason]] += max(blocks, 1)
+
+    # --- batches ---------------------------------------------------------------
+
+    def sequence(self, seq: int) -> tuple[int, int]:
+        """Account for a batch numbered ``seq`` before applying it: returns
+        ``(first missing, end)`` of the gap before it (empty when none). A
+        sequence that goes back is a restarted publisher: the owner lets go
+        of everything first."""
+        if self.next_seq is not None and seq < self.next_seq:
+            log.warning("owner %s: sequence went back from %d to %d (publisher restarted): dropping what it held",
+                        self.owner, self.next_seq - 1, seq)
+            self.count(O_RESTARTS)
+            self.clear()
+        elif self.next_seq is not None and seq > self.next_seq:
+            return self.next_seq, seq
+        return seq, seq
+
+    def apply_batch(self, seq: int, payload: bytes) -> None:
+        """Apply one batch whose sequence was accounted for."""
+        try:
+            ts, events = decode_batch(payload)
+        except MalformedError as e:
+            self.count(O_MALFORMED)
+            log.warning("owner %s: batch %d skipped: %s", self.owner, seq, e)
+        else:
+            for event in events:
+                self.apply(decode_event(event))
+            self.count(O_EVENTS, len(events))
+            now = time.time()
+            self.words[O_LAG_NS] = max(int((now - ts) * 1e9), 0) if ts is not None else 0
+            self.words[O_LAST_NS] = int(now * 1e9)
+        self.next_seq = seq + 1
+        self.words[O_NEXT_SEQ] = self.next_seq
+        self.count(O_BATCHES)
+
+    def apply(self, ev: Stored | Removed | Cleared | Skipped) -> None:
+        if isinstance(ev, Stored):
+            self.store(ev)
+        elif isinstance(ev, Removed):
+            self.remove(ev.hashes)
+        elif isinstance(ev, Cleared):
+            self.count(O_CLEARS)
+            self.clear()
+        else:
+            self.skip(ev.reason, ev.blocks)
+
+    # --- the three events -----------------------------------------------------------
+
+    def clear(self) -> None:
+        self.count(O_REMOVED, self.writer.clear_owner(self.owner))
+        self.blocks.clear()
+
+    def remove(self, hashes: list) -> None:
+        """The engine dropped these blocks: the owner lets go of the segment
+        blocks they complete (and, as always, of everything below)."""
+        rows: list[int] = []
+        for h in hashes:
+            b = self.blocks.pop(h, None)
+            if b is None:
+                self.skip("unknown_block", 1)
+            elif isinstance(b, int):
+                rows.append(b)
+            else:
+                rows.extend(b.completes)
+        if rows:
+            self.count(O_REMOVED, self.writer.release_refs(_rows(rows), self.owner))
+
+    def store(self, ev: Stored) -> None:
+        n = len(ev.hashes)
+        if not self._accepts(ev.block_size, n):
+            return
+        if ev.parent is None:
+            where = (None, (), ev.lora_name, None)
+        else:
+            where = self._after(ev.parent)
+            if where is None:
+                return self.skip("parent", n)
+        start = 0
+        for i, h in enumerate(ev.hashes):
+            if ev.extra_keys is not None and i < len(ev.extra_keys) and not _plain(ev.extra_keys[i], ev.lora_name):
+                self._insert(ev, start, i, where)
+                return self.skip("extra_keys", n - i)
+            known = self.blocks.get(h)
+            if isinstance(known, int) and not self.writer.holds(_rows([known])[0], self.owner):
+                del self.blocks[h]  # let go of since (an ancestor removed, or evicted): stored anew
+            elif known is not None:
+                # Reported again (vLLM re-emits reused blocks, with a nil
+                # parent): it is where it was; go on from there.
+                if self._insert(ev, start, i, where) is None:
+                    return
+                where = self._after(h)
+                start = i + 1
+        self._insert(ev, start, n, where)
+
+    def _after(self, h: object) -> tuple | None:
+        """Where a block following engine block ``h`` goes: ``(anchor,
+        pending, namespace, prev)``; None if ``h`` is not in the map."""
+        b = self.blocks.get(h)
+        if b is None:
+            return None
+        if isinstance(b, int):
+            return b, (), None, None  # below a segment block the key chains from its key: no namespace needed
+        return b.anchor, b.pending, b.namespace, h
+
+    def _insert(self, ev: Stored, start: int, end: int, where: tuple) -> tuple | None:
+        """Insert engine blocks ``start..end`` of ``ev`` (none of them known)
+        after ``where``; returns where a block after them goes, or None if
+        they could not be keyed (counted)."""
+        if start == end:
+            return where
+        anchor, pending, ns, prev = where
+        bs, seg = ev.block_size, self.block_size
+        toks = list(pending) + ev.tokens[start * bs : end * bs]
+        n_full = len(toks) // seg
+        ends = [len(pending) + (j + 1) * bs for j in range(end - start)]
+        packed: list[int] = []
+        if n_full:
+            # A segment block's value: the folded hash of the engine block that completes it.
+            values = [fold_hash(ev.hashes[start + j]) for j, e in enumerate(ends) if e % seg == 0]
+            try:
+                rows = self.writer.extend(None if anchor is None else _rows([anchor])[0],
+                                          np.asarray(toks[: n_full * seg], dtype=np.int64), values,
+                                          owner=self.owner, namespace=ns, client=self.client)
+            except CacheFullError:
+                self.skip("full", end - start)
+                return None
+            except InvalidInputError as e:
+                log.warning("owner %s: %d blocks skipped: %s", self.owner, end - start, e)
+                self.skip("duplicate", end - start)
+                return None
+            if rows is None:
+                self.skip("parent", end - start)
+                return None
+            packed = [_pack(s, g) for s, g in rows.tolist()]
+            self.count(O_STORED, n_full)
+        for j, e in enumerate(ends):
+            h, full = ev.hashes[start + j], e // seg
+            if e % seg == 0:
+                row = packed[full - 1]
+                self.blocks[h] = row
+                while prev is not None:  # the earlier engine blocks of this segment block
+                    b = self.blocks.get(prev)
+                    if not isinstance(b, _Partial):
+                        break
+                    b.completes.append(row)
+                    prev = b.prev
+                where = (row, (), ns, None)
+            else:
+                base = packed[full - 1] if full else anchor
+                self.blocks[h] = _Partial(base, tuple(toks[full * seg : e]), ns, prev)
+                where = (base, self.blocks[h].pending, ns, h)
+            prev = where[3]
+        return where
+
+    def _accepts(self, engine_block_size: int, n: int) -> bool:
+        """Whether blocks of ``engine_block_size`` tokens can be regrouped
+        into this segment's blocks (it must divide them); says once why not."""
+        if self.block_size % engine_block_size == 0:
+            return True
+        if self._refused_size != engine_block_size:
+            log.error("owner %s: engine block size %d does not divide the segment's block size %d: its blocks "
+                      "are skipped (serve a segment whose block size is a multiple of the engine's)",
+                      self.owner, engine_block_size, self.block_size)
+            self._refused_size = engine_block_size
+        self.skip("block_size", n)
+        return False
+
+
+def _plain(extra: object, lora_name: str | None) -> bool:
+    """Whether a block's ``extra_keys`` entry adds nothing to its tokens but
+    the LoRA name (which the namespace already keys)."""
+    return extra is None or (lora_name is not None and list(extra) == [lora_name])
+
