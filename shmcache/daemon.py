@@ -36,6 +36,7 @@ import stat
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -51,6 +52,9 @@ from .errors import (
 )
 from .keys import namespace_from_wire
 from .writer import Writer, warm_up
+
+if TYPE_CHECKING:
+    from . import ingest
 
 log = logging.getLogger("shmcache.daemon")
 
@@ -87,7 +91,7 @@ class Daemon:
         keep_on_disconnect: bool = False,
         unlink_on_exit: bool = True,
         spin_us: int = P.SPIN_US,
-        kv_events: "list[Source] | tuple" = (),
+        kv_events: "list[ingest.Source] | tuple" = (),
         kv_events_topic: str = "",
     ) -> None:
         segment.validate_name(name)
@@ -139,7 +143,7 @@ class Daemon:
             from .ingest import Ingest
 
             try:
-                self._ingest = Ingest(self.writer, list(kv_events), kv_events_topic)
+                self._ingest = Ingest(self.writer, list(kv_events), kv_events_topic, segment.state_path(name))
             except BaseException:
                 self._listener.close()
                 self.writer.close(unlink=created)
@@ -415,8 +419,20 @@ class Daemon:
         if self._sel.get_key(conn.sock).events != want:
             self._sel.modify(conn.sock, want, conn)
 
+    def _still_ours(self) -> bool:
+        try:
+            self.writer.stats()  # checks the claim
+            return True
+        except ShmCacheError:
+            return False
+
     def _shutdown(self) -> None:
         if self._ingest is not None:
+            if not self.unlink_on_exit and self._still_ours():
+                try:
+                    self._ingest.save(segment.state_path(self.name))
+                except OSError as e:
+                    log.error("cannot save the KV-event state for the next daemon: %s", e)
             self._ingest.close()
         for conn in list(self._conns.values()):
             self._sel.unregister(conn.sock)

@@ -37,6 +37,7 @@ import numpy as np
 from .errors import CacheFullError, InvalidInputError
 from .layout import (
     O_BATCHES,
+    O_BLOCKS,
     O_CLEARS,
     O_EVENTS,
     O_LAG_NS,
@@ -224,7 +225,51 @@ class OwnerFeed:
         self.next_seq: int | None = None
         writer.attach_owner(owner, kind=OWNER_EVENTS)
         self.words = writer._owner_word(writer._owner_entry(owner))
+        #: The owner holds blocks this feed has no map for (a daemon before
+        #: this one stored them and its state was not saved): they are
+        #: resynchronised at the first batch (``shmcache.ingest``).
+        self.unsynced = int(self.words[O_BLOCKS]) > 0
         self._refused_size: int | None = None
+
+    # --- state across daemons ----------------------------------------------------
+
+    def export(self) -> dict:
+        """This feed's state, for the next daemon of the segment: the next
+        sequence number and the map, its blocks named by ``Writer.block_id``
+        (a drop count means nothing to another Writer)."""
+        ident = lambda p: None if p is None else list(self.writer.block_id(_rows([p])[0]))  # noqa: E731
+        blocks = []
+        for h, b in self.blocks.items():
+            if isinstance(b, int):
+                blocks.append([h, ident(b)])
+            else:
+                blocks.append([h, ident(b.anchor), list(b.pending), b.namespace, b.prev, [ident(c) for c in b.completes]])
+        return {"next_seq": self.next_seq, "blocks": blocks}
+
+    def restore(self, state: dict) -> None:
+        """Take over an ``export``ed state. Blocks no longer there, or no
+        longer held by this owner, are left out (as if removed)."""
+        def row(ident):
+            if ident is None:
+                return None
+            r = self.writer.find_block(tuple(ident), self.owner)
+            return None if r is None else _pack(int(r[0]), int(r[1]))
+
+        self.blocks.clear()
+        for entry in state["blocks"]:
+            h = entry[0]
+            if len(entry) == 2:
+                r = row(entry[1])
+                if r is not None:
+                    self.blocks[h] = r
+            else:
+                anchor = row(entry[1])
+                if entry[1] is not None and anchor is None:
+                    continue
+                completes = [c for c in map(row, entry[5]) if c is not None]
+                self.blocks[h] = _Partial(anchor, tuple(entry[2]), entry[3], entry[4], completes)
+        self.next_seq = state["next_seq"]
+        self.unsynced = False
 
     # --- counters ------------------------------------------------------------
 

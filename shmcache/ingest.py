@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
 
+import msgspec
 import zmq
 
 from .errors import InvalidInputError
@@ -104,6 +106,23 @@ def sources_from(events: list[str], replays: list[str], config: str | None = Non
     return [Source(o, e, replay.get(o)) for o, e in pairs], topic
 
 
+def _load(path: str) -> dict:
+    """The state a previous daemon saved, read once: the file is removed so
+    that a later crash never restores it again. {} if there is none or it
+    does not parse."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        os.unlink(path)
+        state = msgspec.msgpack.decode(raw)
+        return state if isinstance(state, dict) else {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, msgspec.DecodeError) as e:
+        log.warning("cannot read the saved KV-event state %s (%s): starting without it", path, e)
+        return {}
+
+
 class _Sub:
     def __init__(self, ctx: zmq.Context, source: Source, topic: bytes, feed: OwnerFeed) -> None:
         self.source = source
@@ -116,21 +135,43 @@ class _Sub:
 
 
 class Ingest:
-    """Every event source of one daemon, applied to its Writer."""
+    """Every event source of one daemon, applied to its Writer.
 
-    def __init__(self, writer, sources: list[Source], topic: str = "") -> None:
+    Across daemons: a daemon that stops and keeps its segment saves each
+    source's sequence number and map (``save``); the next one restores them
+    (``state_path``, read once and removed), so what owners hold survives
+    and the batches published in between are fetched from replay (or
+    counted lost) like any gap. Without a saved state (the daemon before
+    was killed) an owner that holds blocks is resynchronised at its first
+    batch: it lets go of everything, then gets what the replay socket still
+    has from sequence 0; without a replay socket it starts empty (its old
+    holds could no longer be removed when the engine drops them).
+    """
+
+    def __init__(self, writer, sources: list[Source], topic: str = "", state_path: str | None = None) -> None:
         self.ctx = zmq.Context()
         self.topic = topic.encode()
         self.subs: list[_Sub] = []
+        saved = _load(state_path) if state_path else {}
         try:
             for i, src in enumerate(sources):
                 feed = OwnerFeed(writer, src.owner, EVENTS_CLIENT | i)
+                if src.owner in saved:
+                    feed.restore(saved[src.owner])
+                    log.info("owner %s: restored %d blocks' map at sequence %s", src.owner, len(feed.blocks), feed.next_seq)
                 self.subs.append(_Sub(self.ctx, src, self.topic, feed))
                 log.info("owner %s: subscribed to %s%s", src.owner, src.endpoint,
                          f" (replay {src.replay})" if src.replay else " (no replay: gaps are counted as lost)")
         except BaseException:
             self.close()
             raise
+
+    def save(self, path: str) -> None:
+        """Write every source's state for the next daemon (mode 0600)."""
+        doc = msgspec.msgpack.encode({s.source.owner: s.feed.export() for s in self.subs})
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(doc)
 
     def fds(self) -> list[int]:
         return [s.sock.getsockopt(zmq.FD) for s in self.subs]
@@ -160,6 +201,14 @@ class Ingest:
             s.feed.count(O_MALFORMED)
             log.warning("owner %s: message skipped: %s", s.source.owner, e)
             return
+        if s.feed.unsynced:
+            s.feed.unsynced = False
+            log.warning("owner %s holds blocks a previous daemon stored and left no state for: it lets go of them%s",
+                        s.source.owner, " and replays what its publisher still buffers" if s.source.replay else
+                        " (no replay socket: they come back as the engine stores them again)")
+            s.feed.clear()
+            if s.source.replay is not None:
+                s.feed.next_seq = 0
         first, end = s.feed.sequence(seq)
         if first < end:
             self._heal(s, first, end)

@@ -365,8 +365,15 @@ def exists(name: str) -> bool:
     return os.path.exists("/dev/shm/" + PREFIX + validate_name(name))
 
 
+def state_path(name: str) -> str:
+    """Where a daemon that stops keeping the segment saves its KV-event
+    sources' state (``shmcache.ingest``), next to the segment."""
+    return f"/dev/shm/{PREFIX}{name}.kvevents"
+
+
 def unlink(name: str, only: int | None = None) -> bool:
-    """Remove the segment and its writer semaphore; True if anything was removed.
+    """Remove the segment, its writer semaphore and any saved KV-event
+    state; True if anything was removed.
 
     Processes that have it mapped keep their mapping until they close it,
     but it is first marked retired (when it is a valid segment) so their
@@ -387,6 +394,10 @@ def unlink(name: str, only: int | None = None) -> bool:
             removed = True
         except posix_ipc.ExistentialError:
             pass
+    try:
+        os.unlink(state_path(name))
+    except FileNotFoundError:
+        pass
     return removed
 
 

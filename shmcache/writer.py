@@ -534,6 +534,22 @@ class Writer:
         word = self._A.data[int(self._A.geom[G_STATES]) + state * RECORD_WORDS + R_OWNERS]
         return bool((int(word) >> entry) & 1)
 
+    def block_id(self, row: "np.ndarray | tuple[int, int]") -> tuple[int, int]:
+        """``(state, low 64 bits of its key)`` of an ``extend`` row: names the
+        block for another Writer of the segment (drop counts are this one's)."""
+        state = int(row[0])
+        return state, int(self._A.data[int(self._A.geom[G_STATES]) + state * RECORD_WORDS + R_KEY_LO])
+
+    def find_block(self, block_id: tuple[int, int], owner: str) -> "np.ndarray | None":
+        """The ``extend`` row of a ``block_id``, if that block is still there
+        and ``owner`` holds it; else None."""
+        self._check_open()
+        state, key_lo = int(block_id[0]), int(block_id[1])
+        if not 0 <= state < self.capacity:
+            return None
+        row = np.array([state, int(self._A.gen[state])], dtype=np.int64)
+        return row if self.block_id(row)[1] == key_lo and self.holds(row, owner) else None
+
     def release(self, tokens: object, owner: str, namespace: Namespace = None) -> int:
         """``owner`` stops holding the last full block of ``tokens`` and every
         block after it (they are no prefix it holds any more); it keeps the

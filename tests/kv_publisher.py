@@ -20,6 +20,7 @@ class Publisher:
         self.topic = topic
         self.pub = ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, also a restarted subscriber's
         self.port = self.pub.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.seq = 0
@@ -38,11 +39,13 @@ class Publisher:
             self._thread.start()
 
     def wait_subscribed(self, timeout: float = 30.0) -> None:
-        """Block until a subscriber's subscription message arrives."""
-        if not self.pub.poll(int(timeout * 1000)):
-            raise AssertionError(f"no subscriber reached {self.endpoint} within {timeout} s")
-        msg = self.pub.recv()
-        assert msg[:1] == b"\x01", msg
+        """Block until a subscription message arrives (skipping the
+        unsubscription of a subscriber that went away)."""
+        while True:
+            if not self.pub.poll(int(timeout * 1000)):
+                raise AssertionError(f"no subscriber reached {self.endpoint} within {timeout} s")
+            if self.pub.recv()[:1] == b"\x01":
+                return
 
     def send(self, payload: bytes, *, deliver: bool = True, seq: int | None = None) -> int:
         """Publish one batch (buffered for replay); with ``deliver=False`` it

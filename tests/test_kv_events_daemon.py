@@ -189,3 +189,52 @@ def test_bad_event_arguments_exit_1_with_one_line(shm_name, args, fragment):
     done = subprocess.run([sys.executable, "-m", "shmcache.cli", "serve", shm_name, "--capacity", "8", *args],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and fragment in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_what_owners_hold_survives_a_daemon_restart(shm_name, ctx, how):
+    """A daemon that keeps its segment and stops (SIGTERM) leaves its
+    sources' maps for the next one: presence survives, batches published
+    while no daemon ran are healed from replay (or counted lost), and
+    removals of blocks stored before the restart still apply. A killed
+    daemon leaves no map: an owner with a replay socket is rebuilt from it,
+    one without starts empty (never holding what it can no longer remove)."""
+    pubs = {"rank0": Publisher(ctx), "rank1": Publisher(ctx, replay=False)}
+    prompt = np.arange(5000, 5064)
+    node = Node(shm_name, pubs, "--keep")
+    second = None
+    try:
+        for owner, p in pubs.items():
+            node.applied(owner, p.send(MAP.batch([MAP.stored([1, 2], None, prompt[:32]),
+                                                  MAP.stored([3], 2, prompt[32:48])])))
+        assert node.reader.match_owners(prompt) == {"rank0": 48, "rank1": 48}
+        if how == "stopped":
+            assert node.served.stop() == 0
+        else:
+            node.served.kill()
+        node.reader.close()
+        for p in pubs.values():  # published while no daemon runs: nobody receives them
+            p.send(MAP.batch([MAP.stored([4], 3, prompt[48:64])]))
+        second = Node(shm_name, pubs, "--keep")
+        r = second.reader
+        if how == "stopped":
+            assert r.match_owners(prompt) == {"rank0": 48, "rank1": 48}  # held across the restart
+        for owner, p in pubs.items():
+            second.applied(owner, p.send(MAP.batch([MAP.removed([2])])))
+        info = r.owner_info()
+        if how == "stopped":
+            # The map survived: removing block 2 takes 2, 3 (and 4 where it came back by replay).
+            assert r.match_owners(prompt) == {"rank0": 16, "rank1": 16}
+            assert info["rank0"]["healed_batches"] == 1 and info["rank1"]["lost_batches"] == 1
+        else:
+            assert r.match_owners(prompt) == {"rank0": 16, "rank1": 0}
+            assert info["rank0"]["healed_batches"] == 2 and info["rank0"]["lost_batches"] == 0
+    finally:
+        for n in (node, second):
+            if n is not None:
+                n.close()
+        for p in pubs.values():
+            p.close()
+        import shmcache
+
+        shmcache.unlink(shm_name)
