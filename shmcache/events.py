@@ -76,7 +76,7 @@ class MalformedError(ValueError):
 class Stored:
     hashes: list
     parent: object
-    tokens: list
+    tokens: np.ndarray  # int64, every id in [0, 2**32)
     block_size: int
     lora_name: str | None
     extra_keys: list | None
@@ -106,8 +106,11 @@ def _fields(event: object, names: tuple[str, ...]) -> dict:
     return dict(zip(names, event[1:]))
 
 
+_HASH_TYPES = {int, bytes}  # exact types: a bool is no hash
+
+
 def _is_hash(h: object) -> bool:
-    return (isinstance(h, int) and not isinstance(h, bool)) or isinstance(h, bytes)
+    return type(h) in _HASH_TYPES
 
 
 def decode_event(event: object) -> Stored | Removed | Cleared | Skipped:
@@ -124,7 +127,7 @@ def decode_event(event: object) -> Stored | Removed | Cleared | Skipped:
         return Skipped("unknown_type", 0)
     f = _fields(event, STORED_FIELDS if tag == "BlockStored" else REMOVED_FIELDS)
     hashes = f.get("block_hashes")
-    if not isinstance(hashes, list) or not all(_is_hash(h) for h in hashes):
+    if not isinstance(hashes, list) or not {type(h) for h in hashes} <= _HASH_TYPES:
         return Skipped("bad_field", len(hashes) if isinstance(hashes, list) else 0)
     n = len(hashes)
     if f.get("medium") not in GPU_MEDIUMS or f.get("locality") not in (None, "LOCAL") or f.get("ownership") is not None:
@@ -142,9 +145,13 @@ def decode_event(event: object) -> Stored | Removed | Cleared | Skipped:
         return Skipped("bad_field", n)
     if not isinstance(tokens, list) or not tokens:
         return Skipped("no_tokens", n)
-    if len(tokens) != n * block_size or not all(isinstance(t, int) and 0 <= t < 1 << 32 for t in tokens):
+    try:
+        toks = np.array(tokens)
+    except (ValueError, TypeError, OverflowError):
         return Skipped("bad_field", n)
-    return Stored(hashes, parent, tokens, block_size, lora_name, extra)
+    if len(toks) != n * block_size or toks.ndim != 1 or toks.dtype.kind not in "iu" or toks.min() < 0 or toks.max() >= 1 << 32:
+        return Skipped("bad_field", n)
+    return Stored(hashes, parent, toks, block_size, lora_name, extra)
 
 
 def decode_batch(payload: bytes) -> tuple[float | None, list]:
@@ -159,12 +166,23 @@ def decode_batch(payload: bytes) -> tuple[float | None, list]:
     return ts, batch[1]
 
 
-def parse_frames(frames: list[bytes]) -> tuple[int, bytes]:
+def parse_frames(frames: list) -> tuple[int, bytes]:
     """``(sequence number, payload)`` of a published message (topic, seq,
-    payload); raises MalformedError."""
+    payload; bytes or buffers); raises MalformedError."""
     if len(frames) != 3 or len(frames[1]) != 8:
         raise MalformedError(f"expected 3 frames (topic, 8-byte sequence, payload), got {len(frames)}")
     return int.from_bytes(frames[1], "big"), frames[2]
+
+
+def fold_hashes(hashes: list) -> np.ndarray:
+    """``fold_hash`` of each, as an int64 array (vectorised for the common
+    cases: every hash an int64, or every hash an uint64)."""
+    for dtype in (np.int64, np.uint64):
+        try:
+            return np.array(hashes, dtype=dtype).view(np.int64)
+        except (OverflowError, TypeError, ValueError):
+            pass
+    return np.array([fold_hash(h) for h in hashes], dtype=np.int64)
 
 
 def fold_hash(h: int | bytes) -> int:
@@ -183,8 +201,12 @@ def _pack(state: int, gen: int) -> int:
 
 
 def _rows(packed: list[int]) -> np.ndarray:
+    """``(state, drop count)`` rows of packed blocks."""
     v = np.array(packed, dtype=np.int64)
-    return np.stack([v & 0xFFFFFFFF, v >> 32], axis=1)
+    rows = np.empty((len(v), 2), dtype=np.int64)
+    np.bitwise_and(v, 0xFFFFFFFF, out=rows[:, 0])
+    np.right_shift(v, 32, out=rows[:, 1])
+    return rows
 
 
 @dataclass
@@ -333,15 +355,16 @@ class OwnerFeed:
     def remove(self, hashes: list) -> None:
         """The engine dropped these blocks: the owner lets go of the segment
         blocks they complete (and, as always, of everything below)."""
-        rows: list[int] = []
-        for h in hashes:
-            b = self.blocks.pop(h, None)
-            if b is None:
-                self.skip("unknown_block", 1)
-            elif isinstance(b, int):
-                rows.append(b)
-            else:
-                rows.extend(b.completes)
+        pop = self.blocks.pop
+        popped = [pop(h, None) for h in hashes]
+        rows = [b for b in popped if type(b) is int]
+        unknown = popped.count(None)
+        if unknown:
+            self.skip("unknown_block", unknown)
+        if len(rows) + unknown < len(popped):
+            for b in popped:
+                if isinstance(b, _Partial):
+                    rows.extend(b.completes)
         if rows:
             self.count(O_REMOVED, self.writer.release_refs(_rows(rows), self.owner))
 
@@ -355,6 +378,9 @@ class OwnerFeed:
             where = self._after(ev.parent)
             if where is None:
                 return self.skip("parent", n)
+        if ev.extra_keys is None and self.blocks.keys().isdisjoint(ev.hashes):
+            self._insert(ev, 0, n, where)  # the usual case: all new, nothing to look at block by block
+            return
         start = 0
         for i, h in enumerate(ev.hashes):
             if ev.extra_keys is not None and i < len(ev.extra_keys) and not _plain(ev.extra_keys[i], ev.lora_name):
@@ -390,17 +416,19 @@ class OwnerFeed:
             return where
         anchor, pending, ns, prev = where
         bs, seg = ev.block_size, self.block_size
-        toks = list(pending) + ev.tokens[start * bs : end * bs]
+        toks = ev.tokens[start * bs : end * bs]
+        if pending:
+            toks = np.concatenate([np.array(pending, dtype=toks.dtype), toks])
         n_full = len(toks) // seg
-        ends = [len(pending) + (j + 1) * bs for j in range(end - start)]
+        ends = range(len(pending) + bs, len(pending) + (end - start) * bs + 1, bs)
         packed: list[int] = []
         if n_full:
             # A segment block's value: the folded hash of the engine block that completes it.
-            values = [fold_hash(ev.hashes[start + j]) for j, e in enumerate(ends) if e % seg == 0]
+            values = fold_hashes(ev.hashes[start:end] if bs == seg else
+                                 [ev.hashes[start + j] for j, e in enumerate(ends) if e % seg == 0])
             try:
-                rows = self.writer.extend(None if anchor is None else _rows([anchor])[0],
-                                          np.asarray(toks[: n_full * seg], dtype=np.int64), values,
-                                          owner=self.owner, namespace=ns, client=self.client)
+                rows = self.writer.extend(None if anchor is None else _rows([anchor])[0], toks[: n_full * seg],
+                                          values, owner=self.owner, namespace=ns, client=self.client)
             except CacheFullError:
                 self.skip("full", end - start)
                 return None
@@ -411,8 +439,11 @@ class OwnerFeed:
             if rows is None:
                 self.skip("parent", end - start)
                 return None
-            packed = [_pack(s, g) for s, g in rows.tolist()]
+            packed = ((rows[:, 1] << 32) | rows[:, 0]).tolist()  # _pack, for every row
             self.count(O_STORED, n_full)
+        if bs == seg and not pending:  # engine blocks are segment blocks: each completes one
+            self.blocks.update(zip(ev.hashes[start:end], packed))
+            return packed[-1], (), ns, None
         for j, e in enumerate(ends):
             h, full = ev.hashes[start + j], e // seg
             if e % seg == 0:
@@ -427,7 +458,7 @@ class OwnerFeed:
                 where = (row, (), ns, None)
             else:
                 base = packed[full - 1] if full else anchor
-                self.blocks[h] = _Partial(base, tuple(toks[full * seg : e]), ns, prev)
+                self.blocks[h] = _Partial(base, tuple(toks[full * seg : e].tolist()), ns, prev)
                 where = (base, self.blocks[h].pending, ns, h)
             prev = where[3]
         return where

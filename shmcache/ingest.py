@@ -186,10 +186,10 @@ class Ingest:
         for s in self.subs:
             for _ in range(budget):
                 try:
-                    frames = s.sock.recv_multipart(zmq.NOBLOCK)
+                    frames = s.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                self._handle(s, frames)
+                self._handle(s, [f.buffer for f in frames])
                 done += 1
             s.sock.getsockopt(zmq.EVENTS)  # re-arms the edge-triggered descriptor
         return done

@@ -88,11 +88,12 @@ def owner_blocks(A, entry):
 
 
 @njit(cache=True)
-def release_kernel(A, roots, gens, entry):
-    """One operation: owner ``entry`` stops holding each state of ``roots``
-    that is still the one its caller named (drop count ``gens``, from an
-    insert's refs; ignored for the virtual root ``capacity``, which stands
-    for everything the owner holds), and every block below it.
+def release_kernel(A, refs, entry):
+    """One operation: owner ``entry`` stops holding the state of each
+    ``(state, drop count)`` row of ``refs`` that is still the one its caller
+    named (rows from an insert's refs; the virtual root ``capacity``, drop
+    count ignored, stands for everything the owner holds), and every block
+    below it.
 
     Returns ``(rows, released)``: the ``(value, client)`` rows of the blocks
     that left the cache (held by nobody any more), children first, and how
@@ -101,13 +102,13 @@ def release_kernel(A, roots, gens, entry):
     cap = A.geom[G_CAPACITY]
     bit = _ONE << np.uint64(entry)
     before = owner_blocks(A, entry)
-    drops = np.empty(before + 1, dtype=np.int64)
-    out = np.empty((before, 2), dtype=np.int64)
+    drops = A.scratch  # at most one entry per block the owner holds
+    out = np.empty((64, 2), dtype=np.int64)
     n_out = 0
     begin(A)
-    for i in range(roots.shape[0]):
-        r = roots[i]
-        if r != cap and not (0 <= r < cap and is_live(A, r) and A.gen[r] == np.uint64(gens[i])):
+    for i in range(refs.shape[0]):
+        r = refs[i, 0]
+        if r != cap and not (0 <= r < cap and is_live(A, r) and A.gen[r] == np.uint64(refs[i, 1])):
             continue
         # Drop this root's orphans before the next root is walked: a later
         # root may lie inside one of them.
@@ -116,7 +117,7 @@ def release_kernel(A, roots, gens, entry):
         for j in range(n_drops):
             room += subtree_size(A, drops[j])
         if room > out.shape[0]:
-            grown = np.empty((room, 2), dtype=np.int64)
+            grown = np.empty((max(room, 2 * out.shape[0]), 2), dtype=np.int64)
             grown[:n_out] = out[:n_out]
             out = grown
         for j in range(n_drops):

@@ -573,7 +573,7 @@ class Writer:
         if entry < 0:
             return 0
         refs = np.ascontiguousarray(refs, dtype=np.int64).reshape(-1, 2)
-        dropped, released = self._run(release_kernel, self._A, refs[:, 0].copy(), refs[:, 1].copy(), entry)
+        dropped, released = self._run(release_kernel, self._A, refs, entry)
         self._notify(dropped)
         return int(released)
 
@@ -584,8 +584,8 @@ class Writer:
         entry = self._owner_entry(owner, create=False)
         if entry < 0:
             return 0
-        root = np.array([self.capacity], dtype=np.int64)
-        dropped, released = self._run(release_kernel, self._A, root, np.zeros(1, dtype=np.int64), entry)
+        everything = np.array([[self.capacity, 0]], dtype=np.int64)
+        dropped, released = self._run(release_kernel, self._A, everything, entry)
         self._notify(dropped)
         return int(released)
 

@@ -96,6 +96,7 @@ class Arrays(NamedTuple):
     rprev: np.ndarray  # uint32: the pin area as last scanned
     rseen: np.ndarray  # uint64 (reader slots,): each slot's PIN_SEQ as last scanned
     gen: np.ndarray  # uint64 (capacity,): times each record's state was dropped (a writer pin handle's check)
+    scratch: np.ndarray  # int64 (capacity,): a kernel's working list of states (no allocation per call)
 
 
 M_FREE_TOP = 0
@@ -140,6 +141,7 @@ def new_arrays(data: np.ndarray, wdata: np.ndarray, geom: np.ndarray) -> Arrays:
         rprev=np.zeros(int(geom[G_READER_SLOTS]) * int(geom[G_READER_PINS]), dtype=np.uint32),
         rseen=np.zeros(int(geom[G_READER_SLOTS]), dtype=np.uint64),
         gen=_zeros(cap, np.uint64),
+        scratch=_zeros(cap, np.int64),
     )
 
 
