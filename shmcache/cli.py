@@ -5,7 +5,8 @@
   SIGINT; exit 1 with one line on stderr when it cannot start). With
   ``--kv-events OWNER=ENDPOINT`` it also ingests engines' KV events.
 * ``shmcache demo``: a daemon and worker processes replaying the bundled
-  Mooncake trace, with a live progress line, a summary and the dump.
+  Mooncake trace, with a live progress line, a summary and the dump; then
+  cache-aware routing of the same trace over 4 simulated ranks' KV events.
 * ``shmcache dump NAME``: inspect a live segment read-only (``--json`` for
   scripts, ``--check`` to verify every invariant; exit 1 if one fails).
 """
@@ -53,7 +54,8 @@ def serve(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    return run(workers=args.workers, requests=args.requests, capacity_fraction=args.capacity, block_size=args.block_size)
+    return run(workers=args.workers, requests=args.requests, capacity_fraction=args.capacity, block_size=args.block_size,
+               routing=not args.no_routing)
 
 
 def dump(args: argparse.Namespace) -> int:
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--requests", type=int, default=None, help="replay only the first N requests")
     d.add_argument("--block-size", type=int, default=16)
     d.add_argument("--capacity", type=float, default=0.25, help="capacity as a fraction of the trace's unique blocks")
+    d.add_argument("--no-routing", action="store_true", help="skip part 2 (cache-aware routing over KV events)")
     d.set_defaults(func=demo)
     u = sub.add_parser("dump", help="inspect a live segment (read-only)")
     u.add_argument("name")

@@ -1,12 +1,18 @@
 """``shmcache demo``: the main job end to end, needing nothing but the package.
 
-It starts a writer daemon (``shmcache serve``, a child process) and several
-worker processes, and replays the bundled Mooncake trace: worker ``w`` takes
-requests ``w, w + W, w + 2W, ...``; for each one it matches the prompt
-lock-free against the shared segment, then (after its simulated prefill)
-inserts the prompt through the daemon, and counts the values of its blocks
-the cache hands back. The main process shows a live progress line, then a
-summary table and the dump of the segment, and stops everything it started.
+Part 1 starts a writer daemon (``shmcache serve``, a child process) and
+several worker processes, and replays the bundled Mooncake trace: worker
+``w`` takes requests ``w, w + W, w + 2W, ...``; for each one it matches the
+prompt lock-free against the shared segment, then (after its simulated
+prefill) inserts the prompt through the daemon, and counts the values of its
+blocks the cache hands back. The main process shows a live progress line,
+then a summary table and the dump of the segment, and stops everything it
+started.
+
+Part 2 (with the ``events`` extra: pyzmq, msgspec) is why shmcache exists:
+4 simulated data-parallel ranks publish vLLM-format KV events to a daemon,
+and a router places the same trace by round-robin, least-loaded and
+cache-aware (``Reader.match_owners``) routing (``shmcache.routing``).
 """
 
 from __future__ import annotations
@@ -119,9 +125,10 @@ def wait_ready(proc: subprocess.Popen, timeout: float = 900.0, hint_after: float
 
 
 def run(workers: int = 4, requests: int | None = None, capacity_fraction: float = 0.25, block_size: int = 16,
-        out: TextIO | None = None) -> int:
+        out: TextIO | None = None, routing: bool = True) -> int:
     """Run the demo, printing to ``out`` (``sys.stdout`` at call time); 0 if
-    every eviction reached its owner and the segment checked clean, else 1."""
+    every eviction reached its owner and the segment checked clean, else 1.
+    ``routing``: also run part 2."""
     out = sys.stdout if out is None else out
     trace = load_trace(limit=requests)
     uniq = unique_blocks(trace, block_size)
@@ -182,4 +189,38 @@ def run(workers: int = 4, requests: int | None = None, capacity_fraction: float 
             os.kill(daemon.pid, signal.SIGTERM)
         daemon.wait(60)
     print(f"\nstopped the daemon and {workers} workers; segment removed", file=out)
+    if routing:
+        routing_part(requests, capacity_fraction, out)
     return 0 if ok else 1
+
+
+def routing_part(requests: int | None, capacity_fraction: float, out: TextIO, ranks: int = 4) -> None:
+    """Part 2: the same trace over ``ranks`` simulated data-parallel ranks,
+    routed three ways (``shmcache.routing``)."""
+    try:
+        import msgspec  # noqa: F401
+        import zmq  # noqa: F401
+    except ImportError:
+        print("\npart 2 (cache-aware routing over KV events) needs the events extra: pip install 'shmcache[events]'",
+              file=out)
+        return
+    from .routing import POLICIES, Simulation, load_requests, shared_cache_hit_rate, table
+
+    reqs = load_requests(requests)
+    uniq = unique_blocks([(r.input_length, r.hash_ids) for r in reqs], 16)
+    per_rank = max(1, int(uniq * capacity_fraction / ranks))
+    print(f"\npart 2: {ranks} data-parallel ranks of {per_rank:,} KV blocks each publish vLLM-format KV events "
+          f"to one shmcache daemon; a router places each request by round-robin, by least load, or by the "
+          f"longest prefix match_owners finds (load-balance guard on)", file=out)
+    sim = Simulation(ranks, per_rank)
+    results = []
+    try:
+        for policy in POLICIES:
+            t0 = time.perf_counter()
+            results.append(sim.run(reqs, policy))
+            print(f"  {policy}: {len(reqs):,} requests in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    finally:
+        sim.close()
+    shared = shared_cache_hit_rate(reqs, per_rank * ranks)
+    print(f"one cache of all {per_rank * ranks:,} blocks shared by every request would hit {shared:.1%} of tokens\n", file=out)
+    print(table(results, shared), file=out)

@@ -15,9 +15,10 @@ rank for every request of the trace. Policies:
 Load is simulated from the trace's arrival times: a rank prefills a
 request's uncached tokens at ``PREFILL_TOKENS_S``, one request after
 another; a request's time to first token is its wait in that queue plus its
-prefill. The router sees each engine's events before it routes the next
+prefill. The cache-aware router sees each engine's events before it routes the next
 request (it waits for the daemon to apply them: in a real deployment
-requests are far more than a millisecond apart).
+requests are far more than a millisecond apart); the others do not read
+the segment, so they do not wait.
 
 The reference for hit rates is one exact-LRU cache of N x C blocks shared by
 every request: what the ranks together could hold.
@@ -40,7 +41,7 @@ import numpy as np
 from .replay import TRACE_BLOCK, prompt_tokens, reference_hits
 
 POLICIES = ("round-robin", "least-loaded", "cache-aware")
-PREFILL_TOKENS_S = 10_000.0
+PREFILL_TOKENS_S = 20_000.0
 IMBALANCE_S = 5.0
 _MASK = (1 << 64) - 1
 
@@ -227,13 +228,16 @@ class Simulation:
                     pick = loads.index(least)
             res.decision_ns.append(clock() - t0)
             hit, ttft, seq = self.engines[pick].serve(req, hashes, tokens, now)
-            self.applied(pick, seq)
+            if policy == "cache-aware":  # only this router reads the segment: it must see this request's KV
+                self.applied(pick, seq)
             res.hit_tokens += hit * bs
             res.prompt_tokens += len(hashes) * bs
             res.hits.append(hit / len(hashes) if hashes else 0.0)
             res.ttft_s.append(ttft)
             if progress is not None:
                 progress(i + 1)
+        for e in self.engines:
+            self.applied(e.rank, e.seq - 1)
         res.requests_per_rank = [e.requests for e in self.engines]
         return res
 

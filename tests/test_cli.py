@@ -27,6 +27,9 @@ def test_demo_runs_daemon_and_workers_end_to_end(capsys):
     assert main(["demo", "--requests", "240", "--workers", "2", "--capacity", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "240 requests" in out and "check   ok" in out and "stopped the daemon and 2 workers" in out
+    # Part 2: the same requests routed over 4 simulated ranks' KV events, three ways.
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"round-robin", "least-loaded", "cache-aware"} <= set(rows), out
     line = next(x for x in out.splitlines() if x.startswith("inserts:"))
     evicted, delivered = re.findall(r"evictions ([\d,]+), delivered to their owners ([\d,]+)", line)[0]
     assert evicted == delivered and int(evicted.replace(",", "")) > 0
