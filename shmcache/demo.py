@@ -17,6 +17,7 @@ cache-aware (``Reader.match_owners``) routing (``shmcache.routing``).
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
 import select
@@ -197,10 +198,7 @@ def run(workers: int = 4, requests: int | None = None, capacity_fraction: float 
 def routing_part(requests: int | None, capacity_fraction: float, out: TextIO, ranks: int = 4) -> None:
     """Part 2: the same trace over ``ranks`` simulated data-parallel ranks,
     routed three ways (``shmcache.routing``)."""
-    try:
-        import msgspec  # noqa: F401
-        import zmq  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("zmq") is None or importlib.util.find_spec("msgspec") is None:
         print("\npart 2 (cache-aware routing over KV events) needs the events extra: pip install 'shmcache[events]'",
               file=out)
         return

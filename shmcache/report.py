@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import checks
+from . import checks, owners
 from .layout import (
     H_CLEARS,
     H_CLOCK,
@@ -53,8 +53,10 @@ def describe_violations(rows: np.ndarray) -> list[str]:
 
 
 def header_stats(data: np.ndarray, geometry, writer_alive: bool) -> dict:
-    """The segment-wide figures of a header, as a plain dict;
-    ``writer_alive`` is what the writer lock says (``shmcache.liveness``)."""
+    """The segment-wide figures of a header, as a plain dict, with every
+    named owner's (``owners.describe``: blocks held and, for KV-event
+    sources, their counters and skips); ``writer_alive`` is what the writer
+    lock says (``shmcache.liveness``)."""
     h = lambda i: int(data[i])  # noqa: E731
     live = h(H_LIVE)
     return {
@@ -80,4 +82,5 @@ def header_stats(data: np.ndarray, geometry, writer_alive: bool) -> dict:
         "writer_hit_blocks": h(H_WRITER_HIT_BLOCKS),
         "segment_bytes": geometry.total_bytes,
         "bytes_per_block": geometry.bytes_per_block,
+        "owners": owners.describe(owners.snapshot(data, geometry.vector())),
     }

@@ -101,6 +101,7 @@ def test_every_skip_class_is_counted_and_nothing_is_keyed(seg):
     apply(f, MAP.batch(events))
     assert skipped(r, "rank0") == {"medium": 3, "group": 2, "extra_keys": 1, "no_tokens": 1, "parent": 1,
                                    "block_size": 1, "unknown_block": 1}
+    assert r.stats()["owners"]["rank0"]["skipped"] == w.stats()["owners"]["rank0"]["skipped"] == r.owner_info()["rank0"]["skipped"]
     assert w.stats()["live_blocks"] == 0 and r.owners() == {"rank0": 0}
 
 
