@@ -28,6 +28,7 @@ credited with a block it does not hold.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -64,6 +65,8 @@ MAIN_KINDS = (None, "full_attention", "mla_attention", "full", "mla")
 #: The tiers an owner's matchable KV lives in.
 GPU_MEDIUMS = (None, "GPU", "gpu")
 SKIP = {reason: O_SKIPPED + i for i, reason in enumerate(SKIP_REASONS)}
+_MAX_LAG_NS = 10**18  # about 30 years
+_U64 = (1 << 64) - 1
 
 _decode = msgspec.msgpack.Decoder().decode
 
@@ -162,7 +165,9 @@ def decode_batch(payload: bytes) -> tuple[float | None, list]:
         raise MalformedError(f"payload is not msgpack: {e}") from None
     if not isinstance(batch, (list, tuple)) or len(batch) < 2 or not isinstance(batch[1], list):
         raise MalformedError("payload is not a batch [ts, events, rank]")
-    ts = batch[0] if isinstance(batch[0], (int, float)) and not isinstance(batch[0], bool) else None
+    ts = batch[0]
+    if type(ts) not in (int, float) or not math.isfinite(ts):
+        ts = None
     return ts, batch[1]
 
 
@@ -329,10 +334,11 @@ class OwnerFeed:
                 self.apply(decode_event(event))
             self.count(O_EVENTS, len(events))
             now = time.time()
-            self.words[O_LAG_NS] = max(int((now - ts) * 1e9), 0) if ts is not None else 0
+            # A publisher's clock is its own: a lag is clamped, never trusted to fit.
+            self.words[O_LAG_NS] = int(min(max((now - ts) * 1e9, 0.0), _MAX_LAG_NS)) if ts is not None else 0
             self.words[O_LAST_NS] = int(now * 1e9)
         self.next_seq = seq + 1
-        self.words[O_NEXT_SEQ] = self.next_seq
+        self.words[O_NEXT_SEQ] = self.next_seq & _U64
         self.count(O_BATCHES)
 
     def apply(self, ev: Stored | Removed | Cleared | Skipped) -> None:
@@ -480,5 +486,5 @@ class OwnerFeed:
 def _plain(extra: object, lora_name: str | None) -> bool:
     """Whether a block's ``extra_keys`` entry adds nothing to its tokens but
     the LoRA name (which the namespace already keys)."""
-    return extra is None or (lora_name is not None and list(extra) == [lora_name])
+    return extra is None or (lora_name is not None and isinstance(extra, (list, tuple)) and list(extra) == [lora_name])
 

@@ -5,6 +5,7 @@ owner holds after every step."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -32,12 +33,18 @@ def ctx():
 class Node:
     """A daemon subscribed to ``pubs`` (owner -> Publisher), and a Reader."""
 
-    def __init__(self, name: str, pubs: dict[str, Publisher], *extra: str, capacity: int = 4096) -> None:
+    def __init__(self, name: str, pubs: dict[str, Publisher], *extra: str, capacity: int = 4096,
+                 config: str | None = None) -> None:
         args = []
         for owner, p in pubs.items():
             args += ["--kv-events", f"{owner}={p.endpoint}"]
             if p.replay_endpoint:
                 args += ["--kv-events-replay", f"{owner}={p.replay_endpoint}"]
+        if config is not None:  # the same sources from a JSON file instead
+            with open(config, "w") as f:
+                json.dump({"sources": [{"owner": o, "endpoint": p.endpoint, "replay": p.replay_endpoint}
+                                       for o, p in pubs.items()], "topic": "kv@"}, f)
+            args = ["--kv-events-config", config]
         self.served = Served(name, capacity, *args, *extra, block_size=BS)
         for p in pubs.values():
             p.wait_subscribed()
@@ -138,7 +145,7 @@ def test_a_restarted_engine_and_a_departed_one(node_factory):
 def test_malformed_messages_are_counted_and_never_stop_the_daemon(node_factory):
     node, pubs = node_factory({"rank0": {}})
     p, r = pubs["rank0"], node.reader
-    prompt = np.arange(4000, 4032)
+    prompt = np.arange(4000, 4048)
     p.send_frames([b"", b"\x00" * 8])  # two frames
     p.send_frames([b"", b"\x00" * 4, MAP.batch([])])  # a truncated sequence number
     p.send_frames([b"", b"\x00" * 8, b"\x93\x01"])  # a truncated payload
@@ -154,7 +161,17 @@ def test_malformed_messages_are_counted_and_never_stop_the_daemon(node_factory):
     assert info["malformed"] == 3
     assert info["skipped"]["bad_field"] == 1 and info["skipped"]["unknown_type"] == 2
     assert r.match_owners(prompt) == {"rank0": 32}
-    assert node.served.proc.poll() is None
+    # Hostile numbers: timestamps that are no time, extra_keys that are no
+    # list, and a sequence number that jumps to the last one (a gap of 2**64).
+    for ts in (float("inf"), float("nan"), -1e300):
+        s = p.send(MAP.batch([], ts=ts))
+    s = p.send(MAP.batch([MAP.stored([3], 2, prompt[32:48], extra_keys=[7])]))
+    info = node.applied("rank0", s)
+    assert info["lag_ns"] <= 10**18 and info["skipped"]["extra_keys"] == 1  # a lag from any clock is clamped
+    last = p.send(MAP.batch([]), seq=2**64 - 1)
+    info = node.applied("rank0", -1, batches=info["batches"] + 1)
+    assert info["lost_batches"] == 2**64 - 1 - (s + 1)
+    assert node.served.proc.poll() is None and r.match_owners(prompt) == {"rank0": 32}
 
 
 def test_dump_shows_owners_and_sources(node_factory, shm_name):
@@ -172,6 +189,17 @@ def test_dump_shows_owners_and_sources(node_factory, shm_name):
     text = subprocess.run([sys.executable, "-m", "shmcache.cli", "dump", shm_name], capture_output=True, text=True,
                           timeout=120).stdout
     assert "owner   rank0: 1 blocks, events, attached; seq 0, 1 batches" in text and "unknown_block 1" in text
+
+
+def test_sources_from_a_config_file_with_a_topic_prefix(node_factory, tmp_path):
+    node, pubs = node_factory({"rank0": {"topic": b"kv@rank0@llama"}, "rank1": {"topic": b"other"}},
+                              config=str(tmp_path / "sources.json"))
+    prompt = np.arange(6000, 6016)
+    pubs["rank1"].send(MAP.batch([MAP.stored([1], None, prompt)]))  # filtered out by the topic prefix
+    s = pubs["rank0"].send(MAP.batch([MAP.stored([1], None, prompt)]))
+    node.applied("rank0", s)
+    assert node.reader.match_owners(prompt) == {"rank0": 16, "rank1": 0}
+    assert node.reader.owner_info()["rank1"]["batches"] == 0
 
 
 @pytest.mark.parametrize("args, fragment", [
