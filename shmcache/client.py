@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from . import protocol as P
-from .errors import CacheFullError, ClosedError, DaemonUnavailableError, InvalidInputError
+from .errors import CacheFullError, ClosedError, DaemonUnavailableError, InvalidInputError, OwnerLimitError
 from .hashing import narrow_tokens
 from .keys import Namespace, as_int64_array, as_tokens, as_values, bad_token_error, namespace_bytes
 from .owners import check_owner_name
@@ -37,7 +37,8 @@ from .reader import Reader
 
 __all__ = ["Client"]
 
-_ERRORS = {P.E_INVALID: InvalidInputError, P.E_FULL: CacheFullError, P.E_PROTOCOL: P.ProtocolError}
+_ERRORS = {P.E_INVALID: InvalidInputError, P.E_FULL: CacheFullError, P.E_PROTOCOL: P.ProtocolError,
+           P.E_OWNERS: OwnerLimitError}
 
 
 class Client:

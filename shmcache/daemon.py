@@ -46,6 +46,7 @@ from .errors import (
     CacheFullError,
     IncompatibleSegmentError,
     InvalidInputError,
+    OwnerLimitError,
     SegmentRetiredError,
     ShmCacheError,
     WriterLostError,
@@ -325,6 +326,9 @@ class Daemon:
             return
         except CacheFullError as e:
             conn.outbuf += P.frame(P.K_ERROR, request, P.encode_error(P.E_FULL, str(e)))
+            return
+        except OwnerLimitError as e:
+            conn.outbuf += P.frame(P.K_ERROR, request, P.encode_error(P.E_OWNERS, str(e)))
             return
         conn.outbuf += P.frame(P.K_OK, request, P.encode_result(result))
 

@@ -90,6 +90,9 @@ class CacheFullError(ShmCacheError):
         super().__init__(message)
         self.inserted_blocks = inserted_blocks
         self.cached_tokens = cached_tokens
+        #: From ``Writer.extend``: the rows of the blocks now cached (the
+        #: leading ones), when ``inserted_blocks`` > 0; else None.
+        self.rows = None
 
 
 class PinLimitError(ShmCacheError):

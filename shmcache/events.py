@@ -83,6 +83,7 @@ class Stored:
     block_size: int
     lora_name: str | None
     extra_keys: list | None
+    namespace: str | int | None
 
 
 @dataclass
@@ -142,9 +143,10 @@ def decode_event(event: object) -> Stored | Removed | Cleared | Skipped:
     if f.get("kv_cache_spec_kind") not in MAIN_KINDS:
         return Skipped("group", n)
     parent, tokens, block_size = f.get("parent_block_hash"), f.get("token_ids"), f.get("block_size")
-    lora_name, extra = f.get("lora_name"), f.get("extra_keys")
-    if not (parent is None or _is_hash(parent)) or not isinstance(block_size, int) or block_size < 1 \
-            or not (lora_name is None or isinstance(lora_name, str)) or not (extra is None or isinstance(extra, list)):
+    lora_name, lora_id, extra = f.get("lora_name"), f.get("lora_id"), f.get("extra_keys")
+    if not (parent is None or _is_hash(parent)) or type(block_size) is not int or block_size < 1 \
+            or not (lora_name is None or isinstance(lora_name, str)) or not (extra is None or isinstance(extra, list)) \
+            or not (lora_id is None or (type(lora_id) is int and lora_id >= 0)):
         return Skipped("bad_field", n)
     if not isinstance(tokens, list) or not tokens:
         return Skipped("no_tokens", n)
@@ -154,7 +156,8 @@ def decode_event(event: object) -> Stored | Removed | Cleared | Skipped:
         return Skipped("bad_field", n)
     if len(toks) != n * block_size or toks.ndim != 1 or toks.dtype.kind not in "iu" or toks.min() < 0 or toks.max() >= 1 << 32:
         return Skipped("bad_field", n)
-    return Stored(hashes, parent, toks, block_size, lora_name, extra)
+    # The namespace: the adapter's name, or (publishers that send only its id) the id.
+    return Stored(hashes, parent, toks, block_size, lora_name, extra, lora_name if lora_name is not None else lora_id)
 
 
 def decode_batch(payload: bytes) -> tuple[float | None, list]:
@@ -182,11 +185,12 @@ def parse_frames(frames: list) -> tuple[int, bytes]:
 def fold_hashes(hashes: list) -> np.ndarray:
     """``fold_hash`` of each, as an int64 array (vectorised for the common
     cases: every hash an int64, or every hash an uint64)."""
-    for dtype in (np.int64, np.uint64):
-        try:
-            return np.array(hashes, dtype=dtype).view(np.int64)
-        except (OverflowError, TypeError, ValueError):
-            pass
+    if all(type(h) is int for h in hashes):  # NumPy would parse bytes of digits as numbers
+        for dtype in (np.int64, np.uint64):
+            try:
+                return np.array(hashes, dtype=dtype).view(np.int64)
+            except OverflowError:
+                pass
     return np.array([fold_hash(h) for h in hashes], dtype=np.int64)
 
 
@@ -264,13 +268,22 @@ class OwnerFeed:
         """This feed's state, for the next daemon of the segment: the next
         sequence number and the map, its blocks named by ``Writer.block_id``
         (a drop count means nothing to another Writer)."""
-        ident = lambda p: None if p is None else list(self.writer.block_id(_rows([p])[0]))  # noqa: E731
+        def ident(packed: int | None) -> list | None:
+            """The block's id, or None if it is gone or no longer held: its
+            record may hold another block by now."""
+            if packed is None:
+                return None
+            row = _rows([packed])[0]
+            return list(self.writer.block_id(row)) if self.writer.holds(row, self.owner) else None
+
         blocks = []
         for h, b in self.blocks.items():
             if isinstance(b, int):
-                blocks.append([h, ident(b)])
-            else:
-                blocks.append([h, ident(b.anchor), list(b.pending), b.namespace, b.prev, [ident(c) for c in b.completes]])
+                if (i := ident(b)) is not None:
+                    blocks.append([h, i])
+            elif b.anchor is None or (a := ident(b.anchor)) is not None:
+                blocks.append([h, None if b.anchor is None else a, list(b.pending), b.namespace, b.prev,
+                               [c for c in map(ident, b.completes) if c is not None]])
         return {"next_seq": self.next_seq, "blocks": blocks}
 
     def restore(self, state: dict) -> None:
@@ -318,28 +331,30 @@ class OwnerFeed:
                         self.owner, self.next_seq - 1, seq)
             self.count(O_RESTARTS)
             self.clear()
-        elif self.next_seq is not None and seq > self.next_seq:
+            return 0, seq  # the restarted publisher's batches before this one: a gap like any other
+        if self.next_seq is not None and seq > self.next_seq:
             return self.next_seq, seq
         return seq, seq
 
     def apply_batch(self, seq: int, payload: bytes) -> None:
-        """Apply one batch whose sequence was accounted for."""
+        """Apply one batch whose sequence was accounted for. The sequence
+        moves past it whatever happens while applying it."""
+        self.next_seq = seq + 1
+        self.words[O_NEXT_SEQ] = self.next_seq & _U64
+        self.count(O_BATCHES)
         try:
             ts, events = decode_batch(payload)
         except MalformedError as e:
             self.count(O_MALFORMED)
             log.warning("owner %s: batch %d skipped: %s", self.owner, seq, e)
-        else:
-            for event in events:
-                self.apply(decode_event(event))
-            self.count(O_EVENTS, len(events))
-            now = time.time()
-            # A publisher's clock is its own: a lag is clamped, never trusted to fit.
-            self.words[O_LAG_NS] = int(min(max((now - ts) * 1e9, 0.0), _MAX_LAG_NS)) if ts is not None else 0
-            self.words[O_LAST_NS] = int(now * 1e9)
-        self.next_seq = seq + 1
-        self.words[O_NEXT_SEQ] = self.next_seq & _U64
-        self.count(O_BATCHES)
+            return
+        for event in events:
+            self.apply(decode_event(event))
+        self.count(O_EVENTS, len(events))
+        now = time.time()
+        # A publisher's clock is its own: a lag is clamped, never trusted to fit.
+        self.words[O_LAG_NS] = int(min(max((now - ts) * 1e9, 0.0), _MAX_LAG_NS)) if ts is not None else 0
+        self.words[O_LAST_NS] = int(now * 1e9)
 
     def apply(self, ev: Stored | Removed | Cleared | Skipped) -> None:
         if isinstance(ev, Stored):
@@ -379,7 +394,7 @@ class OwnerFeed:
         if not self._accepts(ev.block_size, n):
             return
         if ev.parent is None:
-            where = (None, (), ev.lora_name, None)
+            where = (None, (), ev.namespace, None)
         else:
             where = self._after(ev.parent)
             if where is None:
@@ -435,9 +450,11 @@ class OwnerFeed:
             try:
                 rows = self.writer.extend(None if anchor is None else _rows([anchor])[0], toks[: n_full * seg],
                                           values, owner=self.owner, namespace=ns, client=self.client)
-            except CacheFullError:
-                self.skip("full", end - start)
-                return None
+            except CacheFullError as e:
+                rows = e.rows  # the leading blocks it did cache (readers pinned while it evicted), if any
+                if rows is None:
+                    self.skip("full", end - start)
+                    return None
             except InvalidInputError as e:
                 log.warning("owner %s: %d blocks skipped: %s", self.owner, end - start, e)
                 self.skip("duplicate", end - start)
@@ -446,7 +463,13 @@ class OwnerFeed:
                 self.skip("parent", end - start)
                 return None
             packed = ((rows[:, 1] << 32) | rows[:, 0]).tolist()  # _pack, for every row
-            self.count(O_STORED, n_full)
+            self.count(O_STORED, len(packed))
+            if len(packed) < n_full:  # keep what was cached in the map; the rest is skipped
+                kept = next(j for j, e in enumerate(ends) if e > len(packed) * seg)
+                self.skip("full", end - start - kept)
+                end, ends = start + kept, ends[:kept]
+                if not kept:
+                    return None
         if bs == seg and not pending:  # engine blocks are segment blocks: each completes one
             self.blocks.update(zip(ev.hashes[start:end], packed))
             return packed[-1], (), ns, None

@@ -35,7 +35,7 @@ import zmq
 
 from .errors import InvalidInputError, SegmentRetiredError, WriterLostError
 from .events import MalformedError, OwnerFeed, parse_frames
-from .layout import MAX_OWNERS, O_HEALED, O_LOST, O_MALFORMED
+from .layout import MAX_OWNERS, O_BLOCKS, O_HEALED, O_LOST, O_MALFORMED
 from .owners import check_owner_name
 
 log = logging.getLogger("shmcache.ingest")
@@ -45,7 +45,9 @@ EVENTS_CLIENT = 0x80000000
 #: Seconds a replay request may take before what it did not return counts as lost.
 REPLAY_TIMEOUT_S = 2.0
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
-_ENDPOINT = re.compile(r"(tcp|ipc|inproc)://\S+")
+#: Endpoints the daemon connects to: a host, not a wildcard (the publisher binds ``tcp://*:5557``;
+#: the daemon connects to ``tcp://127.0.0.1:5557``), and a numeric port.
+_ENDPOINT = re.compile(r"tcp://[^\s*:/][^\s*/]*:\d{1,5}|ipc://\S+")
 
 
 @dataclass
@@ -64,7 +66,10 @@ def _pair(spec: str, flag: str) -> tuple[str, str]:
         raise InvalidInputError(f"{flag} takes OWNER=ENDPOINT (e.g. rank0=tcp://127.0.0.1:5557), got {spec!r}")
     check_owner_name(owner)
     if not _ENDPOINT.fullmatch(endpoint):
-        raise InvalidInputError(f"{flag} {owner}: {endpoint!r} is not a ZMQ endpoint (tcp://HOST:PORT or ipc://PATH)")
+        raise InvalidInputError(
+            f"{flag} {owner}: {endpoint!r} is not an endpoint the daemon can connect to: name the publisher's "
+            "host and port (tcp://127.0.0.1:5557, not the tcp://*:5557 it binds) or its ipc://PATH"
+        )
     return owner, endpoint
 
 
@@ -167,6 +172,15 @@ class Ingest:
                         feed.unsynced = True
                         log.warning("owner %s: the saved KV-event state is damaged (%r): starting without it",
                                     src.owner, e)
+                if feed.unsynced:
+                    # Holds a daemon before this one stored and left no map for: let go of
+                    # them now (its engine may be gone for good); replay rebuilds them at
+                    # the first batch where there is a replay socket.
+                    log.warning("owner %s holds %d blocks a previous daemon stored and left no state for: it lets "
+                                "go of them%s", src.owner, int(feed.words[O_BLOCKS]),
+                                " and replays what its publisher still buffers at its first batch" if src.replay
+                                else " (no replay socket: they come back as the engine stores them again)")
+                    feed.clear()
                 self.subs.append(_Sub(self.ctx, src, self.topic, feed))
                 log.info("owner %s: subscribed to %s%s", src.owner, src.endpoint,
                          f" (replay {src.replay})" if src.replay else " (no replay: gaps are counted as lost)")
@@ -217,12 +231,8 @@ class Ingest:
             return
         if s.feed.unsynced:
             s.feed.unsynced = False
-            log.warning("owner %s holds blocks a previous daemon stored and left no state for: it lets go of them%s",
-                        s.source.owner, " and replays what its publisher still buffers" if s.source.replay else
-                        " (no replay socket: they come back as the engine stores them again)")
-            s.feed.clear()
             if s.source.replay is not None:
-                s.feed.next_seq = 0
+                s.feed.next_seq = 0  # rebuilt from whatever the publisher still buffers
         first, end = s.feed.sequence(seq)
         if first < end:
             self._heal(s, first, end)
@@ -252,7 +262,7 @@ class Ingest:
         got: dict[int, bytes] = {}
         try:
             dealer.connect(s.source.replay)
-            dealer.send_multipart([b"", first.to_bytes(8, "big")])
+            dealer.send_multipart([b"", (first & (1 << 64) - 1).to_bytes(8, "big")])
             deadline = time.monotonic() + REPLAY_TIMEOUT_S
             while True:
                 left = deadline - time.monotonic()
@@ -271,6 +281,8 @@ class Ingest:
                     continue
                 if first <= seq < end:
                     got[seq] = payload
+        except zmq.ZMQError as e:
+            log.warning("owner %s: replay from %s failed: %s", s.source.owner, s.source.replay, e)
         finally:
             dealer.close()
         return got

@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit
 
 from .atomics import fence_acquire, fence_release, load_acquire, load_relaxed, store_relaxed, store_release
-from .errors import InvalidInputError, OwnerLimitError
+from .errors import InvalidInputError, OwnerLimitError, SegmentCorruptError
 from .layout import (
     G_OWNERS,
     H_OWNERS_EPOCH,
@@ -139,12 +139,32 @@ class Table(NamedTuple):
 
 def snapshot(data: np.ndarray, geom: np.ndarray) -> Table:
     """The owner table as of one instant (names consistent with each other).
-    Raises RuntimeError only if renames kept overlapping 10,000 tries."""
+    Raises SegmentCorruptError if its epoch stayed odd through 10,000
+    tries: a writer died renaming an entry (the next writer repairs it)."""
     out = np.empty(MAX_OWNERS * OWNER_WORDS, dtype=np.uint64)
     epoch = int(_copy_table(data, geom, out))
     if epoch & 1:
-        raise RuntimeError("the owner table kept changing while being read")
+        raise SegmentCorruptError(
+            "the owner table is being renamed and stays so (a writer died renaming an owner): "
+            "open the segment with a new writer (Writer.open, or restart shmcache serve) to repair it"
+        )
     return Table(epoch, out.reshape(MAX_OWNERS, OWNER_WORDS))
+
+
+def repair(data: np.ndarray, geom: np.ndarray) -> int:
+    """Writer only, when it takes the segment: if a writer died renaming an
+    entry (OWNERS_EPOCH odd), free every entry that holds no block (the one
+    half-renamed among them; the others are named again when used) and
+    make the epoch even. Returns how many entries were freed."""
+    e = int(data[H_OWNERS_EPOCH])
+    if not e & 1:
+        return 0
+    base = int(geom[G_OWNERS])
+    words = data[base : base + MAX_OWNERS * OWNER_WORDS].reshape(MAX_OWNERS, OWNER_WORDS)
+    idle = np.flatnonzero(words[:, O_BLOCKS] == 0)
+    words[idle] = 0
+    data[H_OWNERS_EPOCH] = np.uint64(e + 1)
+    return len(idle)
 
 
 def claim(data: np.ndarray, geom: np.ndarray, name: str, kind: int) -> int:

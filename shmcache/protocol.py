@@ -57,7 +57,7 @@ K_HELLO, K_INSERT, K_REMOVE, K_PIN, K_UNPIN = 1, 2, 3, 4, 5
 K_OK, K_ERROR, K_EVICTED = 64, 65, 66
 REQUESTS = {K_HELLO, K_INSERT, K_REMOVE, K_PIN, K_UNPIN}
 
-E_PROTOCOL, E_INVALID, E_FULL, E_INTERNAL = 1, 2, 3, 4
+E_PROTOCOL, E_INVALID, E_FULL, E_INTERNAL, E_OWNERS = 1, 2, 3, 4, 5
 
 #: Default microseconds the daemon polls for work, and a Client for its
 #: reply, before sleeping.

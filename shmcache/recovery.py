@@ -182,13 +182,21 @@ def repair_owners(A):
     """Recount every owner's BLOCKS, then restore the subset rule (an
     owner holds a block only if it holds its parent) that a writer dying
     in the middle of a release leaves broken: a block keeps only the
-    owners its parent has. Walks the tree parents first (children lists)."""
+    owners its parent has. Walks the tree parents first (children lists).
+
+    Every live record's version first moves on by 2: a writer that died
+    between ``set_owners``' store and its version left a presence word
+    changed under an unchanged version, and a reader that read the old
+    word before must see a change before it trusts it again.
+    """
     cap = A.geom[G_CAPACITY]
     table = A.geom[G_OWNERS]
     for i in range(MAX_OWNERS):
         store_relaxed(A.data, table + i * OWNER_WORDS + O_BLOCKS, np.uint64(0))
     for s in range(cap):
         if is_live(A, s):
+            step(A)
+            store_relaxed(A.data, rec(A, s) + R_VERSION, A.data[rec(A, s) + R_VERSION] + np.uint64(2))
             count_owners(A, np.uint64(0), owners_of(A, s))
     cur = A.links[cap, FC]
     while cur != NIL:

@@ -39,6 +39,8 @@ _VIOLATIONS = {
     checks.V_PINNED_COUNT: "header says {a} protected (pinned or above a pin) states, the table holds {b}",
     checks.V_PROTECT_COUNT: "state {a} records the wrong number of pinned states in its subtree (should be {b})",
     checks.V_MUTATING: "the mutation counter is odd ({a}): a write is in progress or was interrupted",
+    checks.V_OWNERS_SUBSET: "state {a} is held by an owner that does not hold its parent {b}",
+    checks.V_OWNER_COUNT: "owner entry {a} records the wrong number of blocks (it holds {b})",
     checks.V_FREE_LIST: "free list entry {a} (state {b}) is wrong",
     checks.V_CHILD_LIST: "children list of {a} is inconsistent ({b})",
     checks.V_VALUE_MAP: "state {a} is not found through the value map (found {b})",

@@ -240,6 +240,7 @@ class Writer:
             self._entries: dict[str, int] = {}  # owner name -> owner-table entry, as this Writer named them
             #: States dropped by the repair when this Writer took the segment over.
             self.recovered = int(self._run(rebuild, self._A))
+            owners.repair(mapping.data, self._A.geom)
             for entry in range(MAX_OWNERS):
                 self._owner_word(entry)[O_ATTACHED] = 0  # whatever was attached was the previous writer's
         except BaseException:
@@ -503,7 +504,9 @@ class Writer:
         ``namespace``). Returns one such row per block of ``tokens`` (an
         ``(n, 2)`` int64 array), or None when ``below`` is no longer a block
         ``owner`` holds (dropped, or released by it since): its successors
-        cannot be keyed then. Errors as ``insert``.
+        cannot be keyed then. Errors as ``insert``; a CacheFullError whose
+        ``inserted_blocks`` is not 0 carries the rows of the blocks that were
+        cached in ``rows``.
         """
         self._check_open()
         toks = as_tokens(tokens)
@@ -520,7 +523,12 @@ class Writer:
         vals = as_values(values, keys.shape[0], toks.shape[0], self.block_size)
         check_client(client)
         refs = np.empty((keys.shape[0], 2), dtype=np.int64)
-        status, _ = self._insert(state, gen, keys, vals, client, self._owner_bit(owner), refs)
+        try:
+            status, _ = self._insert(state, gen, keys, vals, client, self._owner_bit(owner), refs)
+        except CacheFullError as e:
+            if e.inserted_blocks:
+                e.rows = refs[: e.cached_tokens // self.block_size + e.inserted_blocks]
+            raise
         return None if status == mutate.ERR_STALE else refs
 
     def holds(self, row: "np.ndarray | tuple[int, int]", owner: str) -> bool:
@@ -612,7 +620,10 @@ class Writer:
     def detach_owner(self, owner: str) -> int:
         """Count one source of ``owner`` less; returns how many remain."""
         self._check_open()
-        words = self._owner_word(self._owner_entry(owner))
+        entry = self._owner_entry(owner, create=False)
+        if entry < 0:
+            return 0
+        words = self._owner_word(entry)
         words[O_ATTACHED] = max(int(words[O_ATTACHED]) - 1, 0)
         return int(words[O_ATTACHED])
 

@@ -296,13 +296,14 @@ def set_owners(A, s, owners):
 
     No odd version is needed: the word is one atomic store and no other
     field changes. A reader whose two version reads of ``s`` both saw the
-    old version read, at the instant between them, whatever presence word
-    it loaded: the next change cannot begin before this one's version is
-    out, and if it loaded the new word, the fence makes its second read see
-    the new version (it cuts the path there). A writer that dies between
-    the store and the version leaves a consistent record for recovery
-    (which only restores the subset rule), where an odd version would cost
-    the state and its subtree.
+    old version may have loaded the old word or the new one; either was
+    the word at the instant between its reads. The new word is current from
+    its store until this version goes out, and no later store of any record
+    can be seen without this version (the release fence before it), so the
+    reader's one instant is consistent across the path. A writer that dies
+    between the store and the version leaves a consistent record; recovery
+    moves every live record's version on (``recovery.repair_owners``), where
+    an odd version would have cost the state and its subtree.
     """
     base = rec(A, s)
     count_owners(A, A.data[base + R_OWNERS], owners)

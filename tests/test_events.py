@@ -214,3 +214,16 @@ def test_one_token_pages_are_regrouped_into_segment_blocks(seg):
     apply(f, MAP.batch([MAP.removed([pages[3][0]])]))
     assert r.match_owners(prompt) == {"rank0": 0}
     w.check()
+
+
+def test_lora_id_alone_names_the_namespace_and_bytes_hashes_fold_as_bytes(seg):
+    from shmcache.events import fold_hashes
+
+    w, r = seg
+    f = feed(w)
+    prompt = np.arange(16)
+    apply(f, MAP.batch([MAP.stored([1], None, prompt, lora_id=7)]))  # an older publisher: no lora_name
+    assert r.match_owners(prompt) == {"rank0": 0} and r.match_owners(prompt, namespace=7) == {"rank0": 16}
+    digits = [b"123", b"\xff" * 32]
+    assert fold_hashes(digits).tolist() == [fold_hash(h) for h in digits]
+    assert fold_hashes([2**64 - 1, 5]).tolist() == [-1, 5] and fold_hashes([-3, 2**63]).tolist() == [-3, -(2**63)]

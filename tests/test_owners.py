@@ -286,3 +286,47 @@ def test_the_owner_checker_catches_an_answer_above_what_was_held():
     late = np.array([[0, 4, 4, 8, 0, 0, 0]])  # after the release: r0 held nothing
     assert owner_churn.violations(history, ok) == []
     assert len(owner_churn.violations(history, late)) == 1
+
+
+def test_a_writer_that_died_renaming_an_owner_leaves_a_table_the_next_one_repairs(shm_name):
+    from shmcache import SegmentCorruptError
+    from shmcache.layout import G_STATES, H_OWNERS_EPOCH, R_VERSION, RECORD_WORDS
+    from shmcache.owners import entry_words
+
+    with Writer.create(shm_name, capacity=64, block_size=BS) as w:
+        w.insert(toks(1, 2), [1, 2], owner="kept")
+        w.insert(toks(3), [3], owner="idle")
+        w.clear_owner("idle")
+        data, geom = w._map.data, w._A.geom
+        versions = [int(data[int(geom[G_STATES]) + s * RECORD_WORDS + R_VERSION]) for s in range(3)]
+        # As a writer killed inside a rename leaves it: the epoch odd, an idle entry half-named.
+        data[H_OWNERS_EPOCH] += 1
+        entry_words(data, geom, 1)[1] = 0xFFFF
+        with Reader.attach(shm_name) as r, pytest.raises(SegmentCorruptError, match="restart shmcache serve"):
+            r.owners()
+    with Writer.open(shm_name) as w, Reader.attach(shm_name) as r:
+        assert r.owners() == {"kept": 2} and r.match_owners(toks(1, 2)) == {"kept": 8}
+        # Every live record's version moved on (a presence store may have lost its version).
+        data = w._map.data
+        live = [int(data[int(w._A.geom[G_STATES]) + s * RECORD_WORDS + R_VERSION]) for s in range(2)]
+        assert live == [v + 2 for v in versions[:2]]
+        w.check()
+
+
+def test_a_65th_owner_is_refused_to_its_client_and_the_daemon_serves_on(shm_name):
+    from shmcache import OwnerLimitError
+
+    served = Served(shm_name, 64, block_size=BS)
+    clients = []
+    try:
+        for i in range(MAX_OWNERS):
+            clients.append(Client.connect(shm_name, owner=f"rank{i}"))
+        with pytest.raises(OwnerLimitError, match="all 64 owner entries"):
+            Client.connect(shm_name, owner="one-too-many")
+        clients[0].insert(toks(1), [1])
+        assert clients[1].match_owners(toks(1))["rank0"] == 4
+        assert served.proc.poll() is None
+    finally:
+        for c in clients:
+            c.close()
+        served.kill()
