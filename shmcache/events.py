@@ -31,6 +31,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any, Union
 
 import msgspec
 import numpy as np
@@ -52,6 +53,8 @@ from .layout import (
     OWNER_EVENTS,
     SKIP_REASONS,
 )
+
+from .wire_tokens import parse_tokens
 
 log = logging.getLogger("shmcache.events")
 
@@ -158,6 +161,77 @@ def decode_event(event: object) -> Stored | Removed | Cleared | Skipped:
         return Skipped("bad_field", n)
     # The namespace: the adapter's name, or (publishers that send only its id) the id.
     return Stored(hashes, parent, toks, block_size, lora_name, extra, lora_name if lora_name is not None else lora_id)
+
+
+def _typed_decoder(array_like: bool):
+    """A decoder of whole batches into structs declared as vLLM declares
+    them (``token_ids`` left raw, for ``wire_tokens``), events encoded as
+    maps or (``array_like``) positional arrays. It refuses any batch with an
+    event it does not know; those take the generic path. (``defstruct``:
+    the types are objects here, not annotations to evaluate.)"""
+    opt = dict(array_like=array_like, tag=True, omit_defaults=True, gc=False)
+    hash_, maybe = Union[int, bytes], lambda t: (Union[t, None], None)  # noqa: E731
+    stored = msgspec.defstruct("BlockStored", [
+        ("block_hashes", list[hash_]), ("parent_block_hash", Union[int, bytes, None]), ("token_ids", msgspec.Raw),
+        ("block_size", int), ("lora_id", *maybe(int)), ("medium", *maybe(str)), ("lora_name", *maybe(str)),
+        ("extra_keys", *maybe(list)), ("group_idx", *maybe(int)), ("kv_cache_spec_kind", *maybe(str)),
+        ("kv_cache_spec_sliding_window", *maybe(int)), ("locality", *maybe(str)), ("ownership", *maybe(str)),
+        ("session_id", *maybe(str)), ("lookahead_token_ids", *maybe(list)),
+    ], **opt)
+    removed = msgspec.defstruct("BlockRemoved", [
+        ("block_hashes", list[hash_]), ("medium", *maybe(str)), ("group_idx", *maybe(int)),
+        ("locality", *maybe(str)), ("ownership", *maybe(str)),
+    ], **opt)
+    cleared = msgspec.defstruct("AllBlocksCleared", [], **opt)
+    batch = msgspec.defstruct("Batch", [("ts", Any), ("events", list[Union[stored, removed, cleared]]),
+                                        ("rank", Any, None)], array_like=True, gc=False)
+    return msgspec.msgpack.Decoder(batch).decode, stored, removed
+
+
+_TYPED = [_typed_decoder(False), _typed_decoder(True)]
+
+
+def _from_typed(e, stored_type, removed_type) -> Stored | Removed | Cleared | Skipped:
+    """``decode_event`` for an event a typed decoder read."""
+    if type(e) is not stored_type and type(e) is not removed_type:
+        return Cleared()
+    n = len(e.block_hashes)
+    if e.medium not in GPU_MEDIUMS or e.locality not in (None, "LOCAL") or e.ownership is not None:
+        return Skipped("medium", n)
+    if e.group_idx not in (None, 0):
+        return Skipped("group", n)
+    if type(e) is removed_type:
+        return Removed(e.block_hashes)
+    if e.kv_cache_spec_kind not in MAIN_KINDS:
+        return Skipped("group", n)
+    if e.block_size < 1 or (e.lora_id is not None and e.lora_id < 0):
+        return Skipped("bad_field", n)
+    raw = np.frombuffer(e.token_ids, dtype=np.uint8)
+    toks = np.empty(len(raw), dtype=np.int64)
+    got = parse_tokens(raw, toks)
+    if got == 0:
+        return Skipped("no_tokens", n)
+    if got != n * e.block_size:
+        return Skipped("bad_field", n)
+    namespace = e.lora_name if e.lora_name is not None else e.lora_id
+    return Stored(e.block_hashes, e.parent_block_hash, toks[:got], e.block_size, e.lora_name, e.extra_keys, namespace)
+
+
+def decode_events(payload) -> tuple[float | None, list]:
+    """``(ts, normalised events)`` of a batch payload: decoded into typed
+    structs when every event is one vLLM declares (the fast path), else
+    generically, event by event. Raises MalformedError."""
+    for decode, stored_type, removed_type in _TYPED:
+        try:
+            batch = decode(payload)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            continue
+        ts = batch.ts
+        if type(ts) not in (int, float) or not math.isfinite(ts):
+            ts = None
+        return ts, [_from_typed(e, stored_type, removed_type) for e in batch.events]
+    ts, events = decode_batch(payload)
+    return ts, [decode_event(e) for e in events]
 
 
 def decode_batch(payload: bytes) -> tuple[float | None, list]:
@@ -343,13 +417,13 @@ class OwnerFeed:
         self.words[O_NEXT_SEQ] = self.next_seq & _U64
         self.count(O_BATCHES)
         try:
-            ts, events = decode_batch(payload)
+            ts, events = decode_events(payload)
         except MalformedError as e:
             self.count(O_MALFORMED)
             log.warning("owner %s: batch %d skipped: %s", self.owner, seq, e)
             return
         for event in events:
-            self.apply(decode_event(event))
+            self.apply(event)
         self.count(O_EVENTS, len(events))
         now = time.time()
         # A publisher's clock is its own: a lag is clamped, never trusted to fit.

@@ -56,6 +56,7 @@ KERNEL_MODULES = (
     "recovery",
     "tables",
     "tree",
+    "wire_tokens",
     "wstate",
 )
 

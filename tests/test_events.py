@@ -227,3 +227,21 @@ def test_lora_id_alone_names_the_namespace_and_bytes_hashes_fold_as_bytes(seg):
     digits = [b"123", b"\xff" * 32]
     assert fold_hashes(digits).tolist() == [fold_hash(h) for h in digits]
     assert fold_hashes([2**64 - 1, 5]).tolist() == [-1, 5] and fold_hashes([-3, 2**63]).tolist() == [-3, -(2**63)]
+
+
+def _plain_events(events) -> list:
+    return [tuple(v.tolist() if isinstance(v, np.ndarray) else v for v in vars(e).values()) + (type(e).__name__,)
+            for e in events]
+
+
+def test_the_fast_typed_decoding_and_the_generic_one_agree_on_every_payload():
+    from shmcache.events import decode_batch, decode_event, decode_events
+
+    payloads = [sample(p.name) for p in sorted(SAMPLES.glob("*.msgpack"))]
+    for enc in (MAP, ARRAY):
+        payloads.append(enc.batch([enc.stored([2**64 - 1, b"\x00" * 32], 5, range(32), lora_id=3, extra_keys=[None, ["m", 1]]),
+                                   enc.stored([1], None, [2**32 - 1] * 16, group_idx=0, kv_cache_spec_kind="mla_attention"),
+                                   enc.removed([-4], medium=None), enc.cleared()], ts=1.5))
+    for payload in payloads:
+        ts, generic = decode_batch(payload)
+        assert _plain_events(decode_events(payload)[1]) == _plain_events([decode_event(e) for e in generic])
