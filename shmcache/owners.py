@@ -202,6 +202,11 @@ def entry_words(data: np.ndarray, geom: np.ndarray, entry: int) -> np.ndarray:
     return data[base : base + OWNER_WORDS]
 
 
+def held(table: Table) -> dict[str, int]:
+    """Every named owner with the number of blocks it holds."""
+    return {name: int(table.words[i, O_BLOCKS]) for i, name in table.named()}
+
+
 def describe(table: Table) -> dict[str, dict]:
     """Per named owner: blocks held, kind, whether attached and, for event
     sources, their counters and skips by reason."""

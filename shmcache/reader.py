@@ -51,7 +51,6 @@ from .layout import (
     RD_QUERY_BLOCKS,
     RD_PIDNS,
     LOCK_WRITER,
-    O_BLOCKS,
     reader_lock_byte,
     reader_word,
 )
@@ -299,8 +298,7 @@ class Reader:
     def owners(self) -> dict[str, int]:
         """Every owner named in the segment, with the number of blocks it holds."""
         self._check_open()
-        table = owners.snapshot(self._data, self._geom)
-        return {name: int(table.words[i, O_BLOCKS]) for i, name in table.named()}
+        return owners.held(owners.snapshot(self._data, self._geom))
 
     def owner_info(self) -> dict[str, dict]:
         """Per named owner: blocks, kind, attached and, for KV-event sources,

@@ -38,6 +38,7 @@ from importlib import resources
 
 import numpy as np
 
+from .layout import O_NEXT_SEQ
 from .replay import TRACE_BLOCK, prompt_tokens, reference_hits
 
 POLICIES = ("round-robin", "least-loaded", "cache-aware")
@@ -168,7 +169,6 @@ class Simulation:
         import zmq
 
         from . import owners
-        from .layout import O_NEXT_SEQ
 
         self.block_size = block_size
         self.name = name or f"route-{uuid.uuid4().hex[:8]}"
@@ -190,7 +190,6 @@ class Simulation:
             table = owners.snapshot(self.reader._data, self.reader._geom)
             self._next_seq = [owners.entry_words(self.reader._data, self.reader._geom, table.find(f"rank{e.rank}"))
                               for e in self.engines]
-            self._o_next_seq = O_NEXT_SEQ
         except BaseException:
             self.close()
             raise
@@ -198,7 +197,7 @@ class Simulation:
     def applied(self, rank: int, seq: int, timeout: float = 60.0) -> None:
         """Wait until the daemon applied rank ``rank``'s batch ``seq``."""
         words, deadline = self._next_seq[rank], time.monotonic() + timeout
-        while int(words[self._o_next_seq]) <= seq:
+        while int(words[O_NEXT_SEQ]) <= seq:
             os.sched_yield()  # on a small machine the daemon needs this core
             if time.monotonic() > deadline:
                 raise RuntimeError(f"rank {rank}'s batch {seq} was not applied within {timeout:.0f} s")

@@ -63,7 +63,6 @@ from .layout import (
     LOCK_WRITER,
     MAX_OWNERS,
     O_ATTACHED,
-    O_BLOCKS,
     OWNER_CLIENT,
     R_KEY_HI,
     R_KEY_LO,
@@ -600,8 +599,7 @@ class Writer:
     def owners(self) -> dict[str, int]:
         """Every named owner with the number of blocks it holds."""
         self._check_open()
-        table = owners.snapshot(self._A.data, self._A.geom)
-        return {name: int(table.words[i, O_BLOCKS]) for i, name in table.named()}
+        return owners.held(owners.snapshot(self._A.data, self._A.geom))
 
     def owner_info(self) -> dict[str, dict]:
         """Per named owner: blocks, kind, attached and, for KV-event sources,

@@ -142,15 +142,21 @@ def writer_main(name, capacity, seed, ready, stop, log_path, max_ops, max_second
     w.close()
 
 
-def run_churn(spawn, name, seed, tmp_path, reader_target, n_readers, goal: Goal, explicit_drops=True):
-    """Run ``writer_main`` (capacity 40) and ``n_readers`` spawned processes of
+def run_churn(spawn, name, seed, tmp_path, reader_target, n_readers, goal: Goal, explicit_drops=True, writer=None):
+    """Run a writer process and ``n_readers`` spawned processes of
     ``reader_target(name, seed, ready, go, goal, out_path)`` until every
-    reader has reached ``goal``. Returns the writer's op log and the
-    readers' rows, stacked."""
+    reader has reached ``goal``. The writer is ``writer_main`` (capacity 40)
+    unless ``writer(ready, stop, log_path)`` names another as ``(target,
+    args)``; it sets ``ready`` once readers may attach, churns until
+    ``stop``, then writes its log. Returns the log and the readers' rows,
+    stacked."""
     ready, go, stop = spawn.Event(), spawn.Event(), spawn.Event()
     log = tmp_path / "writer.pkl"
-    writer = spawn.Process(target=writer_main,
-                           args=(name, 40, seed, ready, stop, str(log), 10**8, goal.seconds + 300, 0, explicit_drops))
+    if writer is None:
+        target, args = writer_main, (name, 40, seed, ready, stop, str(log), 10**8, goal.seconds + 300, 0, explicit_drops)
+    else:
+        target, args = writer(ready, stop, str(log))
+    writer = spawn.Process(target=target, args=args)
     outs = [tmp_path / f"reader{i}.npy" for i in range(n_readers)]
     warm = [spawn.Event() for _ in outs]
     readers = [spawn.Process(target=reader_target, args=(name, seed, ready, (w, go), goal, str(o)))

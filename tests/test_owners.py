@@ -233,42 +233,15 @@ def test_match_owners_never_credits_an_owner_beyond_what_it_held_under_churn(shm
     ``match_owners`` while a writer churns four owners' holds are never
     credited with blocks an owner did not hold at an instant of the call."""
     import owner_churn
-    from churn import SHORT, Goal
+    from churn import Goal, run_churn
 
     # Per reader: 20,000 calls at least, 1,000 of them overlapping a write,
     # 300 of those crediting some owner.
     goal = Goal(rounds=20_000, counts=(1000, 300))
     seed = 20261202
-    ready, go, stop = spawn.Event(), spawn.Event(), spawn.Event()
-    log = tmp_path / "writer.pkl"
-    writer = spawn.Process(target=owner_churn.writer_main, args=(shm_name, seed, ready, stop, str(log), goal.seconds + 300))
-    outs = [tmp_path / f"reader{i}.npy" for i in range(2)]
-    warm = [spawn.Event() for _ in outs]
-    readers = [spawn.Process(target=owner_churn.reader_main, args=(shm_name, seed, ready, (w, go), goal, str(o)))
-               for o, w in zip(outs, warm)]
-    writer.start()
-    try:
-        for p in readers:
-            p.start()
-        for e in warm:
-            assert e.wait(300), "a reader did not start"
-        go.set()
-        for p in readers:
-            p.join(goal.seconds + 300)
-            assert p.exitcode != SHORT, f"a reader did not reach {goal} in {goal.seconds} s"
-            assert p.exitcode == 0, f"reader exited with {p.exitcode}"
-        stop.set()
-        writer.join(300)
-        assert writer.exitcode == 0
-    finally:
-        for p in [writer, *readers]:
-            if p.is_alive():
-                p.kill()
-            p.join()
-    import pickle
-
-    history = pickle.loads(log.read_bytes())
-    rows = np.concatenate([np.load(o) for o in outs])
+    history, rows = run_churn(spawn, shm_name, seed, tmp_path, owner_churn.reader_main, 2, goal,
+                              writer=lambda ready, stop, log: (owner_churn.writer_main,
+                                                               (shm_name, seed, ready, stop, log, goal.seconds + 300)))
     assert len(history) > 1000, "the writer barely churned"
     bad = owner_churn.violations(history, rows)
     assert not bad, f"{len(bad)} answers credited an owner beyond what it held, first: {bad[:5]}"
