@@ -1,4 +1,5 @@
-"""Chained 128-bit block keys: XXH3-128 in Numba, and the key chain over tokens.
+"""Chained 128-bit block keys: the key chain over tokens in Numba, and XXH3-128
+in Python for the namespace roots it starts from.
 
 A prompt of ``n`` full blocks has keys ``k_0 .. k_{n-1}``::
 
@@ -12,7 +13,7 @@ what the namespace was (0 none, 1 bytes, 2 str as UTF-8, 3 int as 8 bytes),
 so ``"7"``, ``b"7"`` and ``7`` name different namespaces. XXH3_128 is the
 published XXH3 128-bit hash with seed 0 and the default secret, so any
 language with an xxHash binding computes the same keys; the tests prove
-this implementation bit-exact against the ``xxhash`` package.
+both implementations bit-exact against the ``xxhash`` package.
 
 Keys are returned as ``(n, 2)`` uint64 arrays: column 0 the low word,
 column 1 the high word.
@@ -64,23 +65,16 @@ NS_NONE, NS_BYTES, NS_STR, NS_INT = 0, 1, 2, 3
 
 
 # An input is a "source": ``(k0, k1, plen, arr, base, secret)`` is the
-# ``plen``-byte prefix k0||k1 (plen is 0 or 16) followed by the bytes of
-# ``arr`` from byte ``base``, to be hashed with ``secret`` (``_SECRET``, or
-# the same array through ``hide_data``: see ``chain_into``). Chain hashing
-# reads the previous key from registers and the tokens in place, with no
-# copy; plain hashing uses plen 0. Reads inside the prefix happen only at
-# offsets that are multiples of 4 (chained inputs are 16 + 4*B bytes), and
-# only for inputs over 16 bytes.
+# ``plen``-byte prefix k0||k1 (plen 16: the previous key) followed by the
+# bytes of ``arr`` from byte ``base``, to be hashed with ``secret``. The key
+# chain thus reads the previous key from registers and the tokens in place,
+# with no copy. Reads inside the prefix happen only at offsets that are
+# multiples of 4 (chained inputs are 16 + 4*B bytes).
 
 
 @njit(inline="always")
 def _sec(src, off):
     return load_u64_unaligned(src[5], off)
-
-
-@njit(inline="always")
-def _sec32(src, off):
-    return _sec(src, off) & _MASK32
 
 
 @njit(inline="always")
@@ -98,16 +92,6 @@ def _rd(src, off):
 
 
 @njit(inline="always")
-def _rd32(src, off):
-    return _rd(src, off) & _MASK32
-
-
-@njit(inline="always")
-def _rd8(src, off):
-    return _rd(src, off) & np.uint64(0xFF)
-
-
-@njit(inline="always")
 def _xorshift(h, s):
     return h ^ (h >> np.uint64(s))
 
@@ -119,50 +103,27 @@ def _avalanche3(h):
 
 
 @njit(inline="always")
-def _avalanche64(h):
-    h = _xorshift(h, 33) * _P64_2
-    h = _xorshift(h, 29) * _P64_3
-    return _xorshift(h, 32)
-
-
-@njit(inline="always")
 def _fold64(a, b):
     lo, hi = mul128(a, b)
     return lo ^ hi
 
 
 @njit(inline="always")
-def _swap32(x):
-    return (
-        ((x << np.uint64(24)) & np.uint64(0xFF000000))
-        | ((x << np.uint64(8)) & np.uint64(0x00FF0000))
-        | ((x >> np.uint64(8)) & np.uint64(0x0000FF00))
-        | ((x >> np.uint64(24)) & np.uint64(0x000000FF))
-    )
-
-
-@njit(inline="always")
-def _swap64(x):
-    return (_swap32(x & _MASK32) << np.uint64(32)) | _swap32(x >> np.uint64(32))
-
-
-@njit(inline="always")
-def _rotl32(x, r):
-    return ((x << np.uint64(r)) | (x >> np.uint64(32 - r))) & _MASK32
-
-
-@njit(inline="always")
-def _mix16(src, off, soff):
-    return _fold64(_rd(src, off) ^ _sec(src, soff), _rd(src, off + 8) ^ _sec(src, soff + 8))
+def _mix32w(lo, hi, a0, a1, b0, b1, s0, s1, s2, s3):
+    """XXH3's 32-byte mixing step on input words: ``a0, a1`` the 16 bytes at
+    the first offset, ``b0, b1`` those at the second, ``s0..s3`` the four
+    secret words from the step's secret offset."""
+    lo += _fold64(a0 ^ s0, a1 ^ s1)
+    lo ^= b0 + b1
+    hi += _fold64(b0 ^ s2, b1 ^ s3)
+    hi ^= a0 + a1
+    return lo, hi
 
 
 @njit(inline="always")
 def _mix32(lo, hi, src, off1, off2, soff):
-    lo += _mix16(src, off1, soff)
-    lo ^= _rd(src, off2) + _rd(src, off2 + 8)
-    hi += _mix16(src, off2, soff + 16)
-    hi ^= _rd(src, off1) + _rd(src, off1 + 8)
-    return lo, hi
+    return _mix32w(lo, hi, _rd(src, off1), _rd(src, off1 + 8), _rd(src, off2), _rd(src, off2 + 8),
+                   _sec(src, soff), _sec(src, soff + 8), _sec(src, soff + 16), _sec(src, soff + 24))
 
 
 @njit(inline="always")
@@ -171,45 +132,6 @@ def _finish_mid(lo, hi, length):
     h_lo = _avalanche3(lo + hi)
     h_hi = _U64_0 - _avalanche3(lo * _P64_1 + hi * _P64_4 + n * _P64_2)
     return h_lo, h_hi
-
-
-@njit
-def _len_0to16(src, length):
-    n = np.uint64(length)
-    if length > 8:
-        flip_lo = _sec(src, 32) ^ _sec(src, 40)
-        flip_hi = _sec(src, 48) ^ _sec(src, 56)
-        in_lo = _rd(src, 0)
-        in_hi = _rd(src, length - 8)
-        m_lo, m_hi = mul128(in_lo ^ in_hi ^ flip_lo, _P64_1)
-        m_lo += (n - _U64_1) << np.uint64(54)
-        in_hi ^= flip_hi
-        m_hi += in_hi + (in_hi & _MASK32) * (_P32_2 - _U64_1)
-        m_lo ^= _swap64(m_hi)
-        h_lo, h_hi = mul128(m_lo, _P64_2)
-        h_hi += m_hi * _P64_2
-        return _avalanche3(h_lo), _avalanche3(h_hi)
-    if length >= 4:
-        in_lo = _rd32(src, 0)
-        in_hi = _rd32(src, length - 4)
-        in64 = in_lo + (in_hi << np.uint64(32))
-        keyed = in64 ^ (_sec(src, 16) ^ _sec(src, 24))
-        m_lo, m_hi = mul128(keyed, _P64_1 + (n << np.uint64(2)))
-        m_hi += m_lo << _U64_1
-        m_lo ^= m_hi >> np.uint64(3)
-        m_lo = _xorshift(m_lo, 35) * _PMX_2
-        m_lo = _xorshift(m_lo, 28)
-        return m_lo, _avalanche3(m_hi)
-    if length > 0:
-        c1 = _rd8(src, 0)
-        c2 = _rd8(src, length >> 1)
-        c3 = _rd8(src, length - 1)
-        comb_lo = (c1 << np.uint64(16)) | (c2 << np.uint64(24)) | c3 | (n << np.uint64(8))
-        comb_hi = _rotl32(_swap32(comb_lo), 13)
-        flip_lo = _sec32(src, 0) ^ _sec32(src, 4)
-        flip_hi = _sec32(src, 8) ^ _sec32(src, 12)
-        return _avalanche64(comb_lo ^ flip_lo), _avalanche64(comb_hi ^ flip_hi)
-    return _avalanche64(_sec(src, 64) ^ _sec(src, 72)), _avalanche64(_sec(src, 80) ^ _sec(src, 88))
 
 
 @njit(inline="always")
@@ -304,13 +226,13 @@ def _hash_long(src, length):
 
 
 @njit(inline="always")
-def xxh3_128(src, length):
-    """XXH3-128 (seed 0, default secret) of the first ``length`` bytes of a source.
+def _xxh3_128_over16(src, length):
+    """XXH3-128 (seed 0, default secret) of the first ``length`` bytes of a
+    source, for ``length > 16``: a chained block is 16 + 4B >= 20 bytes, so
+    XXH3's paths for 16 bytes and less are never taken, and never compiled.
 
     Returns ``(low64, high64)`` as uint64.
     """
-    if length <= 16:
-        return _len_0to16(src, length)
     if length <= 128:
         return _len_17to128(src, length)
     if length <= 240:
@@ -354,7 +276,7 @@ def tokens_u32(tokens, scratch):
 
 @overload(tokens_u32, jit_options={"nogil": True})
 def _tokens_u32(tokens, scratch):
-    # Each returns a weakest_view, so that chain_into compiles once for all.
+    # Each returns a weakest_view, so that a chain kernel compiles once for all.
     if tokens.dtype == types.uint32:
         return lambda tokens, scratch: (weakest_view(tokens), -1)
 
@@ -375,58 +297,154 @@ def _tokens_u32(tokens, scratch):
     return impl
 
 
-@njit(inline="always")
-def _chain(hash_fn, secret, t32, n_blocks, block_size, lo, hi, out):
-    length = 16 + 4 * block_size
+@njit(cache=True, nogil=True, _nrt=False)
+def chain16(t32, n_blocks, block_size, lo, hi, out):
+    """Write the chained keys of the first ``n_blocks`` 16-token blocks of
+    the uint32 tokens ``t32`` from root ``(lo, hi)`` into ``out``.
+    ``block_size`` must be 16: it is there to share ``chain_any``'s
+    signature, so that callers take either kernel as a parameter.
+
+    vLLM's default block size gets its own kernel: a chained block is then
+    80 bytes (the previous key, then 16 tokens), which XXH3 hashes with its
+    17-128-byte path, written here over the ten input words. So written it
+    compiles in about a second; the same path reached through
+    ``_xxh3_128_over16``'s byte-offset reads took 15 s. The secret is read
+    through ``hide_data`` into locals before the loop: folded into
+    immediates, its twelve words would cost a ``movabs`` each per block, in
+    a loop bound by instruction throughput as much as by its multiplies.
+    """
+    sec = hide_data(_SECRET)
+    s0, s1, s2, s3 = (load_u64_unaligned(sec, 0), load_u64_unaligned(sec, 8),
+                      load_u64_unaligned(sec, 16), load_u64_unaligned(sec, 24))
+    s4, s5, s6, s7 = (load_u64_unaligned(sec, 32), load_u64_unaligned(sec, 40),
+                      load_u64_unaligned(sec, 48), load_u64_unaligned(sec, 56))
+    s8, s9, s10, s11 = (load_u64_unaligned(sec, 64), load_u64_unaligned(sec, 72),
+                        load_u64_unaligned(sec, 80), load_u64_unaligned(sec, 88))
+    start = np.uint64(80) * _P64_1
     for b in range(n_blocks):
-        lo, hi = hash_fn((lo, hi, 16, t32, 4 * b * block_size, secret), length)
+        at = 64 * b
+        t0, t1, t2, t3 = (load_u64_unaligned(t32, at), load_u64_unaligned(t32, at + 8),
+                          load_u64_unaligned(t32, at + 16), load_u64_unaligned(t32, at + 24))
+        t4, t5, t6, t7 = (load_u64_unaligned(t32, at + 32), load_u64_unaligned(t32, at + 40),
+                          load_u64_unaligned(t32, at + 48), load_u64_unaligned(t32, at + 56))
+        # _len_17to128 at length 80: input words 4-5 (offsets 32 and 32), then
+        # 2-3 with 6-7 (16 and 48), then 0-1 (the key) with 8-9 (0 and 64).
+        a, c = _mix32w(start, _U64_0, t2, t3, t2, t3, s8, s9, s10, s11)
+        a, c = _mix32w(a, c, t0, t1, t4, t5, s4, s5, s6, s7)
+        a, c = _mix32w(a, c, lo, hi, t6, t7, s0, s1, s2, s3)
+        lo, hi = _finish_mid(a, c, 80)
         out[b, 0] = lo
         out[b, 1] = hi
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def chain_into(t32, n_blocks, block_size, lo, hi, out):
-    """Write the chained keys of the first ``n_blocks`` blocks of the uint32
-    tokens ``t32`` from root ``(lo, hi)`` into ``out``.
-
-    Block size 16 (vLLM's default) gets its own loop, for little extra
-    compile time: it calls XXH3's 17-128-byte path directly with a constant
-    length (80 bytes), and reads the secret through ``hide_data``. Folded
-    into immediates, the secret's twelve words cost a ``movabs`` each per
-    block, in a loop bound by instruction throughput as much as by its chain
-    of multiplies. Measured per block: 7.7 ns generic, 7.2 ns with the
-    constant length, 6.4 ns with the hidden secret. The generic loop keeps
-    the plain secret: hiding it gained nothing there, and lost 7% at block
-    size 32.
-
-    A kernel of its own, not inlined into its callers: Numba inlines the
-    hash helpers at its IR level (LLVM alone inlined too little: 2x slower
-    chains), which costs about a minute per compiled copy. Every caller and
-    token dtype shares this one copy (per ``out`` layout), for about 0.05 us
-    of call per prompt.
-    """
-    if block_size == 16:
-        _chain(_len_17to128, hide_data(_SECRET), t32, n_blocks, 16, lo, hi, out)
-    else:
-        _chain(xxh3_128, _SECRET, t32, n_blocks, block_size, lo, hi, out)
+def chain_any(t32, n_blocks, block_size, lo, hi, out):
+    """``chain16`` for any block size, through the general XXH3: slower to
+    compile (about 40 s on a fresh machine) and about 20% slower per byte.
+    ``chain_for`` picks the kernel, so a process whose segment has 16-token
+    blocks never compiles this one."""
+    length = 16 + 4 * block_size
+    for b in range(n_blocks):
+        lo, hi = _xxh3_128_over16((lo, hi, 16, t32, 4 * b * block_size, _SECRET), length)
+        out[b, 0] = lo
+        out[b, 1] = hi
 
 
-@njit(cache=True, nogil=True, _nrt=False)
-def chain_keys(tokens, n_blocks, block_size, root_lo, root_hi, scratch, out):
-    """Write the chained keys of the first ``n_blocks`` blocks into ``out``.
-
-    ``scratch`` is uint32 workspace of at least ``n_blocks * block_size``
-    words. Returns -1 on success, else the index of the first token outside
-    ``[0, 2**32)`` (``out`` is then not written).
-    """
-    t32, bad = tokens_u32(tokens[: n_blocks * block_size], scratch)
-    if bad >= 0:
-        return bad
-    chain_into(t32, n_blocks, block_size, root_lo, root_hi, out)
-    return -1
+def chain_for(block_size: int):
+    """The key-chain kernel for a block size: ``chain16`` or ``chain_any``.
+    Both take ``(t32, n_blocks, block_size, lo, hi, out)``."""
+    return chain16 if block_size == 16 else chain_any
 
 
-@njit(cache=True, nogil=True)
-def xxh3_128_bytes(data):
-    """XXH3-128 of a whole uint8 array; ``(low64, high64)``."""
-    return xxh3_128((_U64_0, _U64_0, 0, data, 0, _SECRET), data.shape[0])
+# --- XXH3-128 in Python, for namespace roots ---------------------------------
+#
+# A namespace's root is hashed once per namespace and process (``KeyChain``
+# caches it), from at least 17 bytes of any length. Compiling the general
+# XXH3 for it cost a reader 23 s on a fresh machine; in Python it costs
+# microseconds a namespace. The tests prove both this and the kernels
+# bit-exact against the xxhash package.
+
+_M64 = (1 << 64) - 1
+_SEC_BYTES = _SECRET.tobytes()
+_PY = {k: int(v) for k, v in dict(P32_1=_P32_1, P32_2=_P32_2, P32_3=_P32_3, P64_1=_P64_1, P64_2=_P64_2,
+                                    P64_3=_P64_3, P64_4=_P64_4, P64_5=_P64_5, PMX_1=_PMX_1).items()}
+
+
+def _w(data: bytes, off: int) -> int:
+    return int.from_bytes(data[off : off + 8], "little")
+
+
+def _avalanche3_py(h: int) -> int:
+    h = ((h ^ (h >> 37)) * _PY["PMX_1"]) & _M64
+    return h ^ (h >> 32)
+
+
+def _fold64_py(a: int, b: int) -> int:
+    p = a * b
+    return (p ^ (p >> 64)) & _M64
+
+
+def _mix32_py(lo: int, hi: int, data: bytes, off1: int, off2: int, soff: int) -> tuple[int, int]:
+    a0, a1, b0, b1 = _w(data, off1), _w(data, off1 + 8), _w(data, off2), _w(data, off2 + 8)
+    s = _SEC_BYTES
+    lo = ((lo + _fold64_py(a0 ^ _w(s, soff), a1 ^ _w(s, soff + 8))) & _M64) ^ ((b0 + b1) & _M64)
+    hi = ((hi + _fold64_py(b0 ^ _w(s, soff + 16), b1 ^ _w(s, soff + 24))) & _M64) ^ ((a0 + a1) & _M64)
+    return lo, hi
+
+
+def _finish_mid_py(lo: int, hi: int, n: int) -> tuple[int, int]:
+    h_hi = _avalanche3_py((lo * _PY["P64_1"] + hi * _PY["P64_4"] + n * _PY["P64_2"]) & _M64)
+    return _avalanche3_py((lo + hi) & _M64), (-h_hi) & _M64
+
+
+def _hash_long_py(data: bytes) -> tuple[int, int]:
+    n = len(data)
+    acc = [_PY["P32_3"], _PY["P64_1"], _PY["P64_2"], _PY["P64_3"], _PY["P64_4"], _PY["P32_2"], _PY["P64_5"],
+           _PY["P32_1"]]
+    s = _SEC_BYTES
+
+    def stripe(off: int, soff: int) -> None:
+        for j in range(8):
+            v = _w(data, off + 8 * j)
+            k = v ^ _w(s, soff + 8 * j)
+            acc[j ^ 1] = (acc[j ^ 1] + v) & _M64
+            acc[j] = (acc[j] + (k & 0xFFFFFFFF) * (k >> 32)) & _M64
+
+    n_blocks = (n - 1) // _BLOCK_LEN
+    for b in range(n_blocks):
+        for st in range(_STRIPES_PER_BLOCK):
+            stripe(b * _BLOCK_LEN + st * _STRIPE, st * 8)
+        for j in range(8):
+            acc[j] = ((acc[j] ^ (acc[j] >> 47) ^ _w(s, _SECRET_SIZE - _STRIPE + 8 * j)) * _PY["P32_1"]) & _M64
+    for st in range(((n - 1) - _BLOCK_LEN * n_blocks) // _STRIPE):
+        stripe(n_blocks * _BLOCK_LEN + st * _STRIPE, st * 8)
+    stripe(n - _STRIPE, _SECRET_SIZE - _STRIPE - 7)
+    lo, hi = (n * _PY["P64_1"]) & _M64, ~(n * _PY["P64_2"]) & _M64
+    for i in range(4):
+        lo += _fold64_py(acc[2 * i] ^ _w(s, 11 + 16 * i), acc[2 * i + 1] ^ _w(s, 19 + 16 * i))
+        hi += _fold64_py(acc[2 * i] ^ _w(s, _SECRET_SIZE - _STRIPE - 11 + 16 * i),
+                         acc[2 * i + 1] ^ _w(s, _SECRET_SIZE - _STRIPE - 3 + 16 * i))
+    return _avalanche3_py(lo & _M64), _avalanche3_py(hi & _M64)
+
+
+def xxh3_128_py(data: bytes) -> tuple[int, int]:
+    """XXH3-128 (seed 0, default secret) of ``data``, at least 17 bytes long
+    (a namespace root's input is), as ``(low64, high64)``."""
+    n = len(data)
+    if n <= 16:
+        raise ValueError(f"xxh3_128_py hashes inputs of more than 16 bytes, got {n}")
+    if n > 240:
+        return _hash_long_py(data)
+    lo, hi = (n * _PY["P64_1"]) & _M64, 0
+    if n <= 128:
+        for off1, soff in ((48, 96), (32, 64), (16, 32), (0, 0)):
+            if n > 2 * off1:
+                lo, hi = _mix32_py(lo, hi, data, off1, n - 16 - off1, soff)
+        return _finish_mid_py(lo, hi, n)
+    for i in range(4):
+        lo, hi = _mix32_py(lo, hi, data, 32 * i, 32 * i + 16, 32 * i)
+    lo, hi = _avalanche3_py(lo), _avalanche3_py(hi)
+    for i in range(4, n // 32):
+        lo, hi = _mix32_py(lo, hi, data, 32 * i, 32 * i + 16, 3 + 32 * (i - 4))
+    lo, hi = _mix32_py(lo, hi, data, n - 16, n - 32, _SECRET_SIZE_MIN - 17 - 16)
+    return _finish_mid_py(lo, hi, n)

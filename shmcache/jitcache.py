@@ -1,7 +1,7 @@
 """Keeps Numba's on-disk kernel cache consistent with shmcache's sources.
 
 Numba keys a cached kernel on its own source file only. A kernel that calls
-a kernel of another module (the matcher's calls ``hashing.chain_into``,
+a kernel of another module (the matcher's calls ``hashing.chain16``,
 the writer's call ``matcher.walk`` and ``find_state``, the pin kernels
 ``matcher.add_relaxed``) or reads another module's constants (the matcher,
 writer and pin kernels read ``layout``'s offsets) keeps the old code, loaded
@@ -143,9 +143,9 @@ def sync(digest: str | None) -> list[str]:
     the kernel modules were imported) on the cache directory Numba uses for
     shmcache's kernels. Call it before any kernel is loaded; returns the
     deleted file names."""
-    from .hashing import chain_into  # only now: the digest must predate this import
+    from .hashing import chain16  # only now: the digest must predate this import
 
-    cache_path = getattr(getattr(chain_into, "_cache", None), "cache_path", None)
+    cache_path = getattr(getattr(chain16, "_cache", None), "cache_path", None)
     if digest is None or cache_path is None:  # no sources, caching disabled, or JIT off
         return []
     return sync_dir(Path(cache_path), digest)

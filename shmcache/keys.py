@@ -14,7 +14,7 @@ from typing import NamedTuple, Union
 import numpy as np
 
 from .errors import InvalidInputError
-from .hashing import MAX_TOKEN, NS_BYTES, NS_INT, NS_NONE, NS_STR, chain_keys, xxh3_128_bytes
+from .hashing import MAX_TOKEN, NS_BYTES, NS_INT, NS_NONE, NS_STR, chain_for, narrow_tokens, xxh3_128_py
 
 Namespace = Union[None, str, bytes, int]
 
@@ -147,8 +147,7 @@ def namespace_root(namespace: Namespace, seed: int) -> tuple[int, int]:
     tag, payload = namespace_bytes(namespace)
     seed = check_seed(seed)
     raw = (seed & _MASK64).to_bytes(8, "little") + (seed >> 64).to_bytes(8, "little") + bytes([tag]) + payload
-    lo, hi = xxh3_128_bytes(np.frombuffer(raw, dtype=np.uint8))
-    return int(lo), int(hi)
+    return xxh3_128_py(raw)
 
 
 class KeyChain:
@@ -157,6 +156,7 @@ class KeyChain:
     def __init__(self, block_size: int, seed: int) -> None:
         self.block_size = block_size
         self.seed = seed
+        self._chain_kernel = chain_for(block_size)
         self._roots: dict[object, tuple[np.uint64, np.uint64]] = {}
         self.root(None)
 
@@ -180,10 +180,14 @@ class KeyChain:
         n = tokens.shape[0] // self.block_size
         out = np.empty((n, 2), dtype=np.uint64)
         root_lo, root_hi = self.root(namespace) if root is None else root
-        scratch = np.empty(n * self.block_size, dtype=np.uint32)
-        bad = chain_keys(tokens, n, self.block_size, root_lo, root_hi, scratch, out)
-        if bad >= 0:
-            raise bad_token_error(tokens, bad)
+        if tokens.dtype == np.uint32:
+            t32 = tokens
+        else:
+            t32 = np.empty(n * self.block_size, dtype=np.uint32)
+            bad = narrow_tokens(tokens, t32)
+            if bad >= 0:
+                raise bad_token_error(tokens, bad)
+        self._chain_kernel(t32, n, self.block_size, root_lo, root_hi, out)
         return out
 
 

@@ -44,7 +44,7 @@ from .atomics import (
     store_relaxed,
     words_at,
 )
-from .hashing import chain_into, tokens_u32
+from .hashing import chain16, chain_any, tokens_u32
 from .layout import (
     G_BLOCK_SIZE,
     G_CAPACITY,
@@ -182,26 +182,17 @@ def finish_walk(data, geom, g0, n, path, versions):
 
 
 @njit(inline="always")
-def walk(data, geom, start, keys, n_blocks, path, versions, values, owners, with_owners):
-    """Match ``keys[:n_blocks]`` below state ``start`` (-1: the root); returns
-    the matched block count.
+def walk_keys(data, index, n_slots, states, capacity, probes, keys, c, link, n, path, versions, values, owners,
+              with_owners):
+    """Match ``keys[:c]`` as blocks ``n, n + 1, ...`` of a path whose last
+    state so far has ``link``; returns ``(n, link)`` after the last match.
 
     ``path``/``versions``/``values`` receive the matched states, their
     versions and values, and ``owners`` their presence words if
-    ``with_owners`` (a constant). The result is a one-instant snapshot
-    (module doc). ``start``, when given, is the caller's to trust: only the
-    writer walks from a state.
+    ``with_owners`` (a constant). Stops at the first miss.
     """
-    g0 = load_acquire(data, H_MUTATIONS)
-    probes = max_probe(data, geom)
-    index = geom[G_INDEX]
-    n_slots = geom[G_SLOTS]
-    states = geom[G_STATES]
-    capacity = geom[G_CAPACITY]
-    link = np.uint64(LINK_ROOT) if start < 0 else np.uint64(start + LINK_PARENT_BIAS)
-    n = 0
-    while n < n_blocks:
-        s, version, value, held = lookup(data, index, n_slots, states, capacity, probes, keys[n, 0], keys[n, 1], link,
+    for i in range(c):
+        s, version, value, held = lookup(data, index, n_slots, states, capacity, probes, keys[i, 0], keys[i, 1], link,
                                          with_owners)
         if s < 0:
             break
@@ -212,6 +203,21 @@ def walk(data, geom, start, keys, n_blocks, path, versions, values, owners, with
             owners[n] = held
         link = np.uint64(s + LINK_PARENT_BIAS)
         n += 1
+    return n, link
+
+
+@njit(inline="always")
+def walk(data, geom, start, keys, n_blocks, path, versions, values, owners, with_owners):
+    """Match ``keys[:n_blocks]`` below state ``start`` (-1: the root); returns
+    the matched block count, the states as in ``walk_keys``.
+
+    The result is a one-instant snapshot (module doc). ``start``, when
+    given, is the caller's to trust: only the writer walks from a state.
+    """
+    g0 = load_acquire(data, H_MUTATIONS)
+    link = np.uint64(LINK_ROOT) if start < 0 else np.uint64(start + LINK_PARENT_BIAS)
+    n, _ = walk_keys(data, geom[G_INDEX], geom[G_SLOTS], geom[G_STATES], geom[G_CAPACITY], max_probe(data, geom),
+                     keys, n_blocks, link, 0, path, versions, values, owners, with_owners)
     return finish_walk(data, geom, g0, n, path, versions)
 
 
@@ -242,7 +248,7 @@ def note_hits(data, wdata, geom, path, n, n_blocks):
         add_relaxed(wdata, reader_word(slot, RD_HIT_BLOCKS), np.uint64(n))
 
 
-#: The two reader kernels below allocate nothing (every array they use is a
+#: The reader kernels below allocate nothing (every array they use is a
 #: view of the caller's workspace, tokens, output or segment), so they are
 #: compiled without Numba's reference counting: the views' incref/decref
 #: calls cost about a quarter of a warm 128-block match (3.1 -> 2.3 µs).
@@ -251,11 +257,11 @@ def note_hits(data, wdata, geom, path, n, n_blocks):
 #: with a header: the geometry vector (``layout.G_*``, slot included), the
 #: key-chain root of the current namespace, the address and length in
 #: words of the segment's two mapped parts, and the owner-table epoch the
-#: Reader's owner names are from; the per-call arrays follow (path,
-#: versions, keys, presence words, token scratch). Each array argument
-#: costs about 30 ns a call to type and unbox, so a match passes three: the
-#: tokens or keys, the workspace, and the fresh array that receives the
-#: values. The Reader unmaps the parts only after it stops calling kernels.
+#: Reader's owner names are from; the per-call arrays follow
+#: (``workspace_words``). Each array argument costs about 30 ns a call to
+#: type and unbox, so a match passes three: the tokens or keys, the
+#: workspace, and the fresh array that receives the values. The Reader
+#: unmaps the parts only after it stops calling kernels.
 WS_ROOT = G_WORDS
 WS_DATA = G_WORDS + 2
 WS_WDATA = G_WORDS + 4
@@ -265,13 +271,20 @@ WS_TOO_SMALL = -(1 << 62)
 RETIRED = -(1 << 62) + 1
 OWNERS_RENAMED = -(1 << 62) + 2
 
+#: Blocks hashed, prefetched and then walked at a time. A match hashes at
+#: most this many blocks past its first miss, so its cost follows what it
+#: matches, not the prompt's length; and the index slots of a chunk's keys
+#: are all asked for before the walk reads the first, so on a cold segment
+#: their misses overlap instead of following one another.
+CHUNK = 16
+
 
 @register_jitable
 def workspace_words(n_blocks: int, block_size: int) -> int:
     """Size in words of a workspace for prompts of up to ``n_blocks`` blocks:
-    path, versions, keys (two words) and presence words per block, then the
-    tokens as uint32, whose room ``match_owners_kernel`` reuses for values."""
-    return WS_HEADER + 5 * n_blocks + max(n_blocks, (n_blocks * block_size + 1) // 2)
+    path, versions, presence words and values per block, then one chunk's
+    keys (two words each) and its tokens as uint32."""
+    return WS_HEADER + 4 * n_blocks + 2 * CHUNK + (CHUNK * block_size + 1) // 2
 
 
 def workspace_path(ws: np.ndarray, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -288,15 +301,6 @@ def segment_parts(ws):
             words_at(ws[WS_WDATA], np.int64(ws[WS_WDATA + 1])))
 
 
-@njit(inline="always")
-def match_in_workspace(data, wdata, geom, keys, n_blocks, work, values):
-    path = work[0:n_blocks].view(np.int64)
-    versions = work[n_blocks : 2 * n_blocks]
-    n = walk(data, geom, np.int64(-1), keys, n_blocks, path, versions, values, versions, False)
-    note_hits(data, wdata, geom, path, n, n_blocks)
-    return n
-
-
 @njit(cache=True, nogil=True, _nrt=False)
 def match_keys_kernel(keys, ws, values):
     """Reader match of precomputed keys. ``ws`` is the reader's workspace;
@@ -309,36 +313,65 @@ def match_keys_kernel(keys, ws, values):
     n_blocks = keys.shape[0]
     if ws.shape[0] < workspace_words(n_blocks, geom[G_BLOCK_SIZE]) or values.shape[0] < n_blocks:
         return WS_TOO_SMALL
-    return match_in_workspace(data, wdata, geom, keys, n_blocks, ws[WS_HEADER:], values)
+    work = ws[WS_HEADER:]
+    path = work[0:n_blocks].view(np.int64)
+    versions = work[n_blocks : 2 * n_blocks]
+    n = walk(data, geom, np.int64(-1), keys, n_blocks, path, versions, values, versions, False)
+    note_hits(data, wdata, geom, path, n, n_blocks)
+    return n
 
 
 @njit(inline="always")
-def prefetch_homes(data, geom, keys, n_blocks):
-    """Ask for the home index slot of every key before the walk reads any:
-    on a cold segment the walk's index misses then overlap."""
+def prefetch_homes(data, index, n_slots, keys, c):
+    """Ask for the home index slot of each of ``keys[:c]`` before the walk
+    reads any: on a cold segment their misses then overlap."""
+    for i in range(c):
+        prefetch(data, index + home_slot(keys[i, 1], n_slots))
+
+
+@njit(inline="always")
+def walk_tokens(data, geom, tokens, ws, chain, n_blocks, path, versions, values, owners, with_owners):
+    """Hash and match the first ``n_blocks`` blocks of ``tokens`` from the
+    workspace's root, ``CHUNK`` blocks at a time, with the key-chain kernel
+    ``chain`` (``hashing.chain16`` or ``chain_any``); the states as in
+    ``walk_keys``.
+
+    Returns the matched block count, a one-instant snapshot (module doc), or
+    ``-(i + 1)`` when token ``i`` is outside ``[0, 2**32)``. Only the chunks
+    up to the first miss are read: a bad token past them is not seen.
+    """
+    block_size = geom[G_BLOCK_SIZE]
     index = geom[G_INDEX]
     n_slots = geom[G_SLOTS]
-    for b in range(n_blocks):
-        prefetch(data, index + home_slot(keys[b, 1], n_slots))
+    work = ws[WS_HEADER:]
+    keys = as_pairs(work[4 * n_blocks : 4 * n_blocks + 2 * CHUNK])
+    scratch = work[4 * n_blocks + 2 * CHUNK :].view(np.uint32)
+    g0 = load_acquire(data, H_MUTATIONS)
+    probes = max_probe(data, geom)
+    lo = ws[WS_ROOT]
+    hi = ws[WS_ROOT + 1]
+    link = np.uint64(LINK_ROOT)
+    n = 0
+    while n < n_blocks:
+        c = min(CHUNK, n_blocks - n)
+        t32, bad = tokens_u32(tokens[n * block_size : (n + c) * block_size], scratch)
+        if bad >= 0:
+            return -(n * block_size + bad) - 1
+        chain(t32, c, block_size, lo, hi, keys)
+        prefetch_homes(data, index, n_slots, keys, c)
+        before = n
+        n, link = walk_keys(data, index, n_slots, geom[G_STATES], geom[G_CAPACITY], probes, keys, c, link, n, path,
+                            versions, values, owners, with_owners)
+        if n < before + c:
+            break
+        lo = keys[c - 1, 0]
+        hi = keys[c - 1, 1]
+    return finish_walk(data, geom, g0, n, path, versions)
 
 
 @njit(inline="always")
-def hash_prompt(tokens, ws, n_blocks, block_size):
-    """Chain the keys of ``tokens``' first ``n_blocks`` blocks from the
-    workspace's root into the workspace; returns ``(keys, bad)``, ``bad``
-    the index of the first token outside ``[0, 2**32)`` or -1."""
-    work = ws[WS_HEADER:]
-    keys = as_pairs(work[2 * n_blocks : 4 * n_blocks])
-    t32, bad = tokens_u32(tokens[: n_blocks * block_size], work[5 * n_blocks :].view(np.uint32))
-    if bad < 0:
-        chain_into(t32, n_blocks, block_size, ws[WS_ROOT], ws[WS_ROOT + 1], keys)
-    return keys, bad
-
-
-@njit(cache=True, nogil=True, _nrt=False)
-def match_tokens_kernel(tokens, ws, values):
-    """Reader match of raw tokens: hash the chain from the workspace's root,
-    then walk it.
+def match_tokens(tokens, ws, values, chain):
+    """Reader match of raw tokens with the key-chain kernel ``chain``.
 
     Returns the matched block count (values as in ``match_keys_kernel``), or
     ``-(i + 1)`` when token ``i`` is outside ``[0, 2**32)`` (nothing matched),
@@ -349,15 +382,16 @@ def match_tokens_kernel(tokens, ws, values):
     if load_acquire(data, H_RETIRED) != 0:
         return RETIRED
     geom = ws[:G_WORDS].view(np.int64)
-    block_size = geom[G_BLOCK_SIZE]
-    n_blocks = tokens.shape[0] // block_size
-    if ws.shape[0] < workspace_words(n_blocks, block_size) or values.shape[0] < n_blocks:
+    n_blocks = tokens.shape[0] // geom[G_BLOCK_SIZE]
+    if ws.shape[0] < workspace_words(n_blocks, geom[G_BLOCK_SIZE]) or values.shape[0] < n_blocks:
         return WS_TOO_SMALL
-    keys, bad = hash_prompt(tokens, ws, n_blocks, block_size)
-    if bad >= 0:
-        return -bad - 1
-    prefetch_homes(data, geom, keys, n_blocks)
-    return match_in_workspace(data, wdata, geom, keys, n_blocks, ws[WS_HEADER:], values)
+    work = ws[WS_HEADER:]
+    path = work[0:n_blocks].view(np.int64)
+    versions = work[n_blocks : 2 * n_blocks]
+    n = walk_tokens(data, geom, tokens, ws, chain, n_blocks, path, versions, values, versions, False)
+    if n >= 0:
+        note_hits(data, wdata, geom, path, n, n_blocks)
+    return n
 
 
 @njit(inline="always")
@@ -381,18 +415,18 @@ def owner_lengths(owners, n, entries, out, block_size):
                 break
 
 
-@njit(cache=True, nogil=True, _nrt=False)
-def match_owners_kernel(tokens, ws, entries, out):
+@njit(inline="always")
+def match_owners(tokens, ws, entries, out, chain):
     """For each owner-table entry in ``entries``, how many leading tokens of
     ``tokens`` that owner holds, written to ``out`` (tokens, a multiple of
     the block size): all of them from one instant during the call.
 
     Returns the number of blocks matched by any owner or none (the longest
-    cached prefix), or the codes of ``match_tokens_kernel``, or
-    ``OWNERS_RENAMED`` when the owner table's names changed since the
-    Reader read them (the workspace's epoch): read them again and retry.
-    Matching neither stamps hits nor counts a query: it is a question about
-    the cache, not a use of it.
+    cached prefix), or the codes of ``match_tokens``, or ``OWNERS_RENAMED``
+    when the owner table's names changed since the Reader read them (the
+    workspace's epoch): read them again and retry. Matching neither stamps
+    hits nor counts a query: it is a question about the cache, not a use
+    of it.
     """
     data, wdata = segment_parts(ws)
     if load_acquire(data, H_RETIRED) != 0:
@@ -404,16 +438,14 @@ def match_owners_kernel(tokens, ws, entries, out):
     n_blocks = tokens.shape[0] // block_size
     if ws.shape[0] < workspace_words(n_blocks, block_size):
         return WS_TOO_SMALL
-    keys, bad = hash_prompt(tokens, ws, n_blocks, block_size)
-    if bad >= 0:
-        return -bad - 1
-    prefetch_homes(data, geom, keys, n_blocks)
     work = ws[WS_HEADER:]
     path = work[0:n_blocks].view(np.int64)
     versions = work[n_blocks : 2 * n_blocks]
-    owners = work[4 * n_blocks : 5 * n_blocks]
-    values = work[5 * n_blocks : 6 * n_blocks].view(np.int64)  # the token scratch, hashed already
-    n = walk(data, geom, np.int64(-1), keys, n_blocks, path, versions, values, owners, True)
+    owners = work[2 * n_blocks : 3 * n_blocks]
+    values = work[3 * n_blocks : 4 * n_blocks].view(np.int64)
+    n = walk_tokens(data, geom, tokens, ws, chain, n_blocks, path, versions, values, owners, True)
+    if n < 0:
+        return n
     fence_acquire()
     if load_relaxed(data, H_OWNERS_EPOCH) != ws[WS_OWNERS_EPOCH]:
         return OWNERS_RENAMED
@@ -421,17 +453,45 @@ def match_owners_kernel(tokens, ws, entries, out):
     return n
 
 
+# One compiled kernel per key-chain kernel, so that a process compiles
+# only the chain its segment's block size uses (``hashing.chain_for``).
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def match_tokens16(tokens, ws, values):
+    """``match_tokens`` for 16-token blocks."""
+    return match_tokens(tokens, ws, values, chain16)
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def match_tokens_any(tokens, ws, values):
+    """``match_tokens`` for any block size."""
+    return match_tokens(tokens, ws, values, chain_any)
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def match_owners16(tokens, ws, entries, out):
+    """``match_owners`` for 16-token blocks."""
+    return match_owners(tokens, ws, entries, out, chain16)
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def match_owners_any(tokens, ws, entries, out):
+    """``match_owners`` for any block size."""
+    return match_owners(tokens, ws, entries, out, chain_any)
+
+
 _WORKSPACE_TYPE = types.Array(types.uint64, 1, "C")
 _VALUES_TYPE = types.Array(types.int64, 1, "C")
 
 
-def token_kernel(dtype: np.dtype, owners: bool = False) -> Callable[..., int]:
-    """``match_tokens_kernel`` (``match_owners_kernel`` if ``owners``) for
-    tokens of ``dtype``, as its compiled entry point (loaded from Numba's
-    cache, or compiled, now).
+def token_kernel(dtype: np.dtype, block_size: int, owners: bool = False) -> Callable[..., int]:
+    """The match kernel (``match_owners``' if ``owners``) for tokens of
+    ``dtype`` and the block size, as its compiled entry point (loaded from
+    Numba's cache, or compiled, now).
 
     Calling the entry point skips Numba's dispatcher, which on every call
-    derives the three argument types and picks an overload: about 0.1 µs of
+    derives the argument types and picks an overload: about 0.1 µs of
     a 2.5 µs warm match. The entry point checks only that each argument is
     an ndarray of the right item size, so the caller must pass: tokens of
     ``dtype`` (native byte order), 1-D and C-contiguous; a reader
@@ -443,5 +503,7 @@ def token_kernel(dtype: np.dtype, owners: bool = False) -> Callable[..., int]:
     """
     tokens_type = types.Array(from_dtype(dtype), 1, "C", readonly=True, aligned=False)
     if owners:
-        return match_owners_kernel.compile((tokens_type, _WORKSPACE_TYPE, _VALUES_TYPE, _VALUES_TYPE))
-    return match_tokens_kernel.compile((tokens_type, _WORKSPACE_TYPE, _VALUES_TYPE))
+        kernel = match_owners16 if block_size == 16 else match_owners_any
+        return kernel.compile((tokens_type, _WORKSPACE_TYPE, _VALUES_TYPE, _VALUES_TYPE))
+    kernel = match_tokens16 if block_size == 16 else match_tokens_any
+    return kernel.compile((tokens_type, _WORKSPACE_TYPE, _VALUES_TYPE))

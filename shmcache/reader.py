@@ -82,25 +82,25 @@ _empty = np.empty
 _INT64 = np.dtype(np.int64)
 _NDARRAY = np.ndarray
 
-#: Per token dtype met so far: the strides of a 1-D C-contiguous array of it,
+#: Per kind of match (``match_owners`` or not, 16-token blocks or not), per
+#: token dtype met so far: the strides of a 1-D C-contiguous array of it,
 #: and the match kernel's entry point for it (``matcher.token_kernel``). An
 #: array whose type is exactly ndarray, whose dtype is here and whose strides
 #: are this one-element tuple (so it is 1-D) fits that entry point, and the
 #: hot path calls it directly; anything else goes through ``checked_tokens``.
-_KERNELS: dict[np.dtype, tuple[tuple[int, ...], Callable[..., int]]] = {}
-#: The same for ``match_owners`` (``matcher.match_owners_kernel``).
-_OWNER_KERNELS: dict[np.dtype, tuple[tuple[int, ...], Callable[..., int]]] = {}
+Kernels = dict[np.dtype, tuple[tuple[int, ...], Callable[..., int]]]
+_KERNELS: dict[tuple[bool, bool], Kernels] = {(o, b): {} for o in (False, True) for b in (False, True)}
 
 
-def checked_tokens(tokens: object, owners: bool = False) -> tuple[np.ndarray, Callable[..., int]]:
+def checked_tokens(tokens: object, block_size: int, owners: bool = False) -> tuple[np.ndarray, Callable[..., int]]:
     """``tokens`` as ``as_tokens`` makes them (a 1-D C-contiguous integer
     array in native byte order), with the match kernel entry point for
-    their dtype (of ``match_owners`` if ``owners``)."""
+    their dtype and the block size (of ``match_owners`` if ``owners``)."""
     toks = as_tokens(tokens)
-    kernels = _OWNER_KERNELS if owners else _KERNELS
+    kernels = _KERNELS[owners, block_size == 16]
     entry = kernels.get(toks.dtype)
     if entry is None:
-        entry = kernels[toks.dtype] = ((toks.dtype.itemsize,), token_kernel(toks.dtype, owners))
+        entry = kernels[toks.dtype] = ((toks.dtype.itemsize,), token_kernel(toks.dtype, block_size, owners))
     return toks, entry[1]
 
 
@@ -122,6 +122,8 @@ class Reader:
         self.seed = int(mapping.data[H_SEED_LO]) | (int(mapping.data[H_SEED_HI]) << 64)
         self.incarnation = int(mapping.data[H_INCARNATION])
         self._chain = KeyChain(self.block_size, self.seed)
+        self._kernels = _KERNELS[False, self.block_size == 16]
+        self._owner_kernels = _KERNELS[True, self.block_size == 16]
         self._pins = mapping.wdata.view(np.uint32)
         self.reader_pins = mapping.geometry.reader_pins
         #: The entries of a ``match_and_pin`` that may not have returned its
@@ -219,7 +221,11 @@ class Reader:
         """The longest cached prefix of ``tokens``, as one consistent snapshot.
 
         ``tokens``: 1-D integer array or list of ids in ``[0, 2**32)``; a
-        trailing partial block is ignored. Every returned block was present,
+        trailing partial block is ignored. The cost follows the answer, not
+        the prompt: blocks are hashed ``matcher.CHUNK`` at a time and the
+        match stops at the chunk of its first miss, so an array's ids are
+        checked as far as that chunk (an id out of range there raises
+        InvalidInputError) and not read beyond it. Every returned block was present,
         with the returned value, at one instant during the call; under
         concurrent writes the answer may be shorter, never wrong. Another
         thread must not reshape the array in place (assign its ``shape``)
@@ -231,11 +237,11 @@ class Reader:
             self._check_open()
         if namespace is not self._namespace:
             self._use_namespace(namespace)
-        entry = _KERNELS.get(tokens.dtype) if type(tokens) is _NDARRAY else None
+        entry = self._kernels.get(tokens.dtype) if type(tokens) is _NDARRAY else None
         if entry is not None and tokens.strides == entry[0]:
             kernel = entry[1]
         else:
-            tokens, kernel = checked_tokens(tokens)
+            tokens, kernel = checked_tokens(tokens, self.block_size)
         n = len(tokens) // self.block_size
         values = _empty(n, _INT64)
         k = kernel(tokens, self._ws, values)
@@ -251,7 +257,7 @@ class Reader:
         if code != WS_TOO_SMALL:
             raise bad_token_error(toks, -code - 1)
         self._grow(len(values))
-        toks, kernel = checked_tokens(toks)  # checked again: growing ran Python code
+        toks, kernel = checked_tokens(toks, self.block_size)  # checked again: growing ran Python code
         k = kernel(toks, self._ws, values)
         return k if k >= 0 else self._match_failed(k, toks, values)
 
@@ -271,11 +277,11 @@ class Reader:
             self._check_open()
         if namespace is not self._namespace:
             self._use_namespace(namespace)
-        entry = _OWNER_KERNELS.get(tokens.dtype) if type(tokens) is _NDARRAY else None
+        entry = self._owner_kernels.get(tokens.dtype) if type(tokens) is _NDARRAY else None
         if entry is not None and tokens.strides == entry[0]:
             kernel = entry[1]
         else:
-            tokens, kernel = checked_tokens(tokens, owners=True)
+            tokens, kernel = checked_tokens(tokens, self.block_size, owners=True)
         out = _empty(len(self._owner_entries), _INT64)
         if kernel(tokens, self._ws, self._owner_entries, out) >= 0:
             return dict(zip(self._owner_names, out.tolist()))
@@ -288,7 +294,7 @@ class Reader:
                 self._read_owner_names()
             elif k == WS_TOO_SMALL:
                 self._grow(len(tokens) // self.block_size)
-                tokens, kernel = checked_tokens(tokens, owners=True)  # checked again: growing ran Python code
+                tokens, kernel = checked_tokens(tokens, self.block_size, owners=True)  # checked again: growing ran Python code
             elif k == RETIRED:
                 raise self._retired()
             else:

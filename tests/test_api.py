@@ -83,12 +83,12 @@ def test_every_token_form_gets_the_same_answer(shm_name, w, monkeypatch):
 
     w.insert(prompt(1, 2, 3), [10, 11, 12])
     assert not token_forms(prompt(1))["misaligned"].flags.aligned
-    monkeypatch.setattr(reader, "_KERNELS", {})  # every dtype's first match takes the checked path
+    monkeypatch.setattr(reader, "_KERNELS", {key: {} for key in reader._KERNELS})  # every dtype's first match: checked
     checked, real = [], reader.checked_tokens
 
-    def spy(tokens):
+    def spy(tokens, block_size):
         checked.append(tokens)
-        return real(tokens)
+        return real(tokens, block_size)
 
     monkeypatch.setattr(reader, "checked_tokens", spy)
     with Reader.attach(shm_name) as r:

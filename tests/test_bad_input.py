@@ -135,3 +135,27 @@ def test_readme_table_lists_every_case():
     rows = [line for line in readme.splitlines() if line.startswith("| `") and " | `" in line]
     ids = [row.split(" | ")[1] for row in rows if row.split(" | ")[1] in {c[0] for c in CASES}]
     assert ids == [c[0] for c in CASES]
+
+
+def test_a_match_checks_the_tokens_it_reads_and_no_further(segment):
+    """A match hashes ``CHUNK`` blocks at a time and stops at the chunk of its
+    first miss, so its cost follows the hit, not the prompt: a bad id in a
+    chunk it hashes raises, one past that chunk is never read. The writer
+    reads, and checks, every id."""
+    from shmcache.matcher import CHUNK
+
+    w, r, _ = segment
+    before = live_states(w._map.data, w.geometry)
+    chunk_tokens = CHUNK * r.block_size
+    prompt = np.r_[GOOD + 100, np.arange(3 * chunk_tokens) + 7000]  # 4 cached blocks, then misses
+    late, early = prompt.copy(), prompt.copy()
+    late[-1] = -1
+    early[chunk_tokens - 1] = -1  # in the first chunk, after the miss at block 4
+    m = r.match_prefix(late)
+    assert (m.length, m.values.tolist()) == (16, [100, 101, 102, 103])
+    for match in (r.match_prefix, r.match_owners, w.match_prefix):
+        with pytest.raises(InvalidInputError, match=f"token {chunk_tokens - 1} is -1"):
+            match(early)
+    with pytest.raises(InvalidInputError, match=f"token {len(late) - 1} is -1"):
+        w.insert(late, np.arange(len(late) // r.block_size) + 9000)
+    assert live_states(w._map.data, w.geometry) == before

@@ -1,4 +1,5 @@
-"""The Numba XXH3-128 and the key chain are bit-exact against the xxhash package."""
+"""The Python XXH3-128 (namespace roots) and the Numba key chains are bit-exact
+against the xxhash package."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import xxhash
 
 from shmcache import InvalidInputError, block_keys
-from shmcache.hashing import xxh3_128_bytes
+from shmcache.hashing import chain16, chain_any, chain_for, xxh3_128_py
 from shmcache.keys import namespace_root
 
 
@@ -28,12 +29,32 @@ def as_ints(keys: np.ndarray) -> list[int]:
     return [int(hi) << 64 | int(lo) for lo, hi in keys]
 
 
-@pytest.mark.parametrize("length", list(range(0, 300)) + [511, 512, 1023, 1024, 1025, 2048, 2049, 4113, 9000])
-def test_xxh3_128_matches_reference_at_every_length_class(length):
+@pytest.mark.parametrize("length", list(range(17, 300)) + [511, 512, 1023, 1024, 1025, 2048, 2049, 4113, 9000])
+def test_python_xxh3_128_matches_reference_at_every_length_class(length):
     rng = np.random.default_rng(length)
-    data = rng.integers(0, 256, length, dtype=np.uint8)
-    lo, hi = xxh3_128_bytes(data)
-    assert int(hi) << 64 | int(lo) == ref_xxh3(data.tobytes())
+    data = rng.integers(0, 256, length, dtype=np.uint8).tobytes()
+    lo, hi = xxh3_128_py(data)
+    assert hi << 64 | lo == ref_xxh3(data)
+
+
+def test_python_xxh3_128_refuses_what_no_root_needs():
+    """A root's input is at least 17 bytes (seed and tag), so the short paths
+    are left out rather than left untested."""
+    with pytest.raises(ValueError, match="more than 16 bytes"):
+        xxh3_128_py(bytes(16))
+
+
+def test_block_size_16_has_its_own_kernel_equal_to_the_general_one():
+    """Block size 16 never compiles the general XXH3 (``chain_for``), and
+    its kernel gives the general kernel's keys."""
+    assert chain_for(16) is chain16 and chain_for(32) is chain_any
+    rng = np.random.default_rng(16)
+    t32 = rng.integers(0, 2**32, 16 * 50, dtype=np.uint64).astype(np.uint32)
+    fast, general = np.empty((50, 2), np.uint64), np.empty((50, 2), np.uint64)
+    chain16(t32, 50, 16, np.uint64(3), np.uint64(5), fast)
+    chain_any(t32, 50, 16, np.uint64(3), np.uint64(5), general)
+    assert np.array_equal(fast, general)
+    assert as_ints(fast) == ref_chain(t32, 16, 5 << 64 | 3)
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])

@@ -11,7 +11,7 @@ import pytest
 
 import shmcache
 from shmcache import jitcache
-from shmcache.hashing import chain_into
+from shmcache.hashing import chain16
 
 PACKAGE = Path(shmcache.__file__).parent
 
@@ -123,5 +123,5 @@ def test_a_frozen_application_without_sources_is_left_alone(tmp_path):
 
 
 def test_importing_shmcache_stamped_numbas_cache_directory():
-    stamp = Path(chain_into._cache.cache_path) / jitcache.STAMP
+    stamp = Path(chain16._cache.cache_path) / jitcache.STAMP
     assert stamp.read_text() == jitcache.source_digest()
