@@ -7,6 +7,9 @@
 * ``shmcache demo``: a daemon and worker processes replaying the bundled
   Mooncake trace, with a live progress line, a summary and the dump; then
   cache-aware routing of the same trace over 4 simulated ranks' KV events.
+* ``shmcache compile``: compile every kernel into Numba's on-disk cache
+  ahead of time (a container image build), so that no process of the image
+  waits on the compiler.
 * ``shmcache dump NAME``: inspect a live segment read-only (``--json`` for
   scripts, ``--check`` to verify every invariant; exit 1 if one fails).
 """
@@ -58,6 +61,20 @@ def demo(args: argparse.Namespace) -> int:
                routing=not args.no_routing)
 
 
+def compile_kernels(args: argparse.Namespace) -> int:
+    from .jitcache import cache_dir
+    from .warmup import compile_all
+
+    where = cache_dir()
+    if where is None:
+        print("shmcache compile: Numba's on-disk cache is off here (NUMBA_DISABLE_JIT, or no writable "
+              "cache directory): set NUMBA_CACHE_DIR to a directory this user can write", file=sys.stderr)
+        return 1
+    total = compile_all(args.block_size or (16,), lambda step, secs: print(f"{secs:7.1f} s  {step}", flush=True))
+    print(f"{total:7.1f} s  in all; kernels cached in {where}")
+    return 0
+
+
 def dump(args: argparse.Namespace) -> int:
     from .dump import describe, render
     from .reader import Reader
@@ -99,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--capacity", type=float, default=0.25, help="capacity as a fraction of the trace's unique blocks")
     d.add_argument("--no-routing", action="store_true", help="skip part 2 (cache-aware routing over KV events)")
     d.set_defaults(func=demo)
+    c = sub.add_parser("compile", help="compile every kernel into Numba's cache ahead of time (container images)")
+    c.add_argument("--block-size", type=int, action="append", metavar="N",
+                   help="segment block size to compile for (default 16; repeat for several)")
+    c.set_defaults(func=compile_kernels)
     u = sub.add_parser("dump", help="inspect a live segment (read-only)")
     u.add_argument("name")
     u.add_argument("--json", action="store_true", help="one JSON document")

@@ -52,7 +52,8 @@ from .errors import (
     WriterLostError,
 )
 from .keys import namespace_from_wire
-from .writer import Writer, warm_up
+from .warmup import warm_events, warm_writer
+from .writer import Writer
 
 if TYPE_CHECKING:
     from . import ingest
@@ -100,7 +101,9 @@ class Daemon:
             raise InvalidInputError(f"spin_us must be an int of microseconds in [0, 1000000], got {spin_us!r}")
         self.spin_s = spin_us / 1e6
         self.name = name
-        warm_up()
+        warm_writer(block_size)  # before ready: no request waits on Numba's compiler
+        if kv_events:
+            warm_events()
         created = not segment.exists(name)
         if not created:
             self.writer = Writer.open(name)

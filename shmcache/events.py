@@ -412,23 +412,27 @@ class OwnerFeed:
 
     def apply_batch(self, seq: int, payload: bytes) -> None:
         """Apply one batch whose sequence was accounted for. The sequence
-        moves past it whatever happens while applying it."""
+        moves past it whatever happens while applying it; the owner table
+        shows the new sequence (and the batch counted) only once the batch
+        is applied, so whoever reads it there may rely on the batch's effect."""
         self.next_seq = seq + 1
-        self.words[O_NEXT_SEQ] = self.next_seq & _U64
-        self.count(O_BATCHES)
         try:
-            ts, events = decode_events(payload)
-        except MalformedError as e:
-            self.count(O_MALFORMED)
-            log.warning("owner %s: batch %d skipped: %s", self.owner, seq, e)
-            return
-        for event in events:
-            self.apply(event)
-        self.count(O_EVENTS, len(events))
-        now = time.time()
-        # A publisher's clock is its own: a lag is clamped, never trusted to fit.
-        self.words[O_LAG_NS] = int(min(max((now - ts) * 1e9, 0.0), _MAX_LAG_NS)) if ts is not None else 0
-        self.words[O_LAST_NS] = int(now * 1e9)
+            try:
+                ts, events = decode_events(payload)
+            except MalformedError as e:
+                self.count(O_MALFORMED)
+                log.warning("owner %s: batch %d skipped: %s", self.owner, seq, e)
+                return
+            for event in events:
+                self.apply(event)
+            self.count(O_EVENTS, len(events))
+            now = time.time()
+            # A publisher's clock is its own: a lag is clamped, never trusted to fit.
+            self.words[O_LAG_NS] = int(min(max((now - ts) * 1e9, 0.0), _MAX_LAG_NS)) if ts is not None else 0
+            self.words[O_LAST_NS] = int(now * 1e9)
+        finally:
+            self.count(O_BATCHES)
+            self.words[O_NEXT_SEQ] = self.next_seq & _U64
 
     def apply(self, ev: Stored | Removed | Cleared | Skipped) -> None:
         if isinstance(ev, Stored):

@@ -138,14 +138,20 @@ def sync_dir(cache_dir: Path, digest: str, modules: tuple[str, ...] = KERNEL_MOD
     return removed
 
 
+def cache_dir() -> str | None:
+    """The directory Numba keeps shmcache's compiled kernels in, or None when
+    caching is off (or the JIT is disabled)."""
+    from .hashing import chain16
+
+    return getattr(getattr(chain16, "_cache", None), "cache_path", None)
+
+
 def sync(digest: str | None) -> list[str]:
     """Run ``sync_dir`` with ``digest`` (from ``source_digest``, taken before
     the kernel modules were imported) on the cache directory Numba uses for
-    shmcache's kernels. Call it before any kernel is loaded; returns the
-    deleted file names."""
-    from .hashing import chain16  # only now: the digest must predate this import
-
-    cache_path = getattr(getattr(chain16, "_cache", None), "cache_path", None)
+    shmcache's kernels. Call it before any kernel is loaded (the import of
+    ``hashing`` here comes after the digest); returns the deleted file names."""
+    cache_path = cache_dir()
     if digest is None or cache_path is None:  # no sources, caching disabled, or JIT off
         return []
     return sync_dir(Path(cache_path), digest)

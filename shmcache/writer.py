@@ -850,32 +850,3 @@ def _let_go(mapping: segment.Mapping, claim: np.uint64, pid: int) -> None:
     finally:
         mapping.close()
 
-
-def warm_up() -> None:
-    """Load (or compile, on a fresh install) every writer kernel, for int64
-    and uint32 tokens, on a throwaway segment. The daemon calls it before it
-    accepts clients, so no request waits on Numba's compiler."""
-    name = f"warmup-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        with Writer.create(name, capacity=16, block_size=4) as w:
-            for toks in (np.arange(16, dtype=np.int64), np.arange(16, dtype=np.uint32)):
-                w.insert(toks, [1, 2, 3, 4], client=1, owner="warm-up")
-                w.match_prefix(toks)
-                w.pin(toks)
-                w.unpin(toks)
-                w.evict(1)
-                w.remove([1], client=1)
-                w.remove_client(1)
-                rows = w.extend(None, toks, [5, 6, 7, 8], owner="warm-up")
-                w.extend(rows[1], toks[8:], [9, 10], owner="warm-up")
-                w.release(toks, "warm-up")
-                w.clear_owner("warm-up")
-                w.clear()
-            w.unpin(w.pin(np.arange(16)))
-            w._map.wdata[reader_word(0, RD_PID)] = 1  # as a reader that died leaves its slot: reaped
-            assert w.reap_readers() == 1
-            w.stats()
-            w.check()
-        Writer.open(name).close()
-    finally:
-        segment.unlink(name)

@@ -81,9 +81,9 @@ def writer_main(name, capacity, seed, ready, stop, log_path, max_ops, max_second
     from shmcache import CacheFullError, Writer
     from shmcache.layout import H_MUTATIONS
 
-    from shmcache.writer import warm_up
+    from shmcache.warmup import warm_writer
 
-    warm_up()  # every writer kernel loaded before the readers start
+    warm_writer(BS)  # every writer kernel loaded before the readers start
     evicted: list[int] = []
     w = Writer.create(name, capacity=capacity, block_size=BS, seed=seed, on_evict=lambda v: evicted.extend(v.tolist()))
     pool = prompt_pool(seed)

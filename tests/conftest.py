@@ -6,7 +6,6 @@ import multiprocessing as mp
 import os
 import uuid
 
-import numpy as np
 import pytest
 
 import shmcache
@@ -30,29 +29,11 @@ def shm_left_as_found():
 @pytest.fixture(scope="session", autouse=True)
 def warm_kernels():
     """Compile (or load from Numba's cache) every kernel once, in this process,
-    before tests spawn children that would otherwise all compile at once."""
-    from shmcache.writer import warm_up
+    for the block sizes tests use, before tests spawn children that would
+    otherwise all compile at once."""
+    from shmcache.warmup import compile_all
 
-    warm_up()  # every writer path, int64 and uint32 tokens: what daemons and children load
-    name = f"t-warm-{uuid.uuid4().hex[:12]}"
-    try:
-        with shmcache.Writer.create(name, capacity=64, block_size=4) as w:
-            toks = np.arange(16, dtype=np.int64)
-            w.insert(toks, np.arange(4))
-            w.match_prefix(toks)
-            w.pin(toks)
-            w.unpin(toks)
-            w.evict(1)
-            w.remove([0])
-            w.clear()
-            w.check()
-            with shmcache.Reader.attach(name) as r:
-                for t in (toks, toks.astype(np.int32), toks.astype(np.uint32), list(range(16))):
-                    r.match_prefix(t)
-                r.match_keys(r.block_keys(toks))
-                r.check()
-    finally:
-        shmcache.unlink(name)
+    compile_all((4, 16))
 
 
 @pytest.fixture

@@ -1,0 +1,126 @@
+"""Loading kernels before they are needed: what the daemon does before it
+accepts clients, and what ``shmcache compile`` does for a container image.
+
+Numba compiles a kernel the first time a process calls it with new argument
+types, then keeps it in its on-disk cache (``NUMBA_CACHE_DIR``, by default
+``__pycache__`` beside the package) for every later process. Each function
+here calls kernels on a throwaway segment, so that they are compiled (on a
+fresh machine) or loaded (otherwise) now:
+
+* ``warm_writer(block_size)``: every writer kernel, for int64 and uint32
+  tokens. The daemon calls it before it reports ready, so no request waits
+  on the compiler.
+* ``warm_reader(block_size)``: the matchers for every token form a caller
+  usually passes, ``match_owners``, pinning, the checks and the dump.
+* ``compile_all(block_sizes)``: both, and the KV-event parser; the body of
+  ``shmcache compile``.
+
+Kernels depend on the block size only through the key chain: 16-token
+blocks use ``hashing.chain16``, every other size ``hashing.chain_any``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from . import segment
+
+
+def _throwaway(block_size: int) -> str:
+    return f"warmup-{os.getpid()}-{block_size}-{secrets.token_hex(4)}"
+
+
+def warm_writer(block_size: int = 16) -> None:
+    """Load or compile every writer kernel for segments of ``block_size``."""
+    from .layout import RD_PID, reader_word
+    from .writer import Writer
+
+    name = _throwaway(block_size)
+    toks_i64 = np.arange(4 * block_size, dtype=np.int64)
+    try:
+        with Writer.create(name, capacity=16, block_size=block_size) as w:
+            for toks in (toks_i64, toks_i64.astype(np.uint32)):
+                w.insert(toks, [1, 2, 3, 4], client=1, owner="warm-up")
+                w.match_prefix(toks)
+                w.pin(toks)
+                w.unpin(toks)
+                w.evict(1)
+                w.remove([1], client=1)
+                w.remove_client(1)
+                rows = w.extend(None, toks, [5, 6, 7, 8], owner="warm-up")
+                w.extend(rows[1], toks[2 * block_size :], [9, 10], owner="warm-up")
+                w.release(toks, "warm-up")
+                w.clear_owner("warm-up")
+                w.clear()
+            w.unpin(w.pin(toks_i64))
+            w._map.wdata[reader_word(0, RD_PID)] = 1  # as a reader that died leaves its slot: reaped
+            assert w.reap_readers() == 1
+            w.stats()
+            w.check()
+        Writer.open(name).close()
+    finally:
+        segment.unlink(name)
+
+
+def warm_reader(block_size: int = 16) -> None:
+    """Load or compile the reader's kernels for segments of ``block_size``:
+    ``match_prefix`` and ``match_owners`` of int64, int32 and uint32 arrays
+    and of lists, ``match_and_pin``, ``match_keys``, ``check`` and the dump."""
+    from .dump import describe
+    from .reader import Reader
+    from .writer import Writer
+
+    name = _throwaway(block_size)
+    toks = np.arange(4 * block_size, dtype=np.int64)
+    try:
+        with Writer.create(name, capacity=16, block_size=block_size) as w:
+            w.insert(toks, [1, 2, 3, 4], owner="warm-up")
+            with Reader.attach(name) as r:
+                for t in (toks, toks.astype(np.int32), toks.astype(np.uint32), toks.tolist()):
+                    r.match_prefix(t)
+                    r.match_owners(t)
+                r.unpin(r.match_and_pin(toks))
+                r.match_keys(r.block_keys(toks))
+                r.check()
+                describe(r, depth=1, width=1, check=True)
+    finally:
+        segment.unlink(name)
+
+
+def warm_events() -> bool:
+    """Load or compile the KV-event token parser; False when the ``events``
+    extra (msgspec) is not installed, so there is nothing to parse with."""
+    try:
+        import msgspec
+    except ImportError:
+        return False
+    from .wire_tokens import parse_tokens
+
+    raw = np.frombuffer(msgspec.msgpack.encode(list(range(20))), dtype=np.uint8)
+    assert parse_tokens(raw, np.empty(len(raw), dtype=np.int64)) == 20
+    return True
+
+
+def compile_all(block_sizes: Iterable[int] = (16,), progress: Callable[[str, float], None] | None = None) -> float:
+    """Load or compile every kernel a process may use with segments of
+    ``block_sizes``; returns the seconds it took. ``progress(step, seconds)``
+    is called after each step."""
+    steps: list[tuple[str, Callable[[], object]]] = []
+    for bs in block_sizes:
+        steps += [(f"writer kernels, block size {bs}", lambda bs=bs: warm_writer(bs)),
+                  (f"reader kernels, block size {bs}", lambda bs=bs: warm_reader(bs))]
+    steps.append(("KV-event parser", warm_events))
+    start = time.perf_counter()
+    for label, step in steps:
+        t = time.perf_counter()
+        done = step()
+        if progress is not None:
+            progress(label if done is not False else f"{label}: skipped, msgspec not installed",
+                     time.perf_counter() - t)
+    return time.perf_counter() - start
+
