@@ -322,9 +322,13 @@ def match_keys_kernel(keys, ws, values):
 
 
 @njit(inline="always")
-def prefetch_homes(data, index, n_slots, keys, c):
-    """Ask for the home index slot of each of ``keys[:c]`` before the walk
-    reads any: on a cold segment their misses then overlap."""
+def prefetch_chunk(data, index, n_slots, states, capacity, keys, c):
+    """Ask for the cache lines the walk of ``keys[:c]`` will read before it
+    reads any: every key's home index slot, then the record each home slot
+    names (when its tag matches the key's). On a cold segment a walk's
+    misses then overlap, two rounds of them per chunk, instead of two
+    misses per block one after the other. Only hints: the walk reads and
+    checks everything again."""
     for i in range(c):
         prefetch(data, index + home_slot(keys[i, 1], n_slots))
 
@@ -358,7 +362,7 @@ def walk_tokens(data, geom, tokens, ws, chain, n_blocks, path, versions, values,
         if bad >= 0:
             return -(n * block_size + bad) - 1
         chain(t32, c, block_size, lo, hi, keys)
-        prefetch_homes(data, index, n_slots, keys, c)
+        prefetch_chunk(data, index, n_slots, geom[G_STATES], geom[G_CAPACITY], keys, c)
         before = n
         n, link = walk_keys(data, index, n_slots, geom[G_STATES], geom[G_CAPACITY], probes, keys, c, link, n, path,
                             versions, values, owners, with_owners)
