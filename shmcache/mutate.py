@@ -41,7 +41,7 @@ from .layout import (
 )
 from .matcher import CLOCK_TICK, home_slot, walk
 from .pinsync import announce_drop, reader_pinned, sync_reader_pins
-from .tables import K_INDEX, K_VMAP, table_delete, table_insert, value_home, value_lookup
+from .tables import K_INDEX, K_VMAP, table_delete, table_insert, value_hash, value_home, value_lookup
 from .tree import (
     attach_child,
     detach_child,
@@ -89,6 +89,11 @@ ERR_PARTIAL = 5  # info: new blocks inserted before room ran out (readers pinned
 ERR_STALE = 6  # the state to insert below is gone, or not held by the inserting owner
 
 _ONE = np.uint64(1)
+# Ints passed to helpers as NumPy scalars, not Python literals: Numba
+# compiles a separate copy of a function for each literal value an argument
+# is called with (1-2 s each on a fresh machine). See ``wstate.helper``.
+_NONE = np.int64(0)
+_PIN = np.int64(1)
 _LOW32 = np.uint64(LOW32)
 
 
@@ -285,6 +290,23 @@ def first_cached_value(A, values, k, n, client):
 
 
 @helper
+def first_repeat(values, k, n, seen):
+    """First ``i`` in ``k..n`` whose value is also among ``values[k:i]``, or
+    -1. ``seen``, zeroed, a power of two of at least ``2 (n - k)`` entries,
+    is an open-addressing set of ``index + 1``. (A sort found the repeats
+    before: it compiled Numba's mergesort, 3 s of a fresh writer's start.)"""
+    mask = seen.shape[0] - 1
+    for i in range(k, n):
+        h = np.int64(value_hash(values[i], 0) & np.uint64(mask))
+        while seen[h] != 0:
+            if values[seen[h] - 1] == values[i]:
+                return i
+            h = (h + 1) & mask
+        seen[h] = i + 1
+    return -1
+
+
+@helper
 def add_chain(A, start, path, k, keys, values, end, client, clock, owners):
     """Add blocks ``k..end`` below ``path[:k]`` (itself below ``start``, -1
     for the root), each the child of the one before, their states going to
@@ -328,10 +350,12 @@ def insert_kernel(A, start, start_gen, keys, values, n, client, owners, refs):
     if i >= 0:
         return ERR_DUP_VALUE, i, k, evicted
     if n - k > 1:
-        order = np.argsort(values[k:n], kind="mergesort")
-        for j in range(1, n - k):
-            if values[k + order[j]] == values[k + order[j - 1]]:
-                return ERR_DUP_IN_CALL, k + order[j], k, evicted
+        size = 2
+        while size < 2 * (n - k):
+            size *= 2
+        i = first_repeat(values, k, n, np.zeros(size, dtype=np.int64))
+        if i >= 0:
+            return ERR_DUP_IN_CALL, i, k, evicted
     sync_reader_pins(A)  # records reader pins held back may have been released
     need = (n - k) - A.meta[M_FREE_TOP]
     if need > 0:
@@ -343,7 +367,7 @@ def insert_kernel(A, start, start_gen, keys, values, n, client, owners, refs):
     clock = A.data[H_CLOCK]
     n_ev = 0
     if need > 0:
-        n_ev = evict_into(A, need, path[k - 1] if k > 0 else start, evicted, 0)
+        n_ev = evict_into(A, need, path[k - 1] if k > 0 else start, evicted, _NONE)
     # Short only if readers pinned blocks while this call evicted: insert
     # what fits (a prefix of the new blocks, so the tree stays prefix-closed).
     end_new = min(n, k + A.meta[M_FREE_TOP])
@@ -382,7 +406,7 @@ def drop_subtrees(A, roots, out):
     subtree (a root inside an earlier root's subtree is already gone).
     Returns the ``(value, client)`` rows written to ``out``, children first."""
     begin(A)
-    n_out = 0
+    n_out = _NONE
     for s in roots:
         if s < 0 or not is_live(A, s):
             continue
@@ -431,7 +455,7 @@ def evict_kernel(A, n):
     """Evict up to ``n`` LRU unpinned leaves, cascading; returns their ``(value, client)`` rows."""
     out = np.empty((min(n, np.int64(A.data[H_LIVE])), 2), dtype=np.int64)
     begin(A)
-    n_out = evict_into(A, out.shape[0], np.int64(-1), out, 0)
+    n_out = evict_into(A, out.shape[0], np.int64(-1), out, _NONE)
     end(A)
     return out[:n_out]
 
@@ -441,7 +465,7 @@ def clear_kernel(A):
     """Drop every state; returns the ``(value, client)`` rows, children before parents."""
     out = np.empty((np.int64(A.data[H_LIVE]), 2), dtype=np.int64)
     begin(A)
-    n_out = 0
+    n_out = _NONE
     root = A.geom[G_CAPACITY]
     while A.links[root, FC] != NIL:
         n_out = drop_subtree(A, A.links[root, FC], out, n_out)
@@ -504,7 +528,7 @@ def pin_kernel(A, keys, n, states, gens):
     values = np.empty(n, dtype=np.int64)
     k = walk(A.data, A.geom, np.int64(-1), keys, n, states, versions, values, versions, False)
     begin(A)
-    add_pins(A, states, k, 1)
+    add_pins(A, states, k, _PIN)
     for i in range(k):
         gens[i] = A.gen[states[i]]
     end(A)
@@ -526,6 +550,6 @@ def unpin_kernel(A, states, gens):
     while k < states.shape[0] and 0 <= states[k] < cap and A.gen[states[k]] == gens[k] and pins_of(A, states[k]) > 0:
         k += 1
     begin(A)
-    add_pins(A, states, k, -1)
+    add_pins(A, states, k, -_PIN)
     end(A)
     return k

@@ -62,8 +62,8 @@ def sync_reader_pins(A):
             old = A.rprev[base + i]
             if e != old:
                 A.rprev[base + i] = e
-                count_reader_pin(A, old, -1)
-                count_reader_pin(A, e, 1)
+                count_reader_pin(A, old, np.int64(-1))
+                count_reader_pin(A, e, np.int64(1))
     A.meta[M_PIN_SEQ] = np.int64(g)
 
 

@@ -104,7 +104,7 @@ def release_kernel(A, refs, entry):
     before = owner_blocks(A, entry)
     drops = A.scratch  # at most one entry per block the owner holds
     out = np.empty((64, 2), dtype=np.int64)
-    n_out = 0
+    n_out = np.int64(0)
     begin(A)
     for i in range(refs.shape[0]):
         r = refs[i, 0]
@@ -112,13 +112,15 @@ def release_kernel(A, refs, entry):
             continue
         # Drop this root's orphans before the next root is walked: a later
         # root may lie inside one of them.
-        n_drops = release_from(A, r, bit, drops, 0)
+        n_drops = release_from(A, r, bit, drops, np.int64(0))
         room = n_out
         for j in range(n_drops):
             room += subtree_size(A, drops[j])
         if room > out.shape[0]:
             grown = np.empty((max(room, 2 * out.shape[0]), 2), dtype=np.int64)
-            grown[:n_out] = out[:n_out]
+            for j in range(n_out):  # a loop: an array-to-array copy compiles Numba's broadcasting (4 s fresh)
+                grown[j, 0] = out[j, 0]
+                grown[j, 1] = out[j, 1]
             out = grown
         for j in range(n_drops):
             p = parent_of(A, drops[j])

@@ -21,8 +21,8 @@ from .layout import G_INDEX, G_SLOTS, H_MAX_PROBE, R_KEY_HI, R_KEY_LO, R_VALUE, 
 from .matcher import home_slot
 from .wstate import field, helper, client_of, step
 
-K_INDEX = 0
-K_VMAP = 1
+K_INDEX = np.int64(0)
+K_VMAP = np.int64(1)
 
 _TAG = np.uint64(TAG_MASK)
 _SLOT = np.uint64(SLOT_STATE_MASK)

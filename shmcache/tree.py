@@ -8,6 +8,7 @@ its new key).
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 from .layout import G_CAPACITY
@@ -78,7 +79,7 @@ def heap_sift_down(A, i, n):
 @helper
 def heap_rebuild(A):
     """Refill the heap with exactly the evictable leaves (drops stale entries)."""
-    n = 0
+    n = np.int64(0)
     for s in range(A.geom[G_CAPACITY]):
         if evictable_leaf(A, s):
             A.heap_key[n] = effective_recency(A, s)
@@ -117,7 +118,7 @@ def heap_pop(A):
     if n > 0:
         A.heap_key[0] = A.heap_key[n]
         A.heap_state[0] = A.heap_state[n]
-        heap_sift_down(A, 0, n)
+        heap_sift_down(A, np.int64(0), n)
     return key, s
 
 

@@ -7,13 +7,14 @@ types, then keeps it in its on-disk cache (``NUMBA_CACHE_DIR``, by default
 here calls kernels on a throwaway segment, so that they are compiled (on a
 fresh machine) or loaded (otherwise) now:
 
-* ``warm_writer(block_size)``: every writer kernel, for int64 and uint32
-  tokens. The daemon calls it before it reports ready, so no request waits
-  on the compiler.
+* ``warm_writer(block_size)``: the writer kernels requests use, for int64
+  and uint32 tokens. The daemon calls it before it reports ready, so no
+  request waits on the compiler; ``warm_upkeep`` loads the rest (a
+  takeover's rebuild, ``check``).
 * ``warm_reader(block_size)``: the matchers for every token form a caller
   usually passes, ``match_owners``, pinning, the checks and the dump.
-* ``compile_all(block_sizes)``: both, and the KV-event parser; the body of
-  ``shmcache compile``.
+* ``compile_all(block_sizes)``: all of these, and the KV-event parser; the
+  body of ``shmcache compile``.
 
 Kernels depend on the block size only through the key chain: 16-token
 blocks use ``hashing.chain16``, every other size ``hashing.chain_any``.
@@ -36,7 +37,11 @@ def _throwaway(block_size: int) -> str:
 
 
 def warm_writer(block_size: int = 16) -> None:
-    """Load or compile every writer kernel for segments of ``block_size``."""
+    """Load or compile the writer kernels a daemon's requests and KV events
+    use, for segments of ``block_size``. Not those of a takeover or of
+    ``check`` (``warm_upkeep``): a daemon that takes over compiles
+    ``Writer.open``'s before it is ready anyway, and checks are asked for
+    by people, not by requests."""
     from .layout import RD_PID, reader_word
     from .writer import Writer
 
@@ -61,6 +66,19 @@ def warm_writer(block_size: int = 16) -> None:
             w._map.wdata[reader_word(0, RD_PID)] = 1  # as a reader that died leaves its slot: reaped
             assert w.reap_readers() == 1
             w.stats()
+    finally:
+        segment.unlink(name)
+
+
+def warm_upkeep(block_size: int = 16) -> None:
+    """Load or compile the writer's other kernels: ``check`` and the
+    rebuild of a takeover (``Writer.open``)."""
+    from .writer import Writer
+
+    name = _throwaway(block_size)
+    try:
+        with Writer.create(name, capacity=16, block_size=block_size) as w:
+            w.insert(np.arange(4 * block_size, dtype=np.int64), [1, 2, 3, 4], owner="warm-up")
             w.check()
         Writer.open(name).close()
     finally:
@@ -113,6 +131,7 @@ def compile_all(block_sizes: Iterable[int] = (16,), progress: Callable[[str, flo
     steps: list[tuple[str, Callable[[], object]]] = []
     for bs in block_sizes:
         steps += [(f"writer kernels, block size {bs}", lambda bs=bs: warm_writer(bs)),
+                  (f"writer takeover and checks, block size {bs}", lambda bs=bs: warm_upkeep(bs)),
                   (f"reader kernels, block size {bs}", lambda bs=bs: warm_reader(bs))]
     steps.append(("KV-event parser", warm_events))
     start = time.perf_counter()

@@ -70,6 +70,10 @@ from .matcher import CLOCK_TICK
 #: slower per block. The kernels that call them (and allocate) keep NRT and
 #: own every reference, so the helpers only borrow. ``_nrt`` is a Numba
 #: compiler option (``numba.core.options``); tests exercise every helper.
+#: Call helpers with ints that are NumPy scalars or variables, never Python
+#: literals (``np.int64(0)``, not ``0``; table kinds are ``np.int64``): Numba
+#: compiles a separate copy of a function for each literal value passed,
+#: 1-2 s each on a fresh machine (``tools/compile_times.py``).
 helper = njit(_nrt=False)
 
 

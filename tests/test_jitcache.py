@@ -125,3 +125,49 @@ def test_a_frozen_application_without_sources_is_left_alone(tmp_path):
 def test_importing_shmcache_stamped_numbas_cache_directory():
     stamp = Path(chain16._cache.cache_path) / jitcache.STAMP
     assert stamp.read_text() == jitcache.source_digest()
+
+
+FRESH_READER = r"""
+import sys
+import numpy as np
+import shmcache
+from shmcache.hashing import chain16, chain_any
+r = shmcache.Reader.attach(sys.argv[1])
+assert r.match_prefix(np.arange(64, dtype=np.int64)).values.tolist() == [1, 2, 3, 4]
+print(len(chain16.signatures), len(chain_any.signatures))
+"""
+
+
+def test_a_fresh_reader_of_16_token_blocks_compiles_only_its_own_chain(shm_name, tmp_path):
+    """With an empty Numba cache, attaching and matching compiles the
+    16-token chain and never the general XXH3 (a minute of compiling)."""
+    import subprocess
+    import sys
+
+    with shmcache.Writer.create(shm_name, capacity=64, block_size=16) as w:
+        w.insert(list(range(64)), [1, 2, 3, 4])
+        out = subprocess.run([sys.executable, "-c", FRESH_READER, shm_name], capture_output=True, text=True,
+                             timeout=300, env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "0"]
+    cached = {p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")}
+    assert "matcher.match_tokens16" in cached and "hashing.chain16" in cached
+    assert not any("_any" in name or "mutate." in name for name in cached), sorted(cached)
+
+
+def test_shmcache_compile_fills_the_cache_it_names(tmp_path):
+    """``shmcache compile`` reports each step and where the kernels went;
+    here the cache already holds them (the session warm-up), so it loads."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "shmcache.cli", "compile", "--block-size", "16"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    where = jitcache.cache_dir()
+    assert f"kernels cached in {where}" in out.stdout
+    for step in ("writer kernels, block size 16", "reader kernels, block size 16", "KV-event parser"):
+        assert step in out.stdout
+    names = {p.name.split("-")[0] for p in Path(where).glob("*.nbi")}
+    assert {"matcher.match_tokens16", "matcher.match_owners16", "mutate.insert_kernel",
+            "wire_tokens.parse_tokens"} <= names
