@@ -26,11 +26,12 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import TextIO
+from typing import Callable, TextIO
 
 import numpy as np
 
 from .replay import load_trace, prompt_tokens, unique_blocks
+from .warmup import warm_reader
 
 
 def _worker(name: str, index: int, n_workers: int, trace, progress, done, drain, release, results) -> None:
@@ -74,18 +75,28 @@ def _worker(name: str, index: int, n_workers: int, trace, progress, done, drain,
 _CLI = "import sys; sys.path.insert(0, {root!r}); from shmcache.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def _start_daemon(name: str, capacity: int, block_size: int) -> tuple[subprocess.Popen, str]:
+def _start_daemon(name: str, capacity: int, block_size: int,
+                  meanwhile: Callable[[], object] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``shmcache serve`` for the segment, call ``meanwhile()`` (if
+    given) while it gets ready, and return it with its ready line."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
         [sys.executable, "-c", _CLI.format(root=root), "serve", name, "--capacity", str(capacity),
          "--block-size", str(block_size), "--log-level", "warning"],
         stdout=subprocess.PIPE, bufsize=0,
     )
+    try:
+        if meanwhile is not None:
+            meanwhile()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     return proc, wait_ready(proc)
 
 
 COMPILING_HINT = ("  the daemon is not ready after 5 s: the first run after an install compiles its Numba kernels "
-                  "into the on-disk cache (about 2 minutes, once)")
+                  "into the on-disk cache (about a minute, once)")
 
 
 def wait_ready(proc: subprocess.Popen, timeout: float = 900.0, hint_after: float = 5.0) -> str:
@@ -138,7 +149,10 @@ def run(workers: int = 4, requests: int | None = None, capacity_fraction: float 
     print(f"shmcache demo: {len(trace):,} requests of the Mooncake synthetic trace, {uniq:,} unique blocks "
           f"of {block_size} tokens; segment {name!r} of {capacity:,} blocks ({capacity_fraction:.0%}); "
           f"{workers} workers", file=out)
-    daemon, ready = _start_daemon(name, capacity, block_size)
+    # While the daemon compiles the writer's kernels (a first run), this
+    # process compiles the readers' into the same cache: the workers and
+    # part 2 then load them.
+    daemon, ready = _start_daemon(name, capacity, block_size, meanwhile=lambda: warm_reader(block_size))
     print(f"daemon: {ready}", file=out)
     ctx = mp.get_context("spawn")
     progress = ctx.Value("q", 0)

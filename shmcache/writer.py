@@ -83,7 +83,7 @@ from .pins import PinnedMatch, clear_slot
 from .presence import path_kernel, release_kernel
 from .recovery import rebuild
 from .report import describe_violations, header_stats
-from .wstate import M_CRASH, WriterCrashed, new_arrays
+from .wstate import M_CRASH, WriterCrashed, init_empty, new_arrays
 
 __all__ = ["Writer", "WriterPin"]
 
@@ -219,7 +219,8 @@ class Writer:
     on_evict_clients: ClientEvictCallback | None = None
     reap_interval: float = REAP_INTERVAL_S
 
-    def __init__(self, mapping: segment.Mapping, claim: int, on_evict: EvictCallback | None, crash_at_step: int = 0) -> None:
+    def __init__(self, mapping: segment.Mapping, claim: int, on_evict: EvictCallback | None, crash_at_step: int = 0,
+                 fresh: bool = False) -> None:
         self._map = mapping
         self._claim_id = np.uint64(claim)
         self._pid = os.getpid()
@@ -238,7 +239,11 @@ class Writer:
             self._pins: dict[tuple[int, ...], list[WriterPin]] = {}  # unreleased handles, by _request of their tokens
             self._entries: dict[str, int] = {}  # owner name -> owner-table entry, as this Writer named them
             #: States dropped by the repair when this Writer took the segment over.
-            self.recovered = int(self._run(rebuild, self._A))
+            if fresh:  # just created: nothing to repair, and no rebuild kernel to compile
+                init_empty(self._A)
+                self.recovered = 0
+            else:
+                self.recovered = int(self._run(rebuild, self._A))
             owners.repair(mapping.data, self._A.geom)
             for entry in range(MAX_OWNERS):
                 self._owner_word(entry)[O_ATTACHED] = 0  # whatever was attached was the previous writer's
@@ -291,7 +296,7 @@ class Writer:
         gate.release()
         gate.close()
         try:
-            return cls(mapping, claim, on_evict)
+            return cls(mapping, claim, on_evict, fresh=True)
         except BaseException:
             segment.unlink(name, only=mapping.fd)  # a create that failed leaves nothing
             raise

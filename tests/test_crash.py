@@ -125,3 +125,27 @@ def test_killed_writers_never_hang_readers_and_are_recovered(shm_name, spawn):
         assert w.recovered == STEPS[-1][2]
         w.check()
         assert w.stats()["live_blocks"] == sum(7 + kept for _, kept, _ in STEPS)  # 7 distinct committed blocks a generation
+
+
+def test_a_created_segment_is_what_a_rebuild_makes_of_it(shm_name):
+    """``Writer.create`` sets up its private arrays in NumPy
+    (``wstate.init_empty``), so that a process that only creates segments
+    never compiles ``recovery.rebuild``: the arrays and the segment are what
+    a rebuild makes of a new segment, but for the mutation count and the
+    clock, which a rebuild moves on as any operation does."""
+    from shmcache.layout import H_CLOCK, H_MUTATIONS
+    from shmcache.recovery import rebuild
+    from shmcache.wstate import new_arrays
+
+    with Writer.create(shm_name, capacity=40, block_size=4) as w:
+        a = w._A
+        data, wdata = a.data.copy(), a.wdata.copy()
+        b = new_arrays(a.data, a.wdata, a.geom.copy())
+        assert rebuild(b) == 0
+        for field in a._fields:
+            if field not in ("data", "wdata", "pins", "geom"):
+                assert np.array_equal(getattr(a, field), getattr(b, field)), field
+        assert np.flatnonzero(a.data != data).tolist() == sorted([H_MUTATIONS, H_CLOCK])
+        assert np.array_equal(a.wdata, wdata)
+        w.insert(np.arange(16), [1, 2, 3, 4])
+        w.check()
