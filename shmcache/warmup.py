@@ -7,10 +7,10 @@ types, then keeps it in its on-disk cache (``NUMBA_CACHE_DIR``, by default
 here calls kernels on a throwaway segment, so that they are compiled (on a
 fresh machine) or loaded (otherwise) now:
 
-* ``warm_writer(block_size)``: the writer kernels requests use, for int64
-  and uint32 tokens. The daemon calls it before it reports ready, so no
-  request waits on the compiler; ``warm_upkeep`` loads the rest (a
-  takeover's rebuild, ``check``).
+* ``warm_writer(block_size, events)``: the writer kernels a daemon's
+  requests use (and its KV events', if it has sources). The daemon calls
+  it before it reports ready, so no common request waits on the compiler;
+  ``warm_upkeep`` loads the rest, which a daemon compiles when first asked.
 * ``warm_reader(block_size)``: the matchers for every token form a caller
   usually passes, ``match_owners``, pinning, the checks and the dump.
 * ``compile_all(block_sizes)``: all of these, and the KV-event parser; the
@@ -36,33 +36,32 @@ def _throwaway(block_size: int) -> str:
     return f"warmup-{os.getpid()}-{block_size}-{secrets.token_hex(4)}"
 
 
-def warm_writer(block_size: int = 16) -> None:
-    """Load or compile the writer kernels a daemon's requests and KV events
-    use, for segments of ``block_size``. Not those of a takeover or of
-    ``check`` (``warm_upkeep``): a daemon that takes over compiles
-    ``Writer.open``'s before it is ready anyway, and checks are asked for
-    by people, not by requests."""
+def warm_writer(block_size: int = 16, events: bool = False) -> None:
+    """Load or compile the writer kernels a daemon's requests use, for
+    segments of ``block_size``: insert (int64 and uint32 tokens), remove,
+    a client's departure, reaping dead readers; with ``events``, also what
+    KV events and owners use (``extend``, ``release``, ``clear_owner``).
+    The rest (``warm_upkeep``) compiles when first asked for, a few seconds
+    each: requests that are rare, a takeover's rebuild (which a daemon that
+    takes over compiles before it is ready anyway), and ``check``."""
     from .layout import RD_PID, reader_word
     from .writer import Writer
 
     name = _throwaway(block_size)
     toks_i64 = np.arange(4 * block_size, dtype=np.int64)
     try:
-        with Writer.create(name, capacity=16, block_size=block_size) as w:
+        with Writer.create(name, capacity=4, block_size=block_size) as w:
             for toks in (toks_i64, toks_i64.astype(np.uint32)):
                 w.insert(toks, [1, 2, 3, 4], client=1, owner="warm-up")
-                w.match_prefix(toks)
-                w.pin(toks)
-                w.unpin(toks)
-                w.evict(1)
+                w.insert(toks[:block_size], [1], client=2)  # a full segment: evicts
                 w.remove([1], client=1)
                 w.remove_client(1)
-                rows = w.extend(None, toks, [5, 6, 7, 8], owner="warm-up")
-                w.extend(rows[1], toks[2 * block_size :], [9, 10], owner="warm-up")
-                w.release(toks, "warm-up")
-                w.clear_owner("warm-up")
-                w.clear()
-            w.unpin(w.pin(toks_i64))
+                if events:
+                    rows = w.extend(None, toks, [5, 6, 7, 8], owner="warm-up")
+                    w.extend(rows[1], toks[2 * block_size :], [9, 10], owner="warm-up")
+                    w.release(toks, "warm-up")
+                    w.clear_owner("warm-up")
+                w.remove_client(2)
             w._map.wdata[reader_word(0, RD_PID)] = 1  # as a reader that died leaves its slot: reaped
             assert w.reap_readers() == 1
             w.stats()
@@ -71,15 +70,23 @@ def warm_writer(block_size: int = 16) -> None:
 
 
 def warm_upkeep(block_size: int = 16) -> None:
-    """Load or compile the writer's other kernels: ``check`` and the
-    rebuild of a takeover (``Writer.open``)."""
+    """Load or compile the writer's other kernels: its own ``match_prefix``,
+    writer pins, ``evict``, ``clear``, ``check`` and the rebuild of a
+    takeover (``Writer.open``)."""
     from .writer import Writer
 
     name = _throwaway(block_size)
+    toks = np.arange(4 * block_size, dtype=np.int64)
     try:
         with Writer.create(name, capacity=16, block_size=block_size) as w:
-            w.insert(np.arange(4 * block_size, dtype=np.int64), [1, 2, 3, 4], owner="warm-up")
+            w.insert(toks, [1, 2, 3, 4], owner="warm-up")
+            w.match_prefix(toks)
+            w.unpin(w.pin(toks))
+            w.pin(toks)
+            w.unpin(toks)
+            w.evict(1)
             w.check()
+            w.clear()
         Writer.open(name).close()
     finally:
         segment.unlink(name)
@@ -131,7 +138,7 @@ def compile_all(block_sizes: Iterable[int] = (16,), progress: Callable[[str, flo
     is called after each step."""
     steps: list[tuple[str, Callable[[], object]]] = []
     for bs in block_sizes:
-        steps += [(f"writer kernels, block size {bs}", lambda bs=bs: warm_writer(bs)),
+        steps += [(f"writer kernels, block size {bs}", lambda bs=bs: warm_writer(bs, events=True)),
                   (f"writer takeover and checks, block size {bs}", lambda bs=bs: warm_upkeep(bs)),
                   (f"reader kernels, block size {bs}", lambda bs=bs: warm_reader(bs))]
     steps.append(("KV-event parser", warm_events))
