@@ -225,7 +225,8 @@ class Reader:
         the prompt: blocks are hashed ``matcher.CHUNK`` at a time and the
         match stops at the chunk of its first miss, so an array's ids are
         checked as far as that chunk (an id out of range there raises
-        InvalidInputError) and not read beyond it. Every returned block was present,
+        InvalidInputError), and not beyond it (at most one more chunk is
+        read, ahead of the walk). Every returned block was present,
         with the returned value, at one instant during the call; under
         concurrent writes the answer may be shorter, never wrong. Another
         thread must not reshape the array in place (assign its ``shape``)

@@ -140,7 +140,7 @@ def test_readme_table_lists_every_case():
 def test_a_match_checks_the_tokens_it_reads_and_no_further(segment):
     """A match hashes ``CHUNK`` blocks at a time and stops at the chunk of its
     first miss, so its cost follows the hit, not the prompt: a bad id in a
-    chunk it hashes raises, one past that chunk is never read. The writer
+    chunk it walks raises, one past that chunk is not reported. The writer
     reads, and checks, every id."""
     from shmcache.matcher import CHUNK
 
@@ -148,11 +148,13 @@ def test_a_match_checks_the_tokens_it_reads_and_no_further(segment):
     before = live_states(w._map.data, w.geometry)
     chunk_tokens = CHUNK * r.block_size
     prompt = np.r_[GOOD + 100, np.arange(3 * chunk_tokens) + 7000]  # 4 cached blocks, then misses
-    late, early = prompt.copy(), prompt.copy()
+    late, next_chunk, early = prompt.copy(), prompt.copy(), prompt.copy()
     late[-1] = -1
+    next_chunk[chunk_tokens] = -1  # hashed ahead of the walk, which misses before it
     early[chunk_tokens - 1] = -1  # in the first chunk, after the miss at block 4
-    m = r.match_prefix(late)
-    assert (m.length, m.values.tolist()) == (16, [100, 101, 102, 103])
+    for unread in (late, next_chunk):
+        m = r.match_prefix(unread)
+        assert (m.length, m.values.tolist()) == (16, [100, 101, 102, 103])
     for match in (r.match_prefix, r.match_owners, w.match_prefix):
         with pytest.raises(InvalidInputError, match=f"token {chunk_tokens - 1} is -1"):
             match(early)
