@@ -93,7 +93,32 @@ def reference_hits(trace, block_size: int, capacity: int) -> list[int]:
     return hits
 
 
+def dict_index(toks: list[int], n_blocks: int, block_size: int) -> dict:
+    """A vLLM-style index holding the first ``n_blocks`` blocks of a prompt:
+    ``hash((parent, tuple(block)))`` chained, to its block number."""
+    table, parent = {}, None
+    for b in range(n_blocks):
+        parent = hash((parent, tuple(toks[b * block_size : (b + 1) * block_size])))
+        table[parent] = b
+    return table
+
+
+def dict_match(table: dict, toks: list[int], block_size: int) -> int:
+    """What a vLLM-style dict index does to find a prompt's cached prefix:
+    hash block after block and look each up, until the first miss. Returns
+    the matched block count."""
+    parent, n = None, 0
+    for n in range(len(toks) // block_size):
+        parent = hash((parent, tuple(toks[n * block_size : (n + 1) * block_size])))
+        if parent not in table:
+            return n
+    return len(toks) // block_size
+
+
 def _reader(name: str, trace, conn) -> None:
+    """Match each request sent; answer ``(hit tokens, match ns, dict ns)``,
+    the last the time a dict index holding exactly the matched blocks takes
+    to give the same answer (built before it is timed)."""
     from shmcache import Reader
 
     r = Reader.attach(name)
@@ -105,7 +130,14 @@ def _reader(name: str, trace, conn) -> None:
         toks = prompt_tokens(*trace[i])
         t0 = clock()
         m = r.match_prefix(toks)
-        conn.send((m.length, clock() - t0))
+        ns = clock() - t0
+        as_list = toks.tolist()
+        table = dict_index(as_list, len(m.values), r.block_size)
+        t0 = clock()
+        found = dict_match(table, as_list, r.block_size)
+        dict_ns = clock() - t0
+        assert found == len(m.values)
+        conn.send((m.length, ns, dict_ns))
     r.close()
 
 
@@ -118,6 +150,9 @@ class ReplayResult:
     reference_hit_tokens: int
     match_p50_us: float
     match_p99_us: float
+    dict_p50_us: float
+    dict_p99_us: float
+    matched_blocks: tuple[float, float, float, float]  # per request: mean, p50, p90, max
     inserted_blocks: int
     insert_seconds: float
     evicted_blocks: int
@@ -154,15 +189,16 @@ def replay(
     reader = ctx.Process(target=_reader, args=(name, trace, there), daemon=True)
     try:
         reader.start()
-        hits, latencies = [], []
+        hits, latencies, dict_latencies = [], [], []
         next_value = 0
         inserted = 0
         insert_ns = 0
         for i, (length, ids) in enumerate(trace):
             here.send(i)
-            hit, ns = here.recv()
+            hit, ns, dict_ns = here.recv()
             hits.append(hit)
             latencies.append(ns)
+            dict_latencies.append(dict_ns)
             toks = prompt_tokens(length, ids)
             n = len(toks) // block_size
             t0 = time.perf_counter_ns()
@@ -181,6 +217,8 @@ def replay(
         w.close(unlink=True)
     ref = reference_hits(trace, block_size, capacity)
     lat = np.asarray(latencies, dtype=np.float64) / 1e3
+    dict_lat = np.asarray(dict_latencies, dtype=np.float64) / 1e3
+    matched = np.asarray(hits, dtype=np.float64) / block_size
     return ReplayResult(
         capacity=capacity,
         requests=len(trace),
@@ -189,6 +227,10 @@ def replay(
         reference_hit_tokens=sum(ref),
         match_p50_us=float(np.percentile(lat, 50)),
         match_p99_us=float(np.percentile(lat, 99)),
+        dict_p50_us=float(np.percentile(dict_lat, 50)),
+        dict_p99_us=float(np.percentile(dict_lat, 99)),
+        matched_blocks=(float(matched.mean()), float(np.percentile(matched, 50)), float(np.percentile(matched, 90)),
+                        float(matched.max())),
         inserted_blocks=inserted,
         insert_seconds=insert_ns / 1e9,
         evicted_blocks=evicted[0],
@@ -206,4 +248,13 @@ def format_results(results: list[ReplayResult]) -> str:
             f"{r.capacity:>10,d} {r.requests:>8,d} {r.hit_rate:>8.2%} {r.reference_hit_rate:>8.2%} {ratio:>6.3f} "
             f"{r.match_p50_us:>8.1f}µs {r.match_p99_us:>6.1f}µs {r.insert_blocks_per_s:>13,.0f} {r.evicted_blocks:>9,d}"
         )
+    lines.append("\nper request, in the reader process: blocks matched, and a vLLM-style dict index holding exactly "
+                 "those blocks giving the same answer")
+    lines.append(f"{'capacity':>10s} {'matched mean':>12s} {'p50':>5s} {'p90':>5s} {'max':>5s} "
+                 f"{'dict p50':>10s} {'p99':>8s} {'dict/shmcache p50':>18s} {'p99':>6s}")
+    for r in results:
+        mean, p50, p90, top = r.matched_blocks
+        lines.append(f"{r.capacity:>10,d} {mean:>12.1f} {p50:>5.0f} {p90:>5.0f} {top:>5.0f} {r.dict_p50_us:>8.1f}µs "
+                     f"{r.dict_p99_us:>6.1f}µs {r.dict_p50_us / r.match_p50_us:>17.2f}x "
+                     f"{r.dict_p99_us / r.match_p99_us:>5.2f}x")
     return "\n".join(lines)
