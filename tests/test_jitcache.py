@@ -62,8 +62,8 @@ def touch(directory: Path, *names: str) -> None:
 
 def test_a_new_digest_drops_the_packages_kernels_and_nothing_else(tmp_path):
     ours = [
-        "hashing.chain_into-379.py311.nbi",
-        "hashing.chain_into-379.py311.1.nbc",
+        "hashing.chain16-379.py311.nbi",
+        "hashing.chain16-379.py311.1.nbc",
         "matcher.walk-9.py311.nbi",
     ]
     theirs = ["other.f-1.py311.nbi", "hashing.cpython-311.pyc", "layoutx.g-2.py311.nbc"]
