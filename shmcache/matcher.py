@@ -287,9 +287,11 @@ def workspace_words(n_blocks: int, block_size: int) -> int:
     return WS_HEADER + 4 * n_blocks + 4 * CHUNK + (CHUNK * block_size + 1) // 2
 
 
+@register_jitable
 def workspace_path(ws: np.ndarray, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """The states (int64) and versions (uint64) of the path the last match
-    of an ``n_blocks``-block prompt left in workspace ``ws``."""
+    """Where in workspace ``ws`` a match of an ``n_blocks``-block prompt
+    keeps its path: the states (int64) and their versions (uint64). The
+    kernels write them there; ``match_and_pin`` reads them after."""
     work = ws[WS_HEADER:]
     return work[0:n_blocks].view(np.int64), work[n_blocks : 2 * n_blocks]
 
@@ -313,9 +315,7 @@ def match_keys_kernel(keys, ws, values):
     n_blocks = keys.shape[0]
     if ws.shape[0] < workspace_words(n_blocks, geom[G_BLOCK_SIZE]) or values.shape[0] < n_blocks:
         return WS_TOO_SMALL
-    work = ws[WS_HEADER:]
-    path = work[0:n_blocks].view(np.int64)
-    versions = work[n_blocks : 2 * n_blocks]
+    path, versions = workspace_path(ws, n_blocks)
     n = walk(data, geom, np.int64(-1), keys, n_blocks, path, versions, values, versions, False)
     note_hits(data, wdata, geom, path, n, n_blocks)
     return n
@@ -414,9 +414,7 @@ def match_tokens(tokens, ws, values, chain):
     n_blocks = tokens.shape[0] // geom[G_BLOCK_SIZE]
     if ws.shape[0] < workspace_words(n_blocks, geom[G_BLOCK_SIZE]) or values.shape[0] < n_blocks:
         return WS_TOO_SMALL
-    work = ws[WS_HEADER:]
-    path = work[0:n_blocks].view(np.int64)
-    versions = work[n_blocks : 2 * n_blocks]
+    path, versions = workspace_path(ws, n_blocks)
     n = walk_tokens(data, geom, tokens, ws, chain, n_blocks, path, versions, values, versions, False)
     if n >= 0:
         note_hits(data, wdata, geom, path, n, n_blocks)
@@ -467,9 +465,8 @@ def match_owners(tokens, ws, entries, out, chain):
     n_blocks = tokens.shape[0] // block_size
     if ws.shape[0] < workspace_words(n_blocks, block_size):
         return WS_TOO_SMALL
+    path, versions = workspace_path(ws, n_blocks)
     work = ws[WS_HEADER:]
-    path = work[0:n_blocks].view(np.int64)
-    versions = work[n_blocks : 2 * n_blocks]
     owners = work[2 * n_blocks : 3 * n_blocks]
     values = work[3 * n_blocks : 4 * n_blocks].view(np.int64)
     n = walk_tokens(data, geom, tokens, ws, chain, n_blocks, path, versions, values, owners, True)

@@ -25,15 +25,25 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
 from . import segment
 
 
-def _throwaway(block_size: int) -> str:
-    return f"warmup-{os.getpid()}-{block_size}-{secrets.token_hex(4)}"
+@contextmanager
+def _throwaway(block_size: int, capacity: int = 16) -> Iterator:
+    """A Writer of a new segment, unlinked on leaving, whatever happens."""
+    from .writer import Writer
+
+    name = f"warmup-{os.getpid()}-{block_size}-{secrets.token_hex(4)}"
+    try:
+        with Writer.create(name, capacity=capacity, block_size=block_size) as w:
+            yield w
+    finally:
+        segment.unlink(name)
 
 
 def warm_writer(block_size: int = 16, events: bool = False) -> None:
@@ -45,28 +55,23 @@ def warm_writer(block_size: int = 16, events: bool = False) -> None:
     each: requests that are rare, a takeover's rebuild (which a daemon that
     takes over compiles before it is ready anyway), and ``check``."""
     from .layout import RD_PID, reader_word
-    from .writer import Writer
 
-    name = _throwaway(block_size)
     toks_i64 = np.arange(4 * block_size, dtype=np.int64)
-    try:
-        with Writer.create(name, capacity=4, block_size=block_size) as w:
-            for toks in (toks_i64, toks_i64.astype(np.uint32)):
-                w.insert(toks, [1, 2, 3, 4], client=1, owner="warm-up")
-                w.insert(toks[:block_size], [1], client=2)  # a full segment: evicts
-                w.remove([1], client=1)
-                w.remove_client(1)
-                if events:
-                    rows = w.extend(None, toks, [5, 6, 7, 8], owner="warm-up")
-                    w.extend(rows[1], toks[2 * block_size :], [9, 10], owner="warm-up")
-                    w.release(toks, "warm-up")
-                    w.clear_owner("warm-up")
-                w.remove_client(2)
-            w._map.wdata[reader_word(0, RD_PID)] = 1  # as a reader that died leaves its slot: reaped
-            assert w.reap_readers() == 1
-            w.stats()
-    finally:
-        segment.unlink(name)
+    with _throwaway(block_size, capacity=4) as w:
+        for toks in (toks_i64, toks_i64.astype(np.uint32)):
+            w.insert(toks, [1, 2, 3, 4], client=1, owner="warm-up")
+            w.insert(toks[:block_size], [1], client=2)  # a full segment: evicts
+            w.remove([1], client=1)
+            w.remove_client(1)
+            if events:
+                rows = w.extend(None, toks, [5, 6, 7, 8], owner="warm-up")
+                w.extend(rows[1], toks[2 * block_size :], [9, 10], owner="warm-up")
+                w.release(toks, "warm-up")
+                w.clear_owner("warm-up")
+            w.remove_client(2)
+        w._map.wdata[reader_word(0, RD_PID)] = 1  # as a reader that died leaves its slot: reaped
+        assert w.reap_readers() == 1
+        w.stats()
 
 
 def warm_upkeep(block_size: int = 16) -> None:
@@ -75,21 +80,18 @@ def warm_upkeep(block_size: int = 16) -> None:
     takeover (``Writer.open``)."""
     from .writer import Writer
 
-    name = _throwaway(block_size)
     toks = np.arange(4 * block_size, dtype=np.int64)
-    try:
-        with Writer.create(name, capacity=16, block_size=block_size) as w:
-            w.insert(toks, [1, 2, 3, 4], owner="warm-up")
-            w.match_prefix(toks)
-            w.unpin(w.pin(toks))
-            w.pin(toks)
-            w.unpin(toks)
-            w.evict(1)
-            w.check()
-            w.clear()
-        Writer.open(name).close()
-    finally:
-        segment.unlink(name)
+    with _throwaway(block_size) as w:
+        w.insert(toks, [1, 2, 3, 4], owner="warm-up")
+        w.match_prefix(toks)
+        w.unpin(w.pin(toks))
+        w.pin(toks)
+        w.unpin(toks)
+        w.evict(1)
+        w.check()
+        w.clear()
+        w.close()
+        Writer.open(w.name).close()
 
 
 def warm_reader(block_size: int = 16) -> None:
@@ -100,22 +102,16 @@ def warm_reader(block_size: int = 16) -> None:
     so no writer kernel is compiled here."""
     from .dump import describe
     from .reader import Reader
-    from .writer import Writer
 
-    name = _throwaway(block_size)
     toks = np.arange(4 * block_size, dtype=np.int64)
-    try:
-        with Writer.create(name, capacity=16, block_size=block_size):
-            with Reader.attach(name) as r:
-                for t in (toks, toks.astype(np.int32), toks.astype(np.uint32), toks.tolist()):
-                    r.match_prefix(t)
-                    r.match_owners(t)
-                r.unpin(r.match_and_pin(toks))
-                r.match_keys(r.block_keys(toks))
-                r.check()
-                describe(r, depth=1, width=1, check=True)
-    finally:
-        segment.unlink(name)
+    with _throwaway(block_size) as w, Reader.attach(w.name) as r:
+        for t in (toks, toks.astype(np.int32), toks.astype(np.uint32), toks.tolist()):
+            r.match_prefix(t)
+            r.match_owners(t)
+        r.unpin(r.match_and_pin(toks))
+        r.match_keys(r.block_keys(toks))
+        r.check()
+        describe(r, depth=1, width=1, check=True)
 
 
 def warm_events() -> bool:
