@@ -3,13 +3,18 @@
 * ``shmcache serve NAME --capacity N``: the writer daemon, in the foreground
   (logs to stderr, one ``ready ...`` line on stdout, clean exit on SIGTERM or
   SIGINT; exit 1 with one line on stderr when it cannot start). With
-  ``--kv-events OWNER=ENDPOINT`` it also ingests engines' KV events.
+  ``--kv-events OWNER=ENDPOINT`` it also ingests engines' KV events; with
+  ``--publish-events ENDPOINT`` it publishes its own, as vLLM does; with
+  ``--metrics-port`` it serves Prometheus metrics.
 * ``shmcache demo``: a daemon and worker processes replaying the bundled
   Mooncake trace, with a live progress line, a summary and the dump; then
   cache-aware routing of the same trace over 4 simulated ranks' KV events.
 * ``shmcache compile``: compile every kernel into Numba's on-disk cache
   ahead of time (a container image build), so that no process of the image
   waits on the compiler.
+* ``shmcache metrics NAME --port 9400``: Prometheus metrics of a segment
+  (one whose writer is embedded; the daemon serves its own with
+  ``--metrics-port``).
 * ``shmcache dump NAME``: inspect a live segment read-only (``--json`` for
   scripts, ``--check`` to verify every invariant; exit 1 if one fails).
 """
@@ -20,7 +25,7 @@ import argparse
 import json
 import sys
 
-from .errors import ShmCacheError
+from .errors import InvalidInputError, ShmCacheError
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -35,6 +40,13 @@ def serve(args: argparse.Namespace) -> int:
             from .ingest import sources_from
 
             sources, topic = sources_from(args.kv_events, args.kv_events_replay, args.kv_events_config)
+        publish = None
+        if args.publish_events:
+            publish = dict(endpoint=args.publish_events, replay=args.publish_replay, topic=args.publish_topic,
+                           per_owner=args.publish_per_owner, model=args.publish_model, buffer=args.publish_buffer,
+                           array_format=args.publish_format == "array")
+        elif args.publish_replay or args.publish_per_owner or args.publish_model:
+            raise InvalidInputError("--publish-replay, --publish-per-owner and --publish-model need --publish-events ENDPOINT")
         daemon = Daemon(
             args.name,
             args.capacity,
@@ -45,10 +57,17 @@ def serve(args: argparse.Namespace) -> int:
             unlink_on_exit=not args.keep,
             kv_events=sources,
             kv_events_topic=args.kv_events_topic if args.kv_events_topic is not None else topic or "",
+            publish=publish,
+            metrics_port=args.metrics_port,
+            metrics_addr=args.metrics_addr,
             **({} if args.spin_us is None else {"spin_us": args.spin_us}),
         )
     except (ShmCacheError, OSError) as e:
         print(f"shmcache serve: cannot start: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:
+        print(f"shmcache serve: cannot start: {e.name} is missing: pip install 'shmcache[events]' "
+              "(KV events) or 'shmcache[metrics]' (--metrics-port)", file=sys.stderr)
         return 1
     daemon.run(ready=lambda line: print(line, flush=True))
     return 0
@@ -72,6 +91,29 @@ def compile_kernels(args: argparse.Namespace) -> int:
         return 1
     total = compile_all(args.block_size or (16,), lambda step, secs: print(f"{secs:7.1f} s  {step}", flush=True))
     print(f"{total:7.1f} s  in all; kernels cached in {where}")
+    return 0
+
+
+def metrics(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    try:
+        from .metrics import Metrics
+    except ImportError:
+        print("shmcache metrics: prometheus_client is missing: pip install 'shmcache[metrics]'", file=sys.stderr)
+        return 1
+    try:
+        m = Metrics(args.name, args.port, args.addr)
+    except OSError as e:
+        print(f"shmcache metrics: cannot serve on port {args.port}: {e}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"serving metrics of {args.name} on http://{args.addr}:{m.port}/metrics", flush=True)
+    stop.wait()
+    m.close()
     return 0
 
 
@@ -108,6 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--kv-events-topic", metavar="PREFIX", help="subscribe to topics starting with PREFIX (default: all)")
     v.add_argument("--kv-events-config", metavar="FILE",
                    help='JSON {"sources": [{"owner": ..., "endpoint": ..., "replay": ...}], "topic": ...}')
+    v.add_argument("--publish-events", metavar="ENDPOINT",
+                   help="publish the segment's changes as vLLM-format KV events on a ZMQ PUB socket "
+                        "(bound for tcp://*:PORT and ipc://, connected otherwise)")
+    v.add_argument("--publish-replay", metavar="ENDPOINT", help="ROUTER socket answering replay requests (bound)")
+    v.add_argument("--publish-topic", default="", metavar="TOPIC", help="topic of the node's stream (default empty)")
+    v.add_argument("--publish-per-owner", action="store_true",
+                   help="one stream per named owner, topic kv@OWNER@MODEL, instead of the node's")
+    v.add_argument("--publish-model", metavar="MODEL", help="MODEL of the per-owner topics (default: the segment name)")
+    v.add_argument("--publish-buffer", type=int, default=10_000, metavar="N", help="batches kept for replay per stream")
+    v.add_argument("--publish-format", choices=("map", "array"), default="map",
+                   help="events as type-tagged maps (vLLM >= 0.24) or positional arrays (older consumers)")
+    v.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port (0: any)")
+    v.add_argument("--metrics-addr", default="0.0.0.0", metavar="ADDR", help="address of the metrics endpoint")
     v.set_defaults(func=serve)
     d = sub.add_parser("demo", help="daemon + worker processes replaying the bundled request trace")
     d.add_argument("--workers", type=int, default=4)
@@ -120,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--block-size", type=int, action="append", metavar="N",
                    help="segment block size to compile for (default 16; repeat for several)")
     c.set_defaults(func=compile_kernels)
+    m = sub.add_parser("metrics", help="serve a segment's Prometheus metrics (a segment whose writer is embedded)")
+    m.add_argument("name")
+    m.add_argument("--port", type=int, default=9400)
+    m.add_argument("--addr", default="0.0.0.0")
+    m.set_defaults(func=metrics)
     u = sub.add_parser("dump", help="inspect a live segment (read-only)")
     u.add_argument("name")
     u.add_argument("--json", action="store_true", help="one JSON document")

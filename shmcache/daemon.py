@@ -27,6 +27,7 @@ dropped silently (nobody holds its KV).
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import selectors
@@ -52,7 +53,7 @@ from .errors import (
     WriterLostError,
 )
 from .keys import namespace_from_wire
-from .warmup import warm_events, warm_writer
+from .warmup import warm_events, warm_publish, warm_writer
 from .writer import Writer
 
 if TYPE_CHECKING:
@@ -95,6 +96,9 @@ class Daemon:
         spin_us: int = P.SPIN_US,
         kv_events: "list[ingest.Source] | tuple" = (),
         kv_events_topic: str = "",
+        publish: dict | None = None,
+        metrics_port: int | None = None,
+        metrics_addr: str = "0.0.0.0",
     ) -> None:
         segment.validate_name(name)
         if isinstance(spin_us, bool) or not isinstance(spin_us, int) or not 0 <= spin_us <= 1_000_000:
@@ -104,6 +108,8 @@ class Daemon:
         warm_writer(block_size, events=bool(kv_events))  # before ready: no common request waits on the compiler
         if kv_events:
             warm_events()
+        if publish is not None:
+            warm_publish()
         created = not segment.exists(name)
         if not created:
             self.writer = Writer.open(name)
@@ -142,18 +148,28 @@ class Daemon:
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._listener, selectors.EVENT_READ, "listen")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._ingest = None
-        if kv_events:
-            from .ingest import Ingest
+        self._ingest = self.publisher = self.metrics = None
+        try:
+            if kv_events:
+                from .ingest import Ingest
 
-            try:
                 self._ingest = Ingest(self.writer, list(kv_events), kv_events_topic, segment.state_path(name))
-            except BaseException:
-                self._listener.close()
-                self.writer.close(unlink=created)
-                raise
-            for fd in self._ingest.fds():
-                self._sel.register(fd, selectors.EVENT_READ, "events")
+                for fd in self._ingest.fds():
+                    self._sel.register(fd, selectors.EVENT_READ, "events")
+            if publish is not None:
+                from .publish import Publisher
+
+                self.publisher = Publisher(self.writer, **publish)
+                for fd in self.publisher.fds():
+                    self._sel.register(fd, selectors.EVENT_READ, "replay")
+            if metrics_port is not None:
+                from .metrics import Metrics
+
+                self.metrics = Metrics(name, metrics_port, metrics_addr, daemon=self)
+        except BaseException:
+            self._close_parts()
+            self.writer.close(unlink=created)
+            raise
 
     # --- setup ----------------------------------------------------------------
 
@@ -205,10 +221,18 @@ class Daemon:
         previous = {sig: signal.signal(sig, lambda *_: self.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             if ready is not None:
-                ready(
-                    f"ready name={self.name} socket={self.sock_path} capacity={self.writer.capacity} "
-                    f"block_size={self.writer.block_size} pid={os.getpid()}"
-                )
+                line = (f"ready name={self.name} socket={self.sock_path} capacity={self.writer.capacity} "
+                        f"block_size={self.writer.block_size} pid={os.getpid()}")
+                if self.publisher is not None:
+                    pub, replay = self.publisher.endpoints()
+                    line += f" publish={pub}" + (f" replay={replay}" if replay else "")
+                if self.metrics is not None:
+                    line += f" metrics_port={self.metrics.port}"
+                ready(line)
+            # Everything alive now (Numba, llvmlite, the kernels) lives as long
+            # as the daemon: out of the cyclic GC's generations, a collection
+            # no longer walks it (tens of milliseconds, in the middle of a request).
+            gc.freeze()
             try:
                 next_reap = time.monotonic()
                 while not self._stopping:
@@ -225,7 +249,7 @@ class Daemon:
                             self._accept()
                         elif key.data == "wake":
                             os.read(self._wake_r, 4096)
-                        elif key.data == "events":
+                        elif key.data in ("events", "replay"):
                             pass  # drained below, every pass
                         else:
                             conn = key.data
@@ -235,7 +259,10 @@ class Daemon:
                                 self._flush(conn)
                     for conn, kind, request, payload in batch:
                         if not conn.dead:
+                            started = time.perf_counter()
                             self._apply(conn, kind, request, payload)
+                            if self.metrics is not None:
+                                self.metrics.request_seconds.observe(time.perf_counter() - started)
                     for conn in [c for c in self._conns.values() if c.dead]:
                         self._disconnect(conn)
                     if self._ingest is not None:
@@ -243,6 +270,9 @@ class Daemon:
                     self._deliver_dropped()
                     for conn in list(self._conns.values()):
                         self._flush(conn)
+                    if self.publisher is not None:
+                        self.publisher.flush()
+                        self.publisher.serve_replay()
             except (WriterLostError, SegmentRetiredError) as e:
                 log.error("stopping: %s", e)  # the name is another writer's now: leave it alone
         finally:
@@ -433,18 +463,14 @@ class Daemon:
         except ShmCacheError:
             return False
 
-    def _shutdown(self) -> None:
+    def _close_parts(self) -> None:
+        """Close everything but the writer and the clients' connections."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.publisher is not None:
+            self.publisher.close()
         if self._ingest is not None:
-            if not self.unlink_on_exit and self._still_ours():
-                try:
-                    self._ingest.save(segment.state_path(self.name))
-                except OSError as e:
-                    log.error("cannot save the KV-event state for the next daemon: %s", e)
             self._ingest.close()
-        for conn in list(self._conns.values()):
-            self._sel.unregister(conn.sock)
-            conn.sock.close()
-        self._conns.clear()
         self._sel.close()
         self._listener.close()
         for fd in (self._wake_r, self._wake_w):
@@ -454,4 +480,16 @@ class Daemon:
                 os.unlink(self.sock_path)
         except FileNotFoundError:
             pass
+
+    def _shutdown(self) -> None:
+        if self._ingest is not None and not self.unlink_on_exit and self._still_ours():
+            try:
+                self._ingest.save(segment.state_path(self.name))
+            except OSError as e:
+                log.error("cannot save the KV-event state for the next daemon: %s", e)
+        for conn in list(self._conns.values()):
+            self._sel.unregister(conn.sock)
+            conn.sock.close()
+        self._conns.clear()
+        self._close_parts()
         self.writer.close(unlink=self.unlink_on_exit)

@@ -43,6 +43,7 @@ KERNEL_MODULES = (
     "checks",
     "dump",
     "errors",
+    "evwire",
     "hashing",
     "identity",
     "layout",

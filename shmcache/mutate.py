@@ -35,6 +35,7 @@ from .layout import (
     LINK_FREE,
     LINK_PARENT_BIAS,
     LOW32,
+    R_KEY_LO,
     R_PINS,
     R_RECENCY,
     R_VALUE,
@@ -54,6 +55,8 @@ from .tree import (
 )
 from .wstate import (
     FC,
+    J_DROPPED,
+    J_STORED,
     M_FREE_TOP,
     M_HEAP_SIZE,
     M_RPINNED,
@@ -70,6 +73,7 @@ from .wstate import (
     helper,
     is_live,
     is_protected,
+    note,
     owners_of,
     parent_of,
     pins_of,
@@ -95,6 +99,7 @@ _ONE = np.uint64(1)
 _NONE = np.int64(0)
 _PIN = np.int64(1)
 _LOW32 = np.uint64(LOW32)
+_ZERO64 = np.uint64(0)
 
 
 # --- adding and removing states -----------------------------------------------
@@ -130,6 +135,7 @@ def drop_state(A, s, out, n_out):
         announce_drop(A, s)
     out[n_out, 0] = np.int64(field(A, s, R_VALUE))
     out[n_out, 1] = client_of(A, s)
+    note(A, J_DROPPED, s, field(A, s, R_KEY_LO), owners_of(A, s), _NONE, _NONE, _NONE)
     table_delete(A, K_INDEX, s)
     table_delete(A, K_VMAP, s)
     detach_child(A, parent_of(A, s), s)
@@ -312,15 +318,17 @@ def add_chain(A, start, path, k, keys, values, end, client, clock, owners):
     for the root), each the child of the one before, their states going to
     ``path[k:end]``. The whole path is then held by ``owners`` and its
     recency is ``clock``."""
-    parent = path[k - 1] if k > 0 else start
-    for i in range(k, end):
-        parent = add_state(A, parent, keys[i, 0], keys[i, 1], values[i], client, clock, owners)
-        path[i] = parent
-    for i in range(k):
+    for i in range(k):  # parents first: an owner holds a block's parent before the block
         set_field(A, path[i], R_RECENCY, clock)
         held = owners_of(A, path[i])
         if held & owners != owners:
             set_owners(A, path[i], held | owners)
+    parent = path[k - 1] if k > 0 else start
+    for i in range(k, end):
+        s = add_state(A, parent, keys[i, 0], keys[i, 1], values[i], client, clock, owners)
+        path[i] = s
+        note(A, J_STORED, s, i, owners, keys[i, 0], parent, field(A, parent, R_KEY_LO) if parent >= 0 else _ZERO64)
+        parent = s
     if end > k:
         push_if_evictable(A, parent)
 

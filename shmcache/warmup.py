@@ -13,6 +13,8 @@ fresh machine) or loaded (otherwise) now:
   ``warm_upkeep`` loads the rest, which a daemon compiles when first asked.
 * ``warm_reader(block_size)``: the matchers for every token form a caller
   usually passes, ``match_owners``, pinning, the checks and the dump.
+* ``warm_publish()``: the KV-event encoders of ``serve --publish-events``,
+  which the daemon loads before it reports ready when it publishes.
 * ``compile_all(block_sizes)``: all of these, and the KV-event parser; the
   body of ``shmcache compile``.
 
@@ -128,6 +130,30 @@ def warm_events() -> bool:
     return True
 
 
+def warm_publish() -> bool:
+    """Load or compile the KV-event encoders (``shmcache.evwire``) of a
+    publishing daemon, for the node's stream and per-owner streams; False
+    when the ``events`` extra (pyzmq, msgspec) is not installed."""
+    try:
+        from .publish import Publisher
+    except ImportError:
+        return False
+
+    toks = np.arange(16, dtype=np.int64)
+    with _throwaway(4) as w:
+        for per_owner in (False, True):
+            pub = Publisher(w, f"inproc://shmcache-warmup-{secrets.token_hex(4)}", per_owner=per_owner)
+            try:
+                w.insert(toks, [1, 2, 3, 4], owner="a")
+                w.insert(toks[:8], [1, 2], owner="b")  # b gains blocks a stored
+                w.release(toks[:8], "b")
+                w.clear()
+                pub.flush()
+            finally:
+                pub.close()
+    return True
+
+
 def compile_all(block_sizes: Iterable[int] = (16,), progress: Callable[[str, float], None] | None = None) -> float:
     """Load or compile every kernel a process may use with segments of
     ``block_sizes``; returns the seconds it took. ``progress(step, seconds)``
@@ -137,13 +163,13 @@ def compile_all(block_sizes: Iterable[int] = (16,), progress: Callable[[str, flo
         steps += [(f"writer kernels, block size {bs}", lambda bs=bs: warm_writer(bs, events=True)),
                   (f"writer takeover and checks, block size {bs}", lambda bs=bs: warm_upkeep(bs)),
                   (f"reader kernels, block size {bs}", lambda bs=bs: warm_reader(bs))]
-    steps.append(("KV-event parser", warm_events))
+    steps += [("KV-event parser", warm_events), ("KV-event publisher", warm_publish)]
     start = time.perf_counter()
     for label, step in steps:
         t = time.perf_counter()
         done = step()
         if progress is not None:
-            progress(label if done is not False else f"{label}: skipped, msgspec not installed",
+            progress(label if done is not False else f"{label}: skipped, the events extra is not installed",
                      time.perf_counter() - t)
     return time.perf_counter() - start
 

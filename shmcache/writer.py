@@ -32,7 +32,7 @@ import secrets
 import signal
 import time
 import weakref
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import posix_ipc
@@ -83,9 +83,9 @@ from .pins import PinnedMatch, clear_slot
 from .presence import path_kernel, release_kernel
 from .recovery import rebuild
 from .report import describe_violations, header_stats
-from .wstate import M_CRASH, WriterCrashed, init_empty, new_arrays
+from .wstate import JOURNAL_WORDS, M_CRASH, M_JOURNAL, WriterCrashed, init_empty, new_arrays
 
-__all__ = ["Writer", "WriterPin"]
+__all__ = ["Changes", "Writer", "WriterPin"]
 
 EvictCallback = Callable[[np.ndarray], None]
 ClientEvictCallback = Callable[[np.ndarray, np.ndarray], None]
@@ -101,6 +101,28 @@ CLAIM_STEPS = 5
 #: Default seconds between two checks of the reader table for dead readers
 #: holding pins (``Writer.reap_interval``).
 REAP_INTERVAL_S = 1.0
+#: Journal rows a watcher gets by default: more changes than that in one
+#: operation (a clear or remove of a larger subtree) come as ``overflowed``.
+JOURNAL_ENTRIES = 1 << 16
+
+
+class Changes(NamedTuple):
+    """What one operation changed, as a ``Writer.watch`` sink receives it.
+
+    ``entries`` is an ``(n, wstate.JOURNAL_WORDS)`` int64 array the sink
+    owns, rows ``(op, state, a, ...)`` in the order the kernel made the
+    changes (``wstate.J_*`` says what each column is). A ``J_STORED`` row's ``a`` indexes the
+    blocks of ``tokens`` (the operation's token ids, or None for operations
+    that store nothing), all chained from ``namespace``. ``overflowed``: the
+    operation made more changes than the journal holds and ``entries`` is
+    incomplete; the sink must resynchronise from the segment.
+    """
+
+    entries: np.ndarray
+    tokens: "np.ndarray | None"
+    namespace: Namespace
+    overflowed: bool
+
 
 def check_client(client: object) -> None:
     if isinstance(client, bool) or not isinstance(client, (int, np.integer)) or not 0 <= client <= 0xFFFFFFFF:
@@ -218,6 +240,8 @@ class Writer:
 
     on_evict_clients: ClientEvictCallback | None = None
     reap_interval: float = REAP_INTERVAL_S
+    _sink: "Callable[[Changes], None] | None" = None
+    _call: tuple = (None, None)  # (tokens, namespace) of the operation running, for the sink
 
     def __init__(self, mapping: segment.Mapping, claim: int, on_evict: EvictCallback | None, crash_at_step: int = 0,
                  fresh: bool = False) -> None:
@@ -388,10 +412,38 @@ class Writer:
     # --- running kernels -------------------------------------------------------------
 
     def _run(self, kernel, *args):
-        """Run a mutation kernel, reaping dead readers first when due. Every
-        public method has called ``_check_open`` once before it gets here."""
+        """Run a mutation kernel, reaping dead readers first when due, and
+        hand what it changed to the watcher. Every public method has called
+        ``_check_open`` once before it gets here."""
         self._reap_if_due()
-        return self._kernel(kernel, *args)
+        result = self._kernel(kernel, *args)
+        if self._sink is not None:
+            self._drain()
+        return result
+
+    def _drain(self) -> None:
+        meta, journal = self._A.meta, self._A.journal
+        n = int(meta[M_JOURNAL])
+        if n:
+            meta[M_JOURNAL] = 0
+            self._sink(Changes(journal[: min(n, len(journal))].copy(), *self._call, n > len(journal)))
+
+    def watch(self, sink: "Callable[[Changes], None] | None", entries: int = JOURNAL_ENTRIES) -> None:
+        """Call ``sink(changes)`` after every operation that changed which
+        blocks are cached or which owners hold them (``Changes``), in this
+        process, before the operation returns; ``None`` stops. Blocks
+        already cached when watching starts are not reported: a sink reads
+        those from the segment. The journal grows to hold any insert; a
+        larger drop (a clear, a remove of a large subtree) than ``entries``
+        comes as ``overflowed``. A sink must not raise. The journal costs a few nanoseconds per
+        changed block while on, nothing while off."""
+        self._check_open()
+        if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1:
+            raise InvalidInputError(f"entries must be a positive int, got {entries!r}")
+        rows = 0 if sink is None else entries
+        self._A = self._A._replace(journal=np.zeros((rows, JOURNAL_WORDS), dtype=np.int64))
+        self._A.meta[M_JOURNAL] = 0
+        self._sink = sink
 
     def _reap_if_due(self) -> None:
         if time.monotonic() - self._reaped_at >= self.reap_interval:
@@ -452,7 +504,11 @@ class Writer:
         vals = as_values(values, n, toks.shape[0], self.block_size)
         check_client(client)
         held = self._owner_bit(owner)
-        _, cached = self._insert(-1, 0, keys, vals, client, held, _NO_REFS)
+        self._call = (toks, namespace)
+        try:
+            _, cached = self._insert(-1, 0, keys, vals, client, held, _NO_REFS)
+        finally:
+            self._call = (None, None)
         return cached * self.block_size
 
     def _insert(self, start: int, start_gen: int, keys: np.ndarray, vals: np.ndarray, client: int, held: np.uint64,
@@ -461,6 +517,10 @@ class Writer:
         found no room) and raise its errors; returns ``(status, cached
         blocks)``, status OK or ERR_STALE."""
         n = keys.shape[0]
+        if self._sink is not None and 3 * n > len(self._A.journal):
+            # An insert journals at most n stores, n evictions and n owner
+            # gains: never an overflow, whose resync could not know the tokens.
+            self._A = self._A._replace(journal=np.zeros((3 * n, JOURNAL_WORDS), dtype=np.int64))
         args = (self._A, start, start_gen, keys, vals, n, client, held, refs)
         status, info, cached, evicted = self._run(mutate.insert_kernel, *args)
         if status == mutate.ERR_FULL and self.reap_readers():
@@ -527,12 +587,15 @@ class Writer:
         vals = as_values(values, keys.shape[0], toks.shape[0], self.block_size)
         check_client(client)
         refs = np.empty((keys.shape[0], 2), dtype=np.int64)
+        self._call = (toks, namespace)
         try:
             status, _ = self._insert(state, gen, keys, vals, client, self._owner_bit(owner), refs)
         except CacheFullError as e:
             if e.inserted_blocks:
                 e.rows = refs[: e.cached_tokens // self.block_size + e.inserted_blocks]
             raise
+        finally:
+            self._call = (None, None)
         return None if status == mutate.ERR_STALE else refs
 
     def holds(self, row: "np.ndarray | tuple[int, int]", owner: str) -> bool:

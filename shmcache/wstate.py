@@ -101,6 +101,7 @@ class Arrays(NamedTuple):
     rseen: np.ndarray  # uint64 (reader slots,): each slot's PIN_SEQ as last scanned
     gen: np.ndarray  # uint64 (capacity,): times each record's state was dropped (a writer pin handle's check)
     scratch: np.ndarray  # int64 (capacity,): a kernel's working list of states (no allocation per call)
+    journal: np.ndarray  # int64 (entries, 4): content changes since the Python layer last took them; 0 rows: off
 
 
 M_FREE_TOP = 0
@@ -108,12 +109,23 @@ M_HEAP_SIZE = 1
 M_CRASH = 2
 M_PIN_SEQ = 3  # W_PIN_SEQ as last scanned (uint64 bits)
 M_RPINNED = 4  # states named by at least one reader pin entry
+M_JOURNAL = 5  # entries in ``journal``; its row count + 1 once an operation overflowed it
 M_WORDS = 6
+
+# Journal rows ``(op, state, a, b, c, d, e)``: what a watcher of the writer
+# (``shmcache.publish``) needs to describe each change of the content, in
+# the order the kernels made them, without reading records that a later
+# operation may reuse. uint64 words are stored as int64 bits; unused: 0.
+JOURNAL_WORDS = 7
+J_STORED = np.int64(1)  # a: block index in the operation's chain, b: owners, c: KEY_LO, d: parent state (-1: none), e: its KEY_LO
+J_DROPPED = np.int64(2)  # a: its KEY_LO, b: its owners before (the record is free after)
+J_OWNERS = np.int64(3)  # a: owners before, b: owners after
 
 FC, NEXT, PREV = 0, 1, 2
 NIL = -1
 
 _ONE = np.uint64(1)
+_ZERO = np.int64(0)
 _LOW32 = np.uint64(LOW32)
 
 
@@ -146,6 +158,7 @@ def new_arrays(data: np.ndarray, wdata: np.ndarray, geom: np.ndarray) -> Arrays:
         rseen=np.zeros(int(geom[G_READER_SLOTS]), dtype=np.uint64),
         gen=_zeros(cap, np.uint64),
         scratch=_zeros(cap, np.int64),
+        journal=np.zeros((0, JOURNAL_WORDS), dtype=np.int64),
     )
 
 
@@ -159,6 +172,25 @@ def init_empty(A: Arrays) -> None:
     cap = A.free.shape[0]
     A.free[:] = np.arange(cap - 1, -1, -1, dtype=np.int64)
     A.meta[M_FREE_TOP] = cap
+
+
+@njit(inline="always")
+def note(A, op, s, a, b, c, d, e):
+    """Journal one change (nothing while the journal is off). A full journal
+    marks itself overflowed and takes nothing more: the watcher then
+    resynchronises from the segment instead of trusting a partial list."""
+    n = A.meta[M_JOURNAL]
+    if n < A.journal.shape[0]:
+        A.journal[n, 0] = op
+        A.journal[n, 1] = s
+        A.journal[n, 2] = np.int64(a)
+        A.journal[n, 3] = np.int64(b)
+        A.journal[n, 4] = np.int64(c)
+        A.journal[n, 5] = np.int64(d)
+        A.journal[n, 6] = np.int64(e)
+        A.meta[M_JOURNAL] = n + 1
+    elif n == A.journal.shape[0] and n > 0:
+        A.meta[M_JOURNAL] = n + 1
 
 
 # --- crash hook and operation bracket ---------------------------------------
@@ -322,7 +354,9 @@ def set_owners(A, s, owners):
     an odd version would have cost the state and its subtree.
     """
     base = rec(A, s)
-    count_owners(A, A.data[base + R_OWNERS], owners)
+    old = A.data[base + R_OWNERS]
+    count_owners(A, old, owners)
+    note(A, J_OWNERS, s, old, owners, _ZERO, _ZERO, _ZERO)
     v = A.data[base + R_VERSION]
     fence_release()
     step(A)

@@ -5,7 +5,6 @@ positional arrays (``ARRAY``, how vLLM up to 0.23 encoded them). Tests
 publish with these, so what the daemon decodes is byte for byte what an
 engine sends."""
 
-from __future__ import annotations
 
 from typing import Any
 

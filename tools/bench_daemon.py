@@ -1,6 +1,6 @@
 """Benchmark: inserts through the writer daemon, from 1 and 2 producer processes.
 
-    python tools/bench_daemon.py [--prompts 2000] [--spin-us 200]
+    python tools/bench_daemon.py [--prompts 2000] [--spin-us 200] [--publish-events]
 
 Starts ``shmcache serve`` as a child process, then producer processes that
 each insert distinct 128-block prompts (2,048 tokens, block size 16) through
@@ -11,7 +11,12 @@ trip of small requests (a 1-block insert, an empty remove) beside the floor
 of this machine: a bare Python ping-pong over a Unix socket between two
 processes. ``--spin-us`` sets how long the daemon and the clients poll
 before they sleep (``shmcache serve --spin-us``, ``Client.connect(spin_us=)``).
-Prints the machine it ran on.
+``--publish-events`` also runs each daemon case publishing its changes as
+KV events (``shmcache serve --publish-events``), to nobody (the daemon's
+own cost) and to a subscriber process (which shares this machine's cores), and
+an embedded Writer under churn (every insert evicts as many blocks) with and
+without a ``Publisher``: the cost of publishing, and whether it keeps up
+with 1M blocks/s. Prints the machine it ran on.
 """
 
 from __future__ import annotations
@@ -57,10 +62,11 @@ def produce(name: str, index: int, n: int, go, q, spin_us: int) -> None:
     c.close()
 
 
-def serve(name: str, capacity: int, spin_us: int) -> subprocess.Popen:
+def serve(name: str, capacity: int, spin_us: int, publish: str | None = None) -> subprocess.Popen:
+    extra = ["--publish-events", publish] if publish else []
     proc = subprocess.Popen([sys.executable, "-m", "shmcache.cli", "serve", name, "--capacity", str(capacity),
                              "--block-size", str(BS), "--on-disconnect", "keep", "--log-level", "warning",
-                             "--spin-us", str(spin_us)],
+                             "--spin-us", str(spin_us), *extra],
                             stdout=subprocess.PIPE, text=True)
     if not select.select([proc.stdout], [], [], 120)[0]:
         proc.kill()
@@ -69,12 +75,37 @@ def serve(name: str, capacity: int, spin_us: int) -> subprocess.Popen:
     return proc
 
 
-def run(n_producers: int, n: int, spin_us: int) -> tuple[float, list[int]]:
+def consume(endpoint: str, ready, stop, q) -> None:
+    """A KV-event subscriber: counts the batches and bytes it receives until ``stop``."""
+    import zmq
+
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    ready.set()
+    batches = size = 0
+    while not stop.is_set() or sub.poll(200):
+        if sub.poll(50):
+            frames = sub.recv_multipart()
+            batches += 1
+            size += len(frames[2])
+    q.put((batches, size))
+
+
+def run(n_producers: int, n: int, spin_us: int, publish: bool = False,
+        subscriber: bool = False) -> tuple[float, list[int], tuple | None]:
     name = f"benchd-{uuid.uuid4().hex[:8]}"
-    proc = serve(name, n_producers * n * 128 + 1024, spin_us)
+    endpoint = f"ipc:///tmp/{name}.pub" if publish else None
+    proc = serve(name, n_producers * n * 128 + 1024, spin_us, endpoint)
     ctx = mp.get_context("spawn")
     go, q = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=produce, args=(name, i, n, go, q, spin_us)) for i in range(n_producers)]
+    sub = None
+    if subscriber:
+        ready, stop, sq = ctx.Event(), ctx.Event(), ctx.Queue()
+        sub = ctx.Process(target=consume, args=(endpoint, ready, stop, sq))
+        sub.start()
+        ready.wait(120)
     try:
         for p in procs:
             p.start()
@@ -85,21 +116,39 @@ def run(n_producers: int, n: int, spin_us: int) -> tuple[float, list[int]]:
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(60)
+    received = None
+    if sub is not None:
+        stop.set()
+        received = sq.get(timeout=120)
+        sub.join()
     wall = max(t for t, _ in results)
-    return n_producers * n * 128 / wall, [s for _, ss in results for s in ss]
+    return n_producers * n * 128 / wall, [s for _, ss in results for s in ss], received
 
 
-def embedded(n: int) -> tuple[float, list[int]]:
+def embedded(n: int, churn: bool = False, publish: bool = False) -> tuple[float, list[int]]:
+    """Inserts into a Writer in this process; ``churn``: a capacity of 64
+    prompts, so every insert past them evicts 128 blocks; ``publish``: with
+    a Publisher (to an ipc endpoint nobody reads) flushed after each insert."""
     from shmcache import Writer
 
-    with Writer.create(f"benche-{uuid.uuid4().hex[:8]}", capacity=n * 128 + 1024, block_size=BS) as w:
+    name = f"benche-{uuid.uuid4().hex[:8]}"
+    with Writer.create(name, capacity=64 * 128 if churn else n * 128 + 1024, block_size=BS) as w:
+        pub = None
+        if publish:
+            from shmcache.publish import Publisher
+
+            pub = Publisher(w, f"ipc:///tmp/{name}.pub")
         samples = []
         t_all = time.perf_counter()
         for i in range(n):
             t0 = time.perf_counter_ns()
             w.insert(prompt(0, i), np.arange(i * 128, (i + 1) * 128))
+            if pub is not None:
+                pub.flush()
             samples.append(time.perf_counter_ns() - t0)
         rate = n * 128 / (time.perf_counter() - t_all)
+        if pub is not None:
+            pub.close()
         w.close(unlink=True)
     return rate, samples
 
@@ -160,16 +209,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=2000, help="128-block prompts per producer")
     ap.add_argument("--spin-us", type=int, default=200, help="daemon and client poll time before sleeping")
+    ap.add_argument("--publish-events", action="store_true", help="also with KV events published (issue 13)")
     args = ap.parse_args()
     print(f"machine: {machine()}; spin {args.spin_us} µs")
     print(f"{'case':38s} {'blocks/s':>12s} {'p50 µs':>9s} {'p99 µs':>9s}")
     rate, samples = embedded(args.prompts)
     p50, p99 = percentiles(samples)
     print(f"{'embedded Writer (baseline, no socket)':38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f}")
+    cases = [(False, False)] + ([(True, False), (True, True)] if args.publish_events else [])
     for n in (1, 2):
-        rate, samples = run(n, args.prompts, args.spin_us)
-        p50, p99 = percentiles(samples)
-        print(f"{f'daemon, {n} producer process(es)':38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f}")
+        plain = None
+        for publish, subscriber in cases:
+            rate, samples, received = run(n, args.prompts, args.spin_us, publish, subscriber)
+            p50, p99 = percentiles(samples)
+            label = f"daemon, {n} producer process(es)" + (", publishing" if publish else "")
+            note = ""
+            if publish:
+                note = f"  {rate / plain:.2f}x plain; " + (
+                    f"a subscriber process got {received[0]:,} batches, {received[1] / 1e6:,.1f} MB" if subscriber
+                    else "no subscriber (the daemon's own cost)")
+            plain = plain or rate
+            print(f"{label:38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f}{note}")
+    if args.publish_events:
+        print()
+        base, _ = embedded(args.prompts, churn=True)
+        for label, publish in (("embedded churn (evicts 128 per insert)", False), ("embedded churn, publishing", True)):
+            rate, samples = embedded(args.prompts, churn=True, publish=publish)
+            p50, p99 = percentiles(samples)
+            print(f"{label:38s} {2 * rate:12,.0f} {p50:9.1f} {p99:9.1f}  ({2 * rate / 1e6:.2f}M blocks/s stored + removed)"
+                  + (f"  {rate / base:.2f}x plain" if publish else ""))
     print()
     print(f"{'round trip':38s} {'':>12s} {'p50 µs':>9s} {'p99 µs':>9s}")
     one, empty = small_round_trips(args.spin_us)

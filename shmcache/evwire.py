@@ -1,0 +1,177 @@
+"""The msgpack bytes of published KV events, written by Numba kernels.
+
+A daemon that publishes pays for every event in its own loop, so the
+events of an operation are encoded in one kernel call instead of a Python
+object per event: ``BlockStored`` and ``BlockRemoved`` exactly as msgspec
+encodes vLLM 0.33's structs (canonical msgpack: every int in its smallest
+unsigned form). The parts of an event that never change (map keys, the
+tag, ``medium``, ``group_idx``, ...) come in as byte pieces that
+``shmcache.publish`` encodes once with msgspec itself; the kernels write
+what varies between them: the block hashes, the parent and the token ids.
+The tests prove the result byte for byte equal to msgspec's encoding.
+
+``apply_changes`` also keeps the publisher's mirror of each stored block's
+tokens, which the segment does not hold (snapshots need them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .wstate import J_DROPPED, J_STORED
+
+_NIL = np.uint8(0xC0)
+_FF, _8, _16, _24 = np.uint64(0xFF), np.uint64(8), np.uint64(16), np.uint64(24)
+_UFF, _U8, _U16, _U24 = np.uint32(0xFF), np.uint32(8), np.uint32(16), np.uint32(24)
+
+
+@njit(cache=True)
+def put_uint(out, pos, v):
+    """``v`` (uint64) as msgpack's smallest unsigned int at ``out[pos]``
+    (big-endian); returns the new pos. Each width spelled out: a byte loop
+    costs twice as much per token."""
+    if v < 128:
+        out[pos] = np.uint8(v)
+        return pos + 1
+    if v < 256:
+        out[pos] = 0xCC
+        out[pos + 1] = np.uint8(v)
+        return pos + 2
+    if v < 65536:
+        out[pos] = 0xCD
+        out[pos + 1] = np.uint8(v >> _8)
+        out[pos + 2] = np.uint8(v & _FF)
+        return pos + 3
+    if v < 4294967296:
+        out[pos] = 0xCE
+        out[pos + 1] = np.uint8(v >> _24)
+        out[pos + 2] = np.uint8((v >> _16) & _FF)
+        out[pos + 3] = np.uint8((v >> _8) & _FF)
+        out[pos + 4] = np.uint8(v & _FF)
+        return pos + 5
+    out[pos] = 0xCF
+    for i in range(8):
+        out[pos + 8 - i] = np.uint8((v >> np.uint64(8 * i)) & _FF)
+    return pos + 9
+
+
+@njit(cache=True)
+def put_array_header(out, pos, n):
+    if n < 16:
+        out[pos] = np.uint8(0x90 | n)
+        return pos + 1
+    if n < 65536:
+        out[pos] = 0xDC
+        out[pos + 1] = np.uint8(n >> 8)
+        out[pos + 2] = np.uint8(n & 0xFF)
+        return pos + 3
+    out[pos] = 0xDD
+    for i in range(4):
+        out[pos + 4 - i] = np.uint8((n >> (8 * i)) & 0xFF)
+    return pos + 5
+
+
+@njit(cache=True)
+def put_bytes(out, pos, piece):
+    for i in range(piece.shape[0]):
+        out[pos + i] = piece[i]
+    return pos + piece.shape[0]
+
+
+@njit(cache=True)
+def put_stored(out, pos, keys, parent_key, has_parent, tokens, head, mid, tail, rest):
+    """One ``BlockStored``: ``head``, the hashes ``keys`` (uint64), ``mid``,
+    the parent (nil unless ``has_parent``), ``tail``, the ``tokens``, ``rest``."""
+    pos = put_bytes(out, pos, head)
+    pos = put_array_header(out, pos, keys.shape[0])
+    for i in range(keys.shape[0]):
+        pos = put_uint(out, pos, keys[i])
+    pos = put_bytes(out, pos, mid)
+    if has_parent:
+        pos = put_uint(out, pos, parent_key)
+    else:
+        out[pos] = _NIL
+        pos += 1
+    pos = put_bytes(out, pos, tail)
+    pos = put_array_header(out, pos, tokens.shape[0])
+    for i in range(tokens.shape[0]):  # every id a uint32, 5 bytes: no dependency from one to the next
+        t = np.uint32(tokens[i])
+        at = pos + 5 * i
+        out[at] = 0xCE
+        out[at + 1] = np.uint8(t >> _U24)
+        out[at + 2] = np.uint8((t >> _U16) & _UFF)
+        out[at + 3] = np.uint8((t >> _U8) & _UFF)
+        out[at + 4] = np.uint8(t & _UFF)
+    return put_bytes(out, pos + 5 * tokens.shape[0], rest)
+
+
+@njit(cache=True)
+def put_removed(out, pos, keys, head, rest):
+    """One ``BlockRemoved`` of the hashes ``keys`` (uint64)."""
+    pos = put_bytes(out, pos, head)
+    pos = put_array_header(out, pos, keys.shape[0])
+    for i in range(keys.shape[0]):
+        pos = put_uint(out, pos, keys[i])
+    return put_bytes(out, pos, rest)
+
+
+@njit(cache=True)
+def apply_changes(entries, tokens, block_size, mtok, mns, ns_id, emit, out,
+                  s_head, s_mid, s_tail, s_rest, r_head, r_rest):
+    """Take one operation's journal ``entries`` (``Writer.watch``; they
+    carry every key, so this may run after later operations reused the
+    records): record the tokens of each stored block (``tokens``, the
+    operation's) in ``mtok`` and its namespace ``ns_id`` in ``mns`` (-1
+    for a dropped one), and, with ``emit``, write the node stream's events
+    into ``out``: one ``BlockStored`` per run of stores (a chain:
+    ``mutate.add_chain`` adds each below the one before), one
+    ``BlockRemoved`` per run of drops, leaving out blocks whose tokens were
+    never known. Returns ``(bytes written, events, drops of unknown
+    blocks)``."""
+    m = entries.shape[0]
+    pos = 0
+    events = 0
+    unknown = 0
+    keys = np.empty(m, dtype=np.uint64)
+    i = 0
+    while i < m:
+        op = entries[i, 0]
+        j = i
+        while j < m and entries[j, 0] == op:
+            j += 1
+        if op == J_STORED:
+            for r in range(i, j):
+                s = entries[r, 1]
+                b = entries[r, 2]
+                for t in range(block_size):
+                    mtok[s, t] = np.uint32(tokens[b * block_size + t])
+                mns[s] = ns_id
+                keys[r - i] = np.uint64(entries[r, 4])
+            if emit:
+                b0 = entries[i, 2]
+                pos = put_stored(out, pos, keys[: j - i], np.uint64(entries[i, 6]), entries[i, 5] >= 0,
+                                 tokens[b0 * block_size : (b0 + j - i) * block_size], s_head, s_mid, s_tail, s_rest)
+                events += 1
+        elif op == J_DROPPED:
+            n = 0
+            for r in range(i, j):
+                s = entries[r, 1]
+                if mns[s] >= 0:
+                    keys[n] = np.uint64(entries[r, 2])
+                    n += 1
+                else:
+                    unknown += 1
+                mns[s] = -1
+            if emit and n > 0:
+                pos = put_removed(out, pos, keys[:n], r_head, r_rest)
+                events += 1
+        i = j
+    return pos, events, unknown
+
+
+def bound(entries: int, block_size: int, pieces: int) -> int:
+    """Bytes ``apply_changes`` may write for ``entries`` journal rows:
+    per block a hash (9) and its tokens (5 each), per event (at most one
+    per row) its constant ``pieces`` bytes, a parent and two headers."""
+    return entries * (9 + 5 * block_size + pieces + 19)

@@ -1,0 +1,281 @@
+"""KV events out (issue 13, part 1): a segment's changes published as vLLM
+0.33 publishes its KV cache, decoded by a subscriber with vLLM's own
+struct declarations, in both encodings; the model a subscriber builds
+from the stream is exactly the segment's content after inserts, removes,
+evictions, clears and owners letting go; replay heals a dropped range and
+gives a late joiner a snapshot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zmq
+
+from shmcache import Client, Reader, Writer
+from shmcache.errors import InvalidInputError
+from shmcache import evwire
+from shmcache.publish import Pieces, Publisher, batch_payload
+
+from daemon_proc import Served
+from kv_structs import ARRAY, MAP
+from kv_subscriber import Consumer, check_model
+
+BS = 4
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+@pytest.fixture
+def ends(tmp_path):
+    return f"ipc://{tmp_path}/pub", f"ipc://{tmp_path}/replay"
+
+
+def prompt(i: int, blocks: int, shared: int = 0) -> np.ndarray:
+    """``blocks`` blocks: the first ``shared`` shared by every prompt, the rest unique to ``i``."""
+    head = np.arange(shared * BS)
+    tail = 1_000 + i * 10_000 + np.arange((blocks - shared) * BS)
+    return np.concatenate([head, tail]).astype(np.int64)
+
+
+class Embedded:
+    """A Writer with a Publisher, and a Consumer of its stream."""
+
+    def __init__(self, name, ctx, ends, capacity=64, encoding=MAP, topic="", **kw):
+        self.w = Writer.create(name, capacity=capacity, block_size=BS)
+        self.pub = Publisher(self.w, ends[0], replay=ends[1], ctx=ctx, array_format=encoding is ARRAY, **kw)
+        self.namespaces: dict = {}
+        self.consumer = Consumer(ctx, ends[0], ends[1], topic=topic, encoding=encoding, pump=self.pub.serve_replay)
+        self.ctx, self.ends, self.encoding = ctx, ends, encoding
+
+    def insert(self, tokens, namespace=None, **kw):
+        self.namespaces[tuple(tokens[:BS].tolist())] = namespace
+        n = len(tokens) // BS
+        return self.w.insert(tokens, np.arange(n) + 1_000_000 * (self.w.stats()["inserted_blocks"] + 1), namespace, **kw)
+
+    def sync(self, consumer=None, owner_bit=None):
+        self.pub.flush()
+        c = consumer or self.consumer
+        stream = next(s for s in self.pub._streams.values() if s.topic == c.topic)
+        c.receive(stream.seq)
+        check_model(c, self.w._map.data, self.w.geometry.vector(), self.w.block_keys, self.namespaces, owner_bit)
+
+    def close(self):
+        self.consumer.close()
+        self.pub.close()
+        self.w.close(unlink=True)
+
+
+@pytest.fixture
+def embedded(shm_name, ctx, ends):
+    made = []
+
+    def make(**kw):
+        made.append(Embedded(shm_name, ctx, ends, **kw))
+        return made[-1]
+
+    yield make
+    for e in made:
+        e.close()
+
+
+@pytest.mark.parametrize("encoding", [MAP, ARRAY], ids=["map", "array"])
+def test_stream_reproduces_the_segment(embedded, encoding):
+    e = embedded(capacity=40, encoding=encoding)
+    for i in range(6):  # a shared head, so later prompts extend cached ones
+        e.insert(prompt(i, 5, shared=2))
+        e.sync()
+    e.insert(prompt(100, 3), namespace="adapter-a")  # a LoRA namespace: lora_name
+    e.insert(prompt(101, 3), namespace=7)  # an int namespace: lora_id
+    e.sync()
+    for i in range(6, 14):  # past capacity: LRU evictions become BlockRemoved
+        e.insert(prompt(i, 5, shared=2))
+    e.sync()
+    assert e.w.stats()["evicted_blocks"] > 0
+    e.w.remove([int(e.w.match_prefix(prompt(13, 5, shared=2)).values[1])])  # a middle block and its subtree
+    e.sync()
+    e.w.evict(3)
+    e.sync()
+    e.w.clear()
+    e.sync()
+    assert e.consumer.blocks == {}
+    e.insert(prompt(200, 4))
+    e.sync()
+    seqs = sorted(set(e.consumer.received) | set(e.consumer.healed))
+    assert seqs == list(range(e.pub._node.seq)), "sequence numbers are consecutive from 0"
+
+
+def test_owners_letting_go_and_lora_fields(embedded):
+    e = embedded(capacity=64)
+    e.insert(prompt(1, 4, shared=2), owner="rank0")
+    e.insert(prompt(2, 4, shared=2), owner="rank1")
+    e.insert(prompt(3, 4), owner="rank1", namespace="lora-x")
+    e.sync()
+    before = len(e.consumer.blocks)
+    e.w.release(prompt(2, 4, shared=2)[: 3 * BS], "rank1")  # rank1 lets go of blocks only it held
+    e.sync()
+    assert len(e.consumer.blocks) < before
+    e.w.clear_owner("rank0")
+    e.sync()
+    raw = e.pub._node.ring[-1][1]
+    assert b"BlockRemoved" in raw
+
+
+def test_per_owner_streams(shm_name, ctx, ends, embedded):
+    e = embedded(capacity=64, per_owner=True, model="m", topic="kv@rank0@m")
+    other = Consumer(ctx, ends[0], ends[1], topic="kv@rank1@m", pump=e.pub.serve_replay)
+    try:
+        e.insert(prompt(1, 4, shared=2), owner="rank0")
+        e.insert(prompt(2, 4, shared=2), owner="rank1")  # the shared head: rank1 stores it too
+        e.insert(prompt(1, 4, shared=2), owner="rank1")  # rank1 gains blocks rank0 stored: BlockStored for it
+        e.insert(prompt(3, 2))  # no owner: on no owner's stream
+        entries = e.w.owner_info()
+        e.sync(owner_bit=entries["rank0"]["entry"])
+        e.sync(other, owner_bit=entries["rank1"]["entry"])
+        assert len(other.blocks) == 6 and len(e.consumer.blocks) == 4
+        e.w.release(prompt(1, 4, shared=2)[: 3 * BS], "rank1")  # rank1 lets go; rank0 still holds them
+        e.sync(owner_bit=entries["rank0"]["entry"])
+        e.sync(other, owner_bit=entries["rank1"]["entry"])
+        assert len(other.blocks) == 4 and len(e.consumer.blocks) == 4
+        e.w.clear_owner("rank0")
+        e.sync(owner_bit=entries["rank0"]["entry"])
+        e.sync(other, owner_bit=entries["rank1"]["entry"])
+        assert e.consumer.blocks == {} and len(other.blocks) == 4
+        assert set(e.pub.stats()["streams"]) == {"kv@rank0@m", "kv@rank1@m"}
+    finally:
+        other.close()
+
+
+def test_replay_heals_a_dropped_range(embedded):
+    e = embedded(capacity=200)
+    e.consumer.drop = {3, 4, 5}
+    for i in range(10):
+        e.insert(prompt(i, 3, shared=1))
+        e.pub.flush()
+    e.sync()
+    assert {3, 4, 5} <= set(e.consumer.healed)
+    assert e.consumer.snapshots == 0
+
+
+def test_a_late_joiner_gets_a_snapshot(shm_name, ctx, ends, embedded):
+    e = embedded(capacity=30, buffer=3)
+    for i in range(12):  # with evictions: the content is not the sum of the stores
+        e.insert(prompt(i, 4, shared=2))
+        e.pub.flush()
+    e.sync()
+    late = Consumer(ctx, ends[0], ends[1], pump=e.pub.serve_replay)
+    try:
+        late.replay(0)  # batch 0 is long gone from a buffer of 3
+        assert late.snapshots == 1
+        e.insert(prompt(50, 3))
+        e.sync(late)
+        e.sync()
+        assert late.blocks == e.consumer.blocks
+    finally:
+        late.close()
+
+
+def test_an_overflowed_journal_resynchronises(shm_name, ctx, ends):
+    e = Embedded(shm_name, ctx, ends, capacity=64, journal=4)
+    try:
+        for i in range(10):  # a journal of 4 grows to 6 for 2-block inserts
+            e.insert(prompt(i, 2, shared=1))
+        e.insert(prompt(99, 2))
+        e.sync()
+        assert len(e.consumer.blocks) == 13 and e.consumer.snapshots == 0
+        e.w.remove([int(e.w.match_prefix(prompt(0, 2, shared=1)).values[0])])  # 11 drops overflow it
+        e.sync()
+        assert len(e.consumer.blocks) == 2
+        assert b"AllBlocksCleared" in e.pub._node.ring[-1][1]
+        for i in range(10, 14):
+            e.insert(prompt(i, 2))
+        e.w.clear()  # 10 drops: a clear, then nothing
+        e.sync()
+        assert e.consumer.blocks == {} and e.consumer.snapshots == 0 and e.pub.errors == 0
+    finally:
+        e.close()
+
+
+@pytest.mark.parametrize("enc", [MAP, ARRAY], ids=["map", "array"])
+def test_events_are_byte_for_byte_what_msgspec_encodes(enc):
+    """The kernels' bytes equal msgspec's encoding of vLLM's own structs,
+    but for the token ids: each a msgpack uint32, which decodes the same."""
+    import msgspec
+
+    def uint32s(tokens):
+        n = len(tokens)
+        head = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536 else b"\xdd" + n.to_bytes(4, "big"))
+        return msgspec.Raw(head + b"".join(b"\xce" + int(t).to_bytes(4, "big") for t in tokens))
+
+    pieces = Pieces(enc is ARRAY, BS)
+    edge = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63, 2**64 - 1]
+    rng = np.random.default_rng(5)
+    for blocks in (1, 3, 15, 16, 20, 16_400):  # headers: fixarray, array 16, array 32 (tokens > 65535)
+        keys = np.array((edge * blocks)[:blocks], dtype=np.uint64)
+        tokens = rng.choice(np.array([0, 5, 127, 128, 300, 65535, 65536, 2**32 - 1], dtype=np.uint32), blocks * BS)
+        for parent in (None, 0, 200, 2**64 - 1):
+            for ns in (None, "adapter-a", 7):
+                out = np.empty(evwire.bound(blocks, BS, pieces.size() + len(pieces.rest(ns))), dtype=np.uint8)
+                pos = evwire.put_stored(out, 0, keys, np.uint64(parent or 0), parent is not None, tokens,
+                                        *pieces.arrays, pieces.rest(ns))
+                fields = dict(block_hashes=keys.tolist(), parent_block_hash=parent, block_size=BS,
+                              lora_id=ns if type(ns) is int else None, medium="GPU",
+                              lora_name=ns if isinstance(ns, str) else None, group_idx=0,
+                              kv_cache_spec_kind="full_attention")
+                ours = out[:pos].tobytes()
+                assert ours == msgspec.msgpack.encode(enc.BlockStored(token_ids=uint32s(tokens), **fields))
+                assert msgspec.msgpack.decode(ours) == msgspec.msgpack.decode(
+                    msgspec.msgpack.encode(enc.BlockStored(token_ids=tokens.tolist(), **fields)))
+        out = np.empty(evwire.bound(blocks, 0, pieces.size()), dtype=np.uint8)
+        pos = evwire.put_removed(out, 0, keys, *pieces.removed_arrays)
+        removed = out[:pos].tobytes()
+        assert removed == msgspec.msgpack.encode(enc.BlockRemoved(block_hashes=keys.tolist(), medium="GPU", group_idx=0))
+    cleared = msgspec.msgpack.encode(enc.AllBlocksCleared())
+    assert pieces.cleared == cleared
+    payload = batch_payload([cleared, removed], 2, 1.5)
+    assert payload == msgspec.msgpack.encode([1.5, [msgspec.Raw(cleared), msgspec.Raw(removed)], None])
+    assert len(msgspec.msgpack.Decoder(enc.Batch).decode(payload).events) == 2
+
+
+def test_bad_options_are_refused(shm_name, ctx, ends):
+    w = Writer.create(shm_name, capacity=8, block_size=BS)
+    try:
+        with pytest.raises(InvalidInputError, match="positive number of batches"):
+            Publisher(w, ends[0], buffer=0, ctx=ctx)
+        with pytest.raises(InvalidInputError, match="cannot publish"):
+            Publisher(w, "tcp://no-such-host.invalid:1", replay="nonsense://x", ctx=ctx)
+        w.insert(np.arange(8), [1, 2])  # still a working writer, watched by nobody
+        assert w.match_prefix(np.arange(8)).length == 8
+    finally:
+        w.close(unlink=True)
+
+
+@pytest.mark.parametrize("fmt", ["map", "array"])
+def test_daemon_publishes_what_clients_change(shm_name, ctx, fmt):
+    served = Served(shm_name, 48, "--publish-events", "tcp://127.0.0.1:*", "--publish-replay", "tcp://127.0.0.1:*",
+                    "--publish-format", fmt, block_size=BS)
+    fields = dict(kv.split("=", 1) for kv in served.ready.split()[1:])
+    consumer = Consumer(ctx, fields["publish"], fields["replay"], encoding=MAP if fmt == "map" else ARRAY)
+    r = Reader.attach(shm_name)
+    try:
+        a, b = Client.connect(shm_name), Client.connect(shm_name)
+        namespaces: dict = {}
+        for i in range(8):
+            a.insert(prompt(i, 4, shared=1), np.arange(4) + 100 * i)
+        for i in range(8, 16):  # past capacity: evictions
+            b.insert(prompt(i, 4, shared=1), np.arange(4) + 100 * i)
+        a.close()  # a client that leaves takes its blocks with it
+        b.insert(prompt(99, 2), [1, 2])  # a round trip after the close: the removal is applied
+
+        consumer.settle()
+        check_model(consumer, r._data, r._geom, r.block_keys, namespaces)
+        assert r.stats()["evicted_blocks"] > 0 and r.stats()["removed_blocks"] > 0
+        b.close()
+    finally:
+        consumer.close()
+        r.close()
+        served.kill()
