@@ -136,8 +136,10 @@ class Pieces:
             lora_id = namespace if type(namespace) is int else None
             lora_name = namespace if isinstance(namespace, str) else None
             if self.array_format:
+                # block_size, lora_id, medium, lora_name, extra_keys, group_idx, kv_cache_spec_kind, then nil for
+                # the sliding window, locality, ownership, session_id and lookahead_token_ids
                 raw = (e(self.block_size) + e(lora_id) + e("GPU") + e(lora_name) + e(None) + e(0) + e("full_attention")
-                       + e(None) * 5)  # extra_keys, ..., kind, then sliding window, locality, ownership, session, lookahead
+                       + e(None) * 5)
             else:
                 raw = (e("block_size") + e(self.block_size) + e("lora_id") + e(lora_id) + e("medium") + e("GPU")
                        + e("lora_name") + e(lora_name) + e("group_idx") + e(0) + e("kv_cache_spec_kind")
