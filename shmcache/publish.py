@@ -58,6 +58,7 @@ million 16-token blocks) for snapshots.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import time
 from collections import deque
@@ -222,6 +223,7 @@ class Publisher:
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 100_000)
         self._router = None
+        self._ipc_files: dict[str, int] = {}
         try:
             if "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://")):
                 self._pub.bind(endpoint)
@@ -231,6 +233,10 @@ class Publisher:
                 self._router = self._ctx.socket(zmq.ROUTER)
                 self._router.setsockopt(zmq.LINGER, 0)
                 self._router.bind(replay)
+            # ZMQ removes a bound ipc:// socket file in its I/O thread, which a
+            # process that exits right after closing may never let run.
+            self._ipc_files = {path: os.lstat(path).st_ino for path in (e[len("ipc://"):] for e in (endpoint, replay or "")
+                                                                         if e.startswith("ipc://"))}
         except zmq.ZMQError as e:
             self._close_sockets()
             raise InvalidInputError(f"cannot publish KV events on {endpoint!r} (replay {replay!r}): {e}") from None
@@ -253,6 +259,12 @@ class Publisher:
         self._pub.close()
         if self._router is not None:
             self._router.close()
+        for path, ino in self._ipc_files.items():
+            try:
+                if os.lstat(path).st_ino == ino:  # still ours, not another publisher's since
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def close(self) -> None:
         """Send what is gathered, stop watching the writer, close the sockets."""

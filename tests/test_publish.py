@@ -7,6 +7,8 @@ gives a late joiner a snapshot."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import zmq
@@ -198,6 +200,7 @@ def test_an_overflowed_journal_resynchronises(shm_name, ctx, ends):
         assert e.consumer.blocks == {} and e.consumer.snapshots == 0 and e.pub.errors == 0
     finally:
         e.close()
+    assert not any(os.path.exists(end[len("ipc://"):]) for end in ends), "the ipc socket files are removed"
 
 
 @pytest.mark.parametrize("enc", [MAP, ARRAY], ids=["map", "array"])
