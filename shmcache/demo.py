@@ -31,7 +31,7 @@ from typing import Callable, TextIO
 import numpy as np
 
 from .replay import load_trace, prompt_tokens, unique_blocks
-from .warmup import warm_reader
+from .warmup import throwaway_writer, warm_events, warm_owners
 
 
 def _worker(name: str, index: int, n_workers: int, trace, progress, done, drain, release, results) -> None:
@@ -95,6 +95,26 @@ def _start_daemon(name: str, capacity: int, block_size: int,
     return proc, wait_ready(proc)
 
 
+def _warm(block_size: int, routing: bool) -> None:
+    """What the demo's other processes use, compiled into the cache while
+    its first daemon compiles the writer's kernels (on a first run; later
+    runs load them): the workers' int64 match, the dump's check, and for
+    part 2 the router's ``match_owners`` and the kernels its daemon adds for
+    KV events. Only these: on a first run this is the longer of the two."""
+    from .dump import describe
+    from .reader import Reader
+
+    toks = np.arange(4 * block_size, dtype=np.int64)
+    with throwaway_writer(block_size) as w, Reader.attach(w.name) as r:
+        r.match_prefix(toks)
+        describe(r, depth=1, width=1, check=True)
+        if routing:
+            r.match_owners(toks)
+    if routing:
+        warm_owners(block_size)
+        warm_events()
+
+
 COMPILING_HINT = ("  the daemon is not ready after 5 s: the first run after an install compiles its Numba kernels "
                   "into the on-disk cache (about a minute, once)")
 
@@ -149,10 +169,7 @@ def run(workers: int = 4, requests: int | None = None, capacity_fraction: float 
     print(f"shmcache demo: {len(trace):,} requests of the Mooncake synthetic trace, {uniq:,} unique blocks "
           f"of {block_size} tokens; segment {name!r} of {capacity:,} blocks ({capacity_fraction:.0%}); "
           f"{workers} workers", file=out)
-    # While the daemon compiles the writer's kernels (a first run), this
-    # process compiles the readers' into the same cache: the workers and
-    # part 2 then load them.
-    daemon, ready = _start_daemon(name, capacity, block_size, meanwhile=lambda: warm_reader(block_size))
+    daemon, ready = _start_daemon(name, capacity, block_size, meanwhile=lambda: _warm(block_size, routing))
     print(f"daemon: {ready}", file=out)
     ctx = mp.get_context("spawn")
     progress = ctx.Value("q", 0)

@@ -11,6 +11,7 @@ fresh machine) or loaded (otherwise) now:
   requests use (and its KV events', if it has sources). The daemon calls
   it before it reports ready, so no common request waits on the compiler;
   ``warm_upkeep`` loads the rest, which a daemon compiles when first asked.
+* ``warm_owners(block_size)``: the kernels of owners letting go, alone.
 * ``warm_reader(block_size)``: the matchers for every token form a caller
   usually passes, ``match_owners``, pinning, the checks and the dump.
 * ``warm_publish()``: the KV-event encoders of ``serve --publish-events``,
@@ -36,7 +37,7 @@ from . import segment
 
 
 @contextmanager
-def _throwaway(block_size: int, capacity: int = 16) -> Iterator:
+def throwaway_writer(block_size: int, capacity: int = 16) -> Iterator:
     """A Writer of a new segment, unlinked on leaving, whatever happens."""
     from .writer import Writer
 
@@ -59,7 +60,7 @@ def warm_writer(block_size: int = 16, events: bool = False) -> None:
     from .layout import RD_PID, reader_word
 
     toks_i64 = np.arange(4 * block_size, dtype=np.int64)
-    with _throwaway(block_size, capacity=4) as w:
+    with throwaway_writer(block_size, capacity=4) as w:
         for toks in (toks_i64, toks_i64.astype(np.uint32)):
             w.insert(toks, [1, 2, 3, 4], client=1, owner="warm-up")
             w.insert(toks[:block_size], [1], client=2)  # a full segment: evicts
@@ -76,6 +77,17 @@ def warm_writer(block_size: int = 16, events: bool = False) -> None:
         w.stats()
 
 
+def warm_owners(block_size: int = 16) -> None:
+    """Load or compile the kernels of owners letting go (``release``,
+    ``clear_owner``) without an insert: a process can compile them while
+    another compiles the insert kernel (the demo, while its daemon starts)."""
+    toks = np.arange(4 * block_size, dtype=np.int64)
+    with throwaway_writer(block_size) as w:
+        w.attach_owner("warm-up")
+        w.release(toks, "warm-up")  # nothing cached: the path kernel finds no block
+        w.clear_owner("warm-up")
+
+
 def warm_upkeep(block_size: int = 16) -> None:
     """Load or compile the writer's other kernels: its own ``match_prefix``,
     writer pins, ``evict``, ``clear``, ``check`` and the rebuild of a
@@ -83,7 +95,7 @@ def warm_upkeep(block_size: int = 16) -> None:
     from .writer import Writer
 
     toks = np.arange(4 * block_size, dtype=np.int64)
-    with _throwaway(block_size) as w:
+    with throwaway_writer(block_size) as w:
         w.insert(toks, [1, 2, 3, 4], owner="warm-up")
         w.match_prefix(toks)
         w.unpin(w.pin(toks))
@@ -106,7 +118,7 @@ def warm_reader(block_size: int = 16) -> None:
     from .reader import Reader
 
     toks = np.arange(4 * block_size, dtype=np.int64)
-    with _throwaway(block_size) as w, Reader.attach(w.name) as r:
+    with throwaway_writer(block_size) as w, Reader.attach(w.name) as r:
         for t in (toks, toks.astype(np.int32), toks.astype(np.uint32), toks.tolist()):
             r.match_prefix(t)
             r.match_owners(t)
@@ -140,7 +152,7 @@ def warm_publish() -> bool:
         return False
 
     toks = np.arange(16, dtype=np.int64)
-    with _throwaway(4) as w:
+    with throwaway_writer(4) as w:
         for per_owner in (False, True):
             pub = Publisher(w, f"inproc://shmcache-warmup-{secrets.token_hex(4)}", per_owner=per_owner)
             try:
