@@ -18,12 +18,14 @@ cache-aware (``Reader.match_owners``) routing (``shmcache.routing``).
 from __future__ import annotations
 
 import importlib.util
+import math
 import multiprocessing as mp
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from typing import Callable, TextIO
@@ -75,6 +77,11 @@ def _worker(name: str, index: int, n_workers: int, trace, progress, done, drain,
 _CLI = "import sys; sys.path.insert(0, {root!r}); from shmcache.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+HINT_AFTER_S = 5.0
+COMPILING_HINT = ("  the daemon is not ready after 5 s: the first run after an install compiles its Numba kernels "
+                  "into the on-disk cache (about a minute, once)")
+
+
 def _start_daemon(name: str, capacity: int, block_size: int,
                   meanwhile: Callable[[], object] | None = None) -> tuple[subprocess.Popen, str]:
     """Start ``shmcache serve`` for the segment, call ``meanwhile()`` (if
@@ -85,6 +92,15 @@ def _start_daemon(name: str, capacity: int, block_size: int,
          "--block-size", str(block_size), "--log-level", "warning"],
         stdout=subprocess.PIPE, bufsize=0,
     )
+    start = time.monotonic()
+    hinted = threading.Event()  # the hint is due 5 s after the start, while meanwhile() runs too
+
+    def hint() -> None:
+        print(COMPILING_HINT, file=sys.stderr, flush=True)
+        hinted.set()
+
+    timer = threading.Timer(HINT_AFTER_S, hint)
+    timer.start()
     try:
         if meanwhile is not None:
             meanwhile()
@@ -92,7 +108,11 @@ def _start_daemon(name: str, capacity: int, block_size: int,
         proc.kill()
         proc.wait()
         raise
-    return proc, wait_ready(proc)
+    finally:
+        timer.cancel()
+        timer.join()
+    left = math.inf if hinted.is_set() else max(0.0, HINT_AFTER_S - (time.monotonic() - start))
+    return proc, wait_ready(proc, hint_after=left)
 
 
 def _warm(block_size: int, routing: bool) -> None:
@@ -115,11 +135,7 @@ def _warm(block_size: int, routing: bool) -> None:
         warm_events()
 
 
-COMPILING_HINT = ("  the daemon is not ready after 5 s: the first run after an install compiles its Numba kernels "
-                  "into the on-disk cache (about a minute, once)")
-
-
-def wait_ready(proc: subprocess.Popen, timeout: float = 900.0, hint_after: float = 5.0) -> str:
+def wait_ready(proc: subprocess.Popen, timeout: float = 900.0, hint_after: float = HINT_AFTER_S) -> str:
     """The ``ready ...`` line a daemon started with an unbuffered stdout pipe prints.
 
     Lines it prints before that (a library's output) are passed on to stderr.
