@@ -120,7 +120,8 @@ def _warm(block_size: int, routing: bool) -> None:
     its first daemon compiles the writer's kernels (on a first run; later
     runs load them): the workers' int64 match, the dump's check, and for
     part 2 the router's ``match_owners`` and the kernels its daemon adds for
-    KV events. Only these: on a first run this is the longer of the two."""
+    KV events. Only these: every reader kernel (``warm_reader``) took longer
+    than the daemon's warm-up, which then waited for it."""
     from .dump import describe
     from .reader import Reader
 

@@ -109,9 +109,27 @@ def _top(parent, size, children, client, data, geom, depth: int, width: int) -> 
     return [node(int(s), 1) for s in widest(-1)]
 
 
+def reader_slots(reader) -> list[dict]:
+    """Every slot of the reader table, as ``reader`` reads it: pid and PID
+    namespace, counters (queries, query and hit blocks, pinned blocks), and
+    ``alive`` (its lock is held) for a slot registered by another reader;
+    None for a free slot or ``reader``'s own."""
+    wdata = reader._wdata
+    out = []
+    for slot in range(int(reader._geom[G_READER_SLOTS])):
+        pid = int(wdata[reader_word(slot, RD_PID)])
+        row = {"slot": slot, "pid": pid, "pid_namespace": int(wdata[reader_word(slot, RD_PIDNS)])}
+        row.update((k, int(wdata[reader_word(slot, f)])) for k, f in (
+            ("queries", RD_QUERIES), ("query_blocks", RD_QUERY_BLOCKS), ("hit_blocks", RD_HIT_BLOCKS),
+            ("pinned_blocks", RD_PINNED)))
+        row["alive"] = liveness.is_held(reader._map.fd, reader_lock_byte(slot)) if pid and slot != reader._slot else None
+        out.append(row)
+    return out
+
+
 def describe(reader, depth: int = 0, width: int = 5, check: bool = False) -> dict:
     """Everything ``dump`` shows, as one JSON-ready dict."""
-    data, wdata, geom = reader._data, reader._wdata, reader._geom
+    data, geom = reader._data, reader._geom
     stats = reader.stats()
     info: dict = {
         "name": reader.name,
@@ -134,16 +152,13 @@ def describe(reader, depth: int = 0, width: int = 5, check: bool = False) -> dic
                                            "clears", "recovered_drops", "clock")},
         "max_probe": int(data[H_MAX_PROBE]),
     }
-    readers = []
-    queries = query_blocks = hit_blocks = 0
-    for slot in range(int(geom[G_READER_SLOTS])):
-        pid = int(wdata[reader_word(slot, RD_PID)])
-        q, qb, hb, pins = (int(wdata[reader_word(slot, k)]) for k in (RD_QUERIES, RD_QUERY_BLOCKS, RD_HIT_BLOCKS, RD_PINNED))
-        queries, query_blocks, hit_blocks = queries + q, query_blocks + qb, hit_blocks + hb
-        if pid and slot != reader._slot:
-            alive = liveness.is_held(reader._map.fd, reader_lock_byte(slot))
-            readers.append({"slot": slot, "pid": pid, "pid_namespace": int(wdata[reader_word(slot, RD_PIDNS)]), "alive": alive,
-                            "queries": q, "block_hit_rate": round(hb / qb, 6) if qb else 0.0, "pinned_blocks": pins})
+    slots = reader_slots(reader)
+    queries, query_blocks, hit_blocks = (sum(r[k] for r in slots) for k in ("queries", "query_blocks", "hit_blocks"))
+    readers = [{"slot": r["slot"], "pid": r["pid"], "pid_namespace": r["pid_namespace"], "alive": r["alive"],
+                "queries": r["queries"],
+                "block_hit_rate": round(r["hit_blocks"] / r["query_blocks"], 6) if r["query_blocks"] else 0.0,
+                "pinned_blocks": r["pinned_blocks"]}
+               for r in slots if r["alive"] is not None]
     wq, wh = stats["writer_query_blocks"], stats["writer_hit_blocks"]
     info["hits"] = {
         "reader_queries": queries,

@@ -39,8 +39,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from . import liveness
-from .layout import G_READER_SLOTS, RD_HIT_BLOCKS, RD_PID, RD_QUERY_BLOCKS, reader_lock_byte, reader_word
+from .dump import reader_slots
 from .reader import Reader
 
 if TYPE_CHECKING:
@@ -63,16 +62,11 @@ class SegmentCollector:
         r = self.reader
         stats = r.stats()
         bs = stats["block_size"]
-        queries, hits = stats["writer_query_blocks"], stats["writer_hit_blocks"]
-        alive = dead = 0
-        for slot in range(int(r._geom[G_READER_SLOTS])):
-            queries += int(r._wdata[reader_word(slot, RD_QUERY_BLOCKS)])
-            hits += int(r._wdata[reader_word(slot, RD_HIT_BLOCKS)])
-            if r._wdata[reader_word(slot, RD_PID)] and slot != r._slot:  # this scraper is no reader of interest
-                if liveness.is_held(r._map.fd, reader_lock_byte(slot)):
-                    alive += 1
-                else:
-                    dead += 1
+        slots = reader_slots(r)  # this scraper's own slot is no reader of interest: alive None
+        queries = stats["writer_query_blocks"] + sum(row["query_blocks"] for row in slots)
+        hits = stats["writer_hit_blocks"] + sum(row["hit_blocks"] for row in slots)
+        alive = sum(row["alive"] is True for row in slots)
+        dead = sum(row["alive"] is False for row in slots)
         yield CounterMetricFamily("shmcache_prefix_cache_queries", "Tokens asked by prefix matches", value=queries * bs)
         yield CounterMetricFamily("shmcache_prefix_cache_hits", "Tokens of prefix matches found cached", value=hits * bs)
         g = GaugeMetricFamily("shmcache_blocks", "Blocks by state", labels=["state"])

@@ -316,8 +316,9 @@ def first_repeat(values, k, n, seen):
 def add_chain(A, start, path, k, keys, values, end, client, clock, owners):
     """Add blocks ``k..end`` below ``path[:k]`` (itself below ``start``, -1
     for the root), each the child of the one before, their states going to
-    ``path[k:end]``. The whole path is then held by ``owners`` and its
-    recency is ``clock``."""
+    ``path[k:end]``. The whole path is held by ``owners`` and its recency
+    is ``clock``; the cached blocks get them first, so an owner holds each
+    block's parent before the block (watchers see them in that order)."""
     for i in range(k):  # parents first: an owner holds a block's parent before the block
         set_field(A, path[i], R_RECENCY, clock)
         held = owners_of(A, path[i])

@@ -295,10 +295,13 @@ class Publisher:
         i = 0
         while bits:
             if bits & 1 and i in self._names:
-                out.append(self._stream(f"kv@{self._names[i]}@{self.model}"))
+                out.append(self._stream(self._owner_topic(self._names[i])))
             bits >>= 1
             i += 1
         return out
+
+    def _owner_topic(self, owner: str) -> str:
+        return f"kv@{owner}@{self.model}"
 
     def _word(self, states: np.ndarray, field: int) -> np.ndarray:
         return self._data[self._base + states * RECORD_WORDS + field]
@@ -350,7 +353,6 @@ class Publisher:
         if i is None:
             i = self._ns_ids[namespace] = len(self._namespaces)
             self._namespaces.append(namespace)
-            self._pieces.rest(namespace)
         return i
 
     def _on_changes(self, c: Changes) -> None:
@@ -374,10 +376,10 @@ class Publisher:
             self._apply_queued()
             self._resync()
             return
-        tokens = _NO_TOKENS if c.tokens is None else np.array(c.tokens, dtype=np.uint32)  # the caller's may change
+        tokens = _NO_TOKENS if c.tokens is None else np.asarray(c.tokens, dtype=np.uint32)
         ns_id = self._ns_id(c.namespace) if c.tokens is not None else -1
-        if self._node is not None:
-            self._queue.append((c.entries, tokens, ns_id))
+        if self._node is not None:  # kept until flush: a copy, the caller's may change
+            self._queue.append((c.entries, tokens.copy() if tokens is c.tokens else tokens, ns_id))
             return
         known = self._ns[c.entries[:, 1]] >= 0  # before the drops forget them
         self._apply(c.entries, tokens, ns_id, False)
@@ -385,8 +387,8 @@ class Publisher:
 
     def _apply(self, entries: np.ndarray, tokens: np.ndarray, ns_id: int, emit: bool) -> None:
         p = self._pieces
+        rest = p.rest(self._namespaces[ns_id]) if ns_id >= 0 else p.arrays[0]  # before size(): it may be the longest
         out = self._buffer(evwire.bound(len(entries), self.block_size, p.size()))
-        rest = p.rest(self._namespaces[ns_id]) if ns_id >= 0 else p.arrays[0]
         pos, events, unknown = evwire.apply_changes(entries, tokens, self.block_size, self._tokens, self._ns, ns_id,
                                                     emit, out, *p.arrays, rest, *p.removed_arrays)
         self.unknown_blocks -= unknown
@@ -448,7 +450,7 @@ class Publisher:
         states = states[self._ns[states] >= 0]
         if stream is not self._node:
             self._owner_streams(0)  # the names current
-            wanted = [i for i, name in self._names.items() if stream.topic == f"kv@{name}@{self.model}".encode()]
+            wanted = [i for i, name in self._names.items() if stream.topic == self._owner_topic(name).encode()]
             if not wanted:
                 return states[:0]
             states = states[(self._word(states, R_OWNERS) & np.uint64(1 << wanted[0])) != 0]
@@ -478,7 +480,7 @@ class Publisher:
         log.info("an operation changed more blocks than the journal holds: publishing a snapshot")
         self._owner_streams(0)  # names current
         streams = [self._node] if self._node is not None else [
-            self._stream(f"kv@{name}@{self.model}") for name in self._names.values()]
+            self._stream(self._owner_topic(name)) for name in self._names.values()]
         for stream in streams:
             stream.pending = [e for batch in self._snapshot(stream) for e in batch]
             stream.events = len(stream.pending)

@@ -111,9 +111,10 @@ class Changes(NamedTuple):
 
     ``entries`` is an ``(n, wstate.JOURNAL_WORDS)`` int64 array the sink
     owns, rows ``(op, state, a, ...)`` in the order the kernel made the
-    changes (``wstate.J_*`` says what each column is). A ``J_STORED`` row's ``a`` indexes the
-    blocks of ``tokens`` (the operation's token ids, or None for operations
-    that store nothing), all chained from ``namespace``. ``overflowed``: the
+    changes (``wstate.J_*`` says what each column is). A ``J_STORED``
+    row's ``a`` indexes the blocks of ``tokens`` (the operation's token
+    ids, or None for operations that store nothing), all chained from
+    ``namespace``. ``overflowed``: the
     operation made more changes than the journal holds and ``entries`` is
     incomplete; the sink must resynchronise from the segment.
     """
@@ -440,10 +441,13 @@ class Writer:
         self._check_open()
         if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1:
             raise InvalidInputError(f"entries must be a positive int, got {entries!r}")
-        rows = 0 if sink is None else entries
+        self._new_journal(0 if sink is None else entries)
+        self._sink = sink
+
+    def _new_journal(self, rows: int) -> None:
+        """An empty journal of ``rows`` rows (0: journaling off)."""
         self._A = self._A._replace(journal=np.zeros((rows, JOURNAL_WORDS), dtype=np.int64))
         self._A.meta[M_JOURNAL] = 0
-        self._sink = sink
 
     def _reap_if_due(self) -> None:
         if time.monotonic() - self._reaped_at >= self.reap_interval:
@@ -504,27 +508,28 @@ class Writer:
         vals = as_values(values, n, toks.shape[0], self.block_size)
         check_client(client)
         held = self._owner_bit(owner)
-        self._call = (toks, namespace)
-        try:
-            _, cached = self._insert(-1, 0, keys, vals, client, held, _NO_REFS)
-        finally:
-            self._call = (None, None)
+        _, cached = self._insert(-1, 0, keys, vals, client, held, _NO_REFS, toks, namespace)
         return cached * self.block_size
 
     def _insert(self, start: int, start_gen: int, keys: np.ndarray, vals: np.ndarray, client: int, held: np.uint64,
-                refs: np.ndarray) -> tuple[int, int]:
+                refs: np.ndarray, tokens: np.ndarray, namespace: Namespace) -> tuple[int, int]:
         """Run the insert kernel (once more after reaping dead readers if it
         found no room) and raise its errors; returns ``(status, cached
-        blocks)``, status OK or ERR_STALE."""
+        blocks)``, status OK or ERR_STALE. ``tokens`` and ``namespace``
+        (those ``keys`` were chained from) go to the watcher."""
         n = keys.shape[0]
         if self._sink is not None and 3 * n > len(self._A.journal):
             # An insert journals at most n stores, n evictions and n owner
             # gains: never an overflow, whose resync could not know the tokens.
-            self._A = self._A._replace(journal=np.zeros((3 * n, JOURNAL_WORDS), dtype=np.int64))
+            self._new_journal(3 * n)
         args = (self._A, start, start_gen, keys, vals, n, client, held, refs)
-        status, info, cached, evicted = self._run(mutate.insert_kernel, *args)
-        if status == mutate.ERR_FULL and self.reap_readers():
+        self._call = (tokens, namespace)
+        try:
             status, info, cached, evicted = self._run(mutate.insert_kernel, *args)
+            if status == mutate.ERR_FULL and self.reap_readers():
+                status, info, cached, evicted = self._run(mutate.insert_kernel, *args)
+        finally:
+            self._call = (None, None)
         if status == mutate.ERR_DUP_VALUE:
             raise InvalidInputError(
                 f"value {int(vals[info])} of block {info} is already cached for another block: "
@@ -587,15 +592,12 @@ class Writer:
         vals = as_values(values, keys.shape[0], toks.shape[0], self.block_size)
         check_client(client)
         refs = np.empty((keys.shape[0], 2), dtype=np.int64)
-        self._call = (toks, namespace)
         try:
-            status, _ = self._insert(state, gen, keys, vals, client, self._owner_bit(owner), refs)
+            status, _ = self._insert(state, gen, keys, vals, client, self._owner_bit(owner), refs, toks, namespace)
         except CacheFullError as e:
             if e.inserted_blocks:
                 e.rows = refs[: e.cached_tokens // self.block_size + e.inserted_blocks]
             raise
-        finally:
-            self._call = (None, None)
         return None if status == mutate.ERR_STALE else refs
 
     def holds(self, row: "np.ndarray | tuple[int, int]", owner: str) -> bool:

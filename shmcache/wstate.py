@@ -101,7 +101,7 @@ class Arrays(NamedTuple):
     rseen: np.ndarray  # uint64 (reader slots,): each slot's PIN_SEQ as last scanned
     gen: np.ndarray  # uint64 (capacity,): times each record's state was dropped (a writer pin handle's check)
     scratch: np.ndarray  # int64 (capacity,): a kernel's working list of states (no allocation per call)
-    journal: np.ndarray  # int64 (entries, 4): content changes since the Python layer last took them; 0 rows: off
+    journal: np.ndarray  # int64 (entries, JOURNAL_WORDS): content changes since the Python layer last took them; 0 rows: off
 
 
 M_FREE_TOP = 0
