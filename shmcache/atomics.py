@@ -12,7 +12,8 @@ All element accesses take a flat index into a 1-D C-contiguous array and do
 no bounds check: callers bound-check indices read from shared memory first.
 
 ``load_u64_unaligned`` reads eight little-endian bytes at a byte offset of
-any contiguous array; it is how the hash reads its input. shmcache requires a
+any contiguous array; it is how the hash reads its input. ``store_u64_be``
+writes eight big-endian bytes at a byte offset: how KV events are encoded. shmcache requires a
 little-endian host (x86-64, AArch64), which ``shmcache/__init__.py`` checks.
 """
 
@@ -37,6 +38,7 @@ __all__ = [
     "cas",
     "fetch_add",
     "load_u64_unaligned",
+    "store_u64_be",
     "mul128",
     "prefetch",
     "words_at",
@@ -175,6 +177,29 @@ def load_u64_unaligned(typingctx, arr, byte_offset):
         off = context.cast(builder, args[1], offty, types.intp)
         ptr = builder.bitcast(builder.gep(base, [off]), ir.IntType(64).as_pointer())
         return builder.load(ptr, align=1)
+
+    return sig, codegen
+
+
+@intrinsic
+def store_u64_be(typingctx, arr, byte_offset, value):
+    """Write ``value`` (uint64) as eight big-endian bytes at ``byte_offset``
+    of a contiguous byte array, unaligned, in one store: how msgpack's
+    big-endian ints are written eight bytes at a time."""
+    if not (isinstance(arr, types.Array) and arr.layout == "C" and arr.dtype == types.uint8
+            and isinstance(byte_offset, types.Integer) and isinstance(value, types.Integer)):
+        return None
+    sig = types.void(arr, byte_offset, types.uint64)
+
+    def codegen(context, builder, signature, args):
+        arrty, offty, _ = signature.args
+        ary = context.make_array(arrty)(context, builder, args[0])
+        i64 = ir.IntType(64)
+        off = context.cast(builder, args[1], offty, types.intp)
+        ptr = builder.bitcast(builder.gep(ary.data, [off]), i64.as_pointer())
+        bswap = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]), "llvm.bswap.i64")
+        builder.store(builder.call(bswap, [args[2]]), ptr, align=1)
+        return context.get_dummy_value()
 
     return sig, codegen
 

@@ -244,13 +244,16 @@ class Daemon:
                             log.info("reclaimed the reader-table slots and pins of %d dead reader(s)", reaped)
                         next_reap = time.monotonic() + self.writer.reap_interval
                     batch: list[tuple[_Conn, int, int, bytes]] = []
+                    replay_asked = False
                     for key, mask in self._wait(next_reap):
                         if key.data == "listen":
                             self._accept()
                         elif key.data == "wake":
                             os.read(self._wake_r, 4096)
-                        elif key.data in ("events", "replay"):
+                        elif key.data == "events":
                             pass  # drained below, every pass
+                        elif key.data == "replay":
+                            replay_asked = True
                         else:
                             conn = key.data
                             if mask & selectors.EVENT_READ:
@@ -271,8 +274,10 @@ class Daemon:
                     for conn in list(self._conns.values()):
                         self._flush(conn)
                     if self.publisher is not None:
-                        self.publisher.flush()
-                        self.publisher.serve_replay()
+                        if self.publisher.due(time.monotonic()):
+                            self.publisher.flush()
+                        if replay_asked:
+                            self.publisher.serve_replay()
             except (WriterLostError, SegmentRetiredError) as e:
                 log.error("stopping: %s", e)  # the name is another writer's now: leave it alone
         finally:
@@ -282,16 +287,21 @@ class Daemon:
 
     def _wait(self, next_reap: float) -> list:
         """Ready connections: polled for ``spin_s``, then slept for until the
-        next reap (not at all while KV events are queued)."""
+        next reap or the publisher's next batch (not at all while KV events
+        are queued)."""
         spin_until = time.perf_counter() + self.spin_s
-        while True:
-            ready = self._sel.select(timeout=0)
-            if ready or time.perf_counter() >= spin_until:
-                break
+        ready = self._sel.select(timeout=0)
+        if not ready and self.publisher is not None:
+            # Nothing to serve: the events of the requests just answered are
+            # encoded now, while the clients work on the replies.
+            self.publisher.encode()
+        while not ready and time.perf_counter() < spin_until:
             os.sched_yield()  # a spinning loop must not starve the clients it waits for
+            ready = self._sel.select(timeout=0)
         if ready or (self._ingest is not None and self._ingest.pending()):
             return ready
-        return self._sel.select(timeout=max(0.0, next_reap - time.monotonic()))
+        wake = next_reap if self.publisher is None else min(next_reap, self.publisher.deadline())
+        return self._sel.select(timeout=max(0.0, wake - time.monotonic()))
 
     def _accept(self) -> None:
         while True:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .atomics import store_u64_be
 from .wstate import J_DROPPED, J_STORED
 
 _NIL = np.uint8(0xC0)
 _FF, _8, _16, _24 = np.uint64(0xFF), np.uint64(8), np.uint64(16), np.uint64(24)
-_UFF, _U8, _U16, _U24 = np.uint32(0xFF), np.uint32(8), np.uint32(16), np.uint32(24)
+_CE56 = np.uint64(0xCE << 56)
 
 
 @njit(cache=True)
@@ -51,8 +52,7 @@ def put_uint(out, pos, v):
         out[pos + 4] = np.uint8(v & _FF)
         return pos + 5
     out[pos] = 0xCF
-    for i in range(8):
-        out[pos + 8 - i] = np.uint8((v >> np.uint64(8 * i)) & _FF)
+    store_u64_be(out, pos + 1, v)
     return pos + 9
 
 
@@ -95,14 +95,11 @@ def put_stored(out, pos, keys, parent_key, has_parent, tokens, head, mid, tail, 
         pos += 1
     pos = put_bytes(out, pos, tail)
     pos = put_array_header(out, pos, tokens.shape[0])
-    for i in range(tokens.shape[0]):  # every id a uint32, 5 bytes: no dependency from one to the next
-        t = np.uint32(tokens[i])
-        at = pos + 5 * i
-        out[at] = 0xCE
-        out[at + 1] = np.uint8(t >> _U24)
-        out[at + 2] = np.uint8((t >> _U16) & _UFF)
-        out[at + 3] = np.uint8((t >> _U8) & _UFF)
-        out[at + 4] = np.uint8(t & _UFF)
+    for i in range(tokens.shape[0]):
+        # Every id a uint32 (0xce and 4 bytes), stored as 8 bytes whose last
+        # 3 the next id (or ``rest``) overwrites: one store per id, and no
+        # dependency from one to the next. ``bound`` leaves the room.
+        store_u64_be(out, pos + 5 * i, _CE56 | (np.uint64(np.uint32(tokens[i])) << _24))
     return put_bytes(out, pos + 5 * tokens.shape[0], rest)
 
 
@@ -117,7 +114,7 @@ def put_removed(out, pos, keys, head, rest):
 
 
 @njit(cache=True)
-def apply_changes(entries, tokens, block_size, mtok, mns, ns_id, emit, out,
+def apply_changes(entries, tokens, block_size, mtok, mns, ns_id, emit, out, pos,
                   s_head, s_mid, s_tail, s_rest, r_head, r_rest):
     """Take one operation's journal ``entries`` (``Writer.watch``; they
     carry every key, so this may run after later operations reused the
@@ -127,10 +124,9 @@ def apply_changes(entries, tokens, block_size, mtok, mns, ns_id, emit, out,
     into ``out``: one ``BlockStored`` per run of stores (a chain:
     ``mutate.add_chain`` adds each below the one before), one
     ``BlockRemoved`` per run of drops, leaving out blocks whose tokens were
-    never known. Returns ``(bytes written, events, drops of unknown
-    blocks)``."""
+    never known, from ``out[pos]`` on. Returns ``(the new pos, events,
+    drops of unknown blocks)``."""
     m = entries.shape[0]
-    pos = 0
     events = 0
     unknown = 0
     keys = np.empty(m, dtype=np.uint64)

@@ -109,12 +109,13 @@ JOURNAL_ENTRIES = 1 << 16
 class Changes(NamedTuple):
     """What one operation changed, as a ``Writer.watch`` sink receives it.
 
-    ``entries`` is an ``(n, wstate.JOURNAL_WORDS)`` int64 array the sink
-    owns, rows ``(op, state, a, ...)`` in the order the kernel made the
-    changes (``wstate.J_*`` says what each column is). A ``J_STORED``
-    row's ``a`` indexes the blocks of ``tokens`` (the operation's token
-    ids, or None for operations that store nothing), all chained from
-    ``namespace``. ``overflowed``: the
+    ``entries`` is an ``(n, wstate.JOURNAL_WORDS)`` int64 array, rows
+    ``(op, state, a, ...)`` in the order the kernel made the changes
+    (``wstate.J_*`` says what each column is). A ``J_STORED`` row's ``a``
+    indexes the blocks of ``tokens`` (the operation's token ids, or None
+    for operations that store nothing), all chained from ``namespace``.
+    ``entries`` and ``tokens`` are the Writer's and the caller's: valid
+    during the sink's call only (copy what you keep). ``overflowed``: the
     operation made more changes than the journal holds and ``entries`` is
     incomplete; the sink must resynchronise from the segment.
     """
@@ -427,7 +428,7 @@ class Writer:
         n = int(meta[M_JOURNAL])
         if n:
             meta[M_JOURNAL] = 0
-            self._sink(Changes(journal[: min(n, len(journal))].copy(), *self._call, n > len(journal)))
+            self._sink(Changes(journal[: min(n, len(journal))], *self._call, n > len(journal)))
 
     def watch(self, sink: "Callable[[Changes], None] | None", entries: int = JOURNAL_ENTRIES) -> None:
         """Call ``sink(changes)`` after every operation that changed which

@@ -39,11 +39,13 @@ class Consumer:
         self.drop: set[int] = set()  # live batches to ignore, as if lost
         self.healed: list[int] = []  # sequence numbers applied from replay
         self.snapshots = 0
+        self.last_payload = b""  # the last batch applied
 
     def close(self) -> None:
         self.sub.close()
 
     def apply(self, payload: bytes) -> None:
+        self.last_payload = payload
         batch = self.decode(payload)
         assert batch.data_parallel_rank is None
         for e in batch.events:

@@ -162,9 +162,9 @@ def test_metrics_port_in_use_is_a_clear_error(shm_name):
         s.close()
 
 
-@pytest.mark.parametrize("flag", ["--publish-replay", "--publish-model"])
-def test_publish_options_need_an_endpoint(shm_name, flag):
-    out = subprocess.run([sys.executable, "-m", "shmcache.cli", "serve", shm_name, "--capacity", "8", flag, "x"],
+@pytest.mark.parametrize("flag, value", [("--publish-replay", "x"), ("--publish-model", "x"), ("--publish-interval-ms", "5")])
+def test_publish_options_need_an_endpoint(shm_name, flag, value):
+    out = subprocess.run([sys.executable, "-m", "shmcache.cli", "serve", shm_name, "--capacity", "8", flag, value],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "need --publish-events" in out.stderr
     assert not os.path.exists(f"/dev/shm/shmcache.{shm_name}")

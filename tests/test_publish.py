@@ -8,6 +8,7 @@ gives a late joiner a snapshot."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import zmq
 from shmcache import Client, Reader, Writer
 from shmcache.errors import InvalidInputError
 from shmcache import evwire
-from shmcache.publish import Pieces, Publisher, batch_payload
+from shmcache.publish import QUEUE_OPS, Pieces, Publisher, ReplayBuffer, Stream, batch_payload
 
 from daemon_proc import Served
 from kv_structs import ARRAY, MAP
@@ -123,8 +124,7 @@ def test_owners_letting_go_and_lora_fields(embedded):
     assert len(e.consumer.blocks) < before
     e.w.clear_owner("rank0")
     e.sync()
-    raw = e.pub._node.ring[-1][1]
-    assert b"BlockRemoved" in raw
+    assert b"BlockRemoved" in e.consumer.last_payload
 
 
 def test_per_owner_streams(shm_name, ctx, ends, embedded):
@@ -192,7 +192,7 @@ def test_an_overflowed_journal_resynchronises(shm_name, ctx, ends):
         e.w.remove([int(e.w.match_prefix(prompt(0, 2, shared=1)).values[0])])  # 11 drops overflow it
         e.sync()
         assert len(e.consumer.blocks) == 2
-        assert b"AllBlocksCleared" in e.pub._node.ring[-1][1]
+        assert b"AllBlocksCleared" in e.consumer.last_payload
         for i in range(10, 14):
             e.insert(prompt(i, 2))
         e.w.clear()  # 10 drops: a clear, then nothing
@@ -244,11 +244,62 @@ def test_events_are_byte_for_byte_what_msgspec_encodes(enc):
     assert len(msgspec.msgpack.Decoder(enc.Batch).decode(payload).events) == 2
 
 
+def test_the_replay_buffer_keeps_the_last_batches_that_fit():
+    """Two streams share a 1,000-byte ring: each keeps its newest batches,
+    consecutive, byte for byte; what was overwritten is not offered."""
+    ring = ReplayBuffer(1000, batches=4)
+    a, b = Stream("a"), Stream("b")
+    sent = {"a": {}, "b": {}}
+    rng = np.random.default_rng(7)
+    for i in range(60):
+        stream = a if rng.random() < 0.7 else b
+        payload = rng.integers(0, 256, int(rng.integers(1, 300)), dtype=np.uint8).tobytes()
+        sent[stream.topic.decode()][stream.seq] = payload
+        ring.keep(stream, stream.seq, payload)
+        stream.seq += 1
+        for s in (a, b):
+            kept = ring.since(s, 0)
+            seqs = [seq for seq, _ in kept]
+            assert seqs == list(range(ring.oldest(s), s.seq)), "the newest, consecutive"
+            assert len(seqs) <= 4
+            assert all(payload == sent[s.topic.decode()][seq] for seq, payload in kept)
+            assert sum(len(p) for _, p in kept) <= 1000
+    assert ring.since(a, ring.oldest(a) + 1) == ring.since(a, 0)[1:]
+    ring.keep(a, a.seq, bytes(600))  # more than half the ring: not kept, nor anything older of a's
+    a.seq += 1
+    assert ring.since(a, 0) == [] and ring.oldest(a) == a.seq
+
+
+def test_a_batch_is_due_an_interval_after_its_first_change_and_the_queue_stays_bounded(shm_name, ctx, ends):
+    w = Writer.create(shm_name, capacity=QUEUE_OPS + 64, block_size=BS)
+    pub = Publisher(w, ends[0], ctx=ctx, interval=0.5)
+    try:
+        assert pub.deadline() == float("inf") and not pub.due(time.monotonic())
+        before = time.monotonic()
+        w.insert(prompt(0, 1), [0])
+        deadline = pub.deadline()
+        assert before + 0.5 <= deadline <= time.monotonic() + 0.5
+        assert not pub.due(deadline - 1e-3) and pub.due(deadline)
+        w.insert(prompt(1, 1), [1])
+        assert pub.deadline() == deadline, "a batch is due an interval after its first change"
+        assert pub.flush() == 1 and pub.deadline() == float("inf")
+        for i in range(QUEUE_OPS):  # never flushed by its owner: it sends by itself
+            w.insert(prompt(2 + i, 1), [2 + i])
+        assert pub.published_batches == 2 and pub.stats()["streams"][""] == 2
+    finally:
+        pub.close()
+        w.close(unlink=True)
+
+
 def test_bad_options_are_refused(shm_name, ctx, ends):
     w = Writer.create(shm_name, capacity=8, block_size=BS)
     try:
         with pytest.raises(InvalidInputError, match="positive number of batches"):
             Publisher(w, ends[0], buffer=0, ctx=ctx)
+        with pytest.raises(InvalidInputError, match="positive number of bytes"):
+            Publisher(w, ends[0], buffer_bytes=-(1 << 20), ctx=ctx)
+        with pytest.raises(InvalidInputError, match="interval must be in"):
+            Publisher(w, ends[0], interval=-1, ctx=ctx)
         with pytest.raises(InvalidInputError, match="cannot publish"):
             Publisher(w, "tcp://no-such-host.invalid:1", replay="nonsense://x", ctx=ctx)
         w.insert(np.arange(8), [1, 2])  # still a working writer, watched by nobody
@@ -257,10 +308,10 @@ def test_bad_options_are_refused(shm_name, ctx, ends):
         w.close(unlink=True)
 
 
-@pytest.mark.parametrize("fmt", ["map", "array"])
-def test_daemon_publishes_what_clients_change(shm_name, ctx, fmt):
+@pytest.mark.parametrize("fmt, interval_ms", [("map", "0"), ("array", "20")])
+def test_daemon_publishes_what_clients_change(shm_name, ctx, fmt, interval_ms):
     served = Served(shm_name, 48, "--publish-events", "tcp://127.0.0.1:*", "--publish-replay", "tcp://127.0.0.1:*",
-                    "--publish-format", fmt, block_size=BS)
+                    "--publish-format", fmt, "--publish-interval-ms", interval_ms, block_size=BS)
     fields = dict(kv.split("=", 1) for kv in served.ready.split()[1:])
     consumer = Consumer(ctx, fields["publish"], fields["replay"], encoding=MAP if fmt == "map" else ARRAY)
     r = Reader.attach(shm_name)

@@ -1,6 +1,6 @@
 """Benchmark: inserts through the writer daemon, from 1 and 2 producer processes.
 
-    python tools/bench_daemon.py [--prompts 2000] [--spin-us 200] [--publish-events]
+    python tools/bench_daemon.py [--prompts 2000] [--spin-us 200] [--publish-events] [--rounds 5]
 
 Starts ``shmcache serve`` as a child process, then producer processes that
 each insert distinct 128-block prompts (2,048 tokens, block size 16) through
@@ -12,11 +12,14 @@ of this machine: a bare Python ping-pong over a Unix socket between two
 processes. ``--spin-us`` sets how long the daemon and the clients poll
 before they sleep (``shmcache serve --spin-us``, ``Client.connect(spin_us=)``).
 ``--publish-events`` also runs each daemon case publishing its changes as
-KV events (``shmcache serve --publish-events``), to nobody (the daemon's
+KV events (``shmcache serve --publish-events`` with a replay socket), to nobody (the daemon's
 own cost) and to a subscriber process (which shares this machine's cores), and
 an embedded Writer under churn (every insert evicts as many blocks) with and
 without a ``Publisher``: the cost of publishing, and whether it keeps up
-with 1M blocks/s. Prints the machine it ran on.
+with 1M blocks/s. The daemon and churn cases run ``--rounds`` times,
+alternating: each publishing run is compared with the plain run of its own
+round, and the median and the range of those ratios are printed. Prints the
+machine it ran on.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import time
 import uuid
 
 import numpy as np
+import psutil
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_match import machine, percentiles  # noqa: E402
@@ -63,7 +67,7 @@ def produce(name: str, index: int, n: int, go, q, spin_us: int) -> None:
 
 
 def serve(name: str, capacity: int, spin_us: int, publish: str | None = None) -> subprocess.Popen:
-    extra = ["--publish-events", publish] if publish else []
+    extra = ["--publish-events", publish, "--publish-replay", publish + ".replay"] if publish else []
     proc = subprocess.Popen([sys.executable, "-m", "shmcache.cli", "serve", name, "--capacity", str(capacity),
                              "--block-size", str(BS), "--on-disconnect", "keep", "--log-level", "warning",
                              "--spin-us", str(spin_us), *extra],
@@ -93,7 +97,10 @@ def consume(endpoint: str, ready, stop, q) -> None:
 
 
 def run(n_producers: int, n: int, spin_us: int, publish: bool = False,
-        subscriber: bool = False) -> tuple[float, list[int], tuple | None]:
+        subscriber: bool = False) -> tuple[float, list[int], tuple | None, float]:
+    """``n_producers`` processes each inserting ``n`` prompts through a new
+    daemon; returns the blocks/s, the round trips (ns), what a subscriber
+    received (batches, bytes) and the daemon's CPU seconds per insert."""
     name = f"benchd-{uuid.uuid4().hex[:8]}"
     endpoint = f"ipc:///tmp/{name}.pub" if publish else None
     proc = serve(name, n_producers * n * 128 + 1024, spin_us, endpoint)
@@ -106,11 +113,14 @@ def run(n_producers: int, n: int, spin_us: int, publish: bool = False,
         sub = ctx.Process(target=consume, args=(endpoint, ready, stop, sq))
         sub.start()
         ready.wait(120)
+    daemon = psutil.Process(proc.pid)
     try:
         for p in procs:
             p.start()
+        cpu = sum(daemon.cpu_times()[:2])
         go.set()
         results = [q.get(timeout=1800) for _ in procs]
+        cpu = sum(daemon.cpu_times()[:2]) - cpu
         for p in procs:
             p.join()
     finally:
@@ -122,13 +132,14 @@ def run(n_producers: int, n: int, spin_us: int, publish: bool = False,
         received = sq.get(timeout=120)
         sub.join()
     wall = max(t for t, _ in results)
-    return n_producers * n * 128 / wall, [s for _, ss in results for s in ss], received
+    return n_producers * n * 128 / wall, [s for _, ss in results for s in ss], received, cpu / (n_producers * n)
 
 
 def embedded(n: int, churn: bool = False, publish: bool = False) -> tuple[float, list[int]]:
     """Inserts into a Writer in this process; ``churn``: a capacity of 64
     prompts, so every insert past them evicts 128 blocks; ``publish``: with
-    a Publisher (to an ipc endpoint nobody reads) flushed after each insert."""
+    a Publisher (to an ipc endpoint nobody reads) flushed when due, as the
+    daemon does, the rate counting until everything is sent."""
     from shmcache import Writer
 
     name = f"benche-{uuid.uuid4().hex[:8]}"
@@ -137,15 +148,17 @@ def embedded(n: int, churn: bool = False, publish: bool = False) -> tuple[float,
         if publish:
             from shmcache.publish import Publisher
 
-            pub = Publisher(w, f"ipc:///tmp/{name}.pub")
+            pub = Publisher(w, f"ipc:///tmp/{name}.pub", replay=f"ipc:///tmp/{name}.replay")
         samples = []
         t_all = time.perf_counter()
         for i in range(n):
             t0 = time.perf_counter_ns()
             w.insert(prompt(0, i), np.arange(i * 128, (i + 1) * 128))
-            if pub is not None:
+            if pub is not None and pub.due(time.monotonic()):
                 pub.flush()
             samples.append(time.perf_counter_ns() - t0)
+        if pub is not None:
+            pub.flush()
         rate = n * 128 / (time.perf_counter() - t_all)
         if pub is not None:
             pub.close()
@@ -210,34 +223,56 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=2000, help="128-block prompts per producer")
     ap.add_argument("--spin-us", type=int, default=200, help="daemon and client poll time before sleeping")
     ap.add_argument("--publish-events", action="store_true", help="also with KV events published (issue 13)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds of the daemon (and churn) cases, alternating; rates are medians over rounds")
     args = ap.parse_args()
     print(f"machine: {machine()}; spin {args.spin_us} µs")
-    print(f"{'case':38s} {'blocks/s':>12s} {'p50 µs':>9s} {'p99 µs':>9s}")
+    print(f"{'case':38s} {'blocks/s':>12s} {'p50 µs':>9s} {'p99 µs':>9s} {'daemon CPU µs/insert':>9s}")
     rate, samples = embedded(args.prompts)
     p50, p99 = percentiles(samples)
     print(f"{'embedded Writer (baseline, no socket)':38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f}")
     cases = [(False, False)] + ([(True, False), (True, True)] if args.publish_events else [])
     for n in (1, 2):
-        plain = None
+        # The cases alternate, round after round, so that a burst of noise on
+        # this machine lands in every case, and each round's publishing runs
+        # are compared with its own plain run.
+        rates = {case: [] for case in cases}
+        samples = {case: [] for case in cases}
+        received, cpu = {}, {case: [] for case in cases}
+        for _ in range(args.rounds):
+            for publish, subscriber in cases:
+                rate, ss, got, per_insert = run(n, args.prompts, args.spin_us, publish, subscriber)
+                cpu[publish, subscriber].append(per_insert * 1e6)
+                rates[publish, subscriber].append(rate)
+                samples[publish, subscriber] += ss
+                received[publish, subscriber] = got
+        plain = np.array(rates[False, False])
         for publish, subscriber in cases:
-            rate, samples, received = run(n, args.prompts, args.spin_us, publish, subscriber)
-            p50, p99 = percentiles(samples)
+            p50, p99 = percentiles(samples[publish, subscriber])
             label = f"daemon, {n} producer process(es)" + (", publishing" if publish else "")
             note = ""
             if publish:
-                note = f"  {rate / plain:.2f}x plain; " + (
-                    f"a subscriber process got {received[0]:,} batches, {received[1] / 1e6:,.1f} MB" if subscriber
-                    else "no subscriber (the daemon's own cost)")
-            plain = plain or rate
-            print(f"{label:38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f}{note}")
+                ratios = np.array(rates[publish, subscriber]) / plain
+                got = received[publish, subscriber]
+                note = (f"  {np.median(ratios):.2f}x plain ({ratios.min():.2f}-{ratios.max():.2f}); "
+                        + (f"a subscriber process got {got[0]:,} batches, {got[1] / 1e6:,.1f} MB (last round)"
+                           if subscriber else "no subscriber (the daemon's own cost)"))
+            rate = float(np.median(rates[publish, subscriber]))
+            print(f"{label:38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f} {np.median(cpu[publish, subscriber]):9.1f}{note}")
     if args.publish_events:
         print()
-        base, _ = embedded(args.prompts, churn=True)
+        rates, samples = {False: [], True: []}, {False: [], True: []}
+        for _ in range(args.rounds):
+            for publish in (False, True):
+                rate, ss = embedded(args.prompts, churn=True, publish=publish)
+                rates[publish].append(rate)
+                samples[publish] += ss
         for label, publish in (("embedded churn (evicts 128 per insert)", False), ("embedded churn, publishing", True)):
-            rate, samples = embedded(args.prompts, churn=True, publish=publish)
-            p50, p99 = percentiles(samples)
+            rate = float(np.median(rates[publish]))
+            p50, p99 = percentiles(samples[publish])
+            ratios = np.array(rates[True]) / np.array(rates[False])
             print(f"{label:38s} {2 * rate:12,.0f} {p50:9.1f} {p99:9.1f}  ({2 * rate / 1e6:.2f}M blocks/s stored + removed)"
-                  + (f"  {rate / base:.2f}x plain" if publish else ""))
+                  + (f"  {np.median(ratios):.2f}x plain ({ratios.min():.2f}-{ratios.max():.2f})" if publish else ""))
     print()
     print(f"{'round trip':38s} {'':>12s} {'p50 µs':>9s} {'p99 µs':>9s}")
     one, empty = small_round_trips(args.spin_us)
