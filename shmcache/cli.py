@@ -44,13 +44,15 @@ def serve(args: argparse.Namespace) -> int:
         if args.publish_events:
             publish = dict(endpoint=args.publish_events, replay=args.publish_replay, topic=args.publish_topic,
                            per_owner=args.publish_per_owner, model=args.publish_model, buffer=args.publish_buffer,
-                           buffer_bytes=args.publish_buffer_mb << 20,
                            array_format=args.publish_format == "array")
             if args.publish_interval_ms is not None:
                 publish["interval"] = args.publish_interval_ms / 1e3
-        elif args.publish_replay or args.publish_per_owner or args.publish_model or args.publish_interval_ms is not None:
-            raise InvalidInputError("--publish-replay, --publish-per-owner, --publish-model and --publish-interval-ms "
-                                    "need --publish-events ENDPOINT")
+            if args.publish_buffer_mb is not None:
+                publish["buffer_bytes"] = args.publish_buffer_mb << 20
+        elif (args.publish_replay or args.publish_per_owner or args.publish_model or args.publish_interval_ms is not None
+              or args.publish_buffer_mb is not None):
+            raise InvalidInputError("--publish-replay, --publish-per-owner, --publish-model, --publish-interval-ms and "
+                                    "--publish-buffer-mb need --publish-events ENDPOINT")
         daemon = Daemon(
             args.name,
             args.capacity,
@@ -163,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="one stream per named owner, topic kv@OWNER@MODEL, instead of the node's")
     v.add_argument("--publish-model", metavar="MODEL", help="MODEL of the per-owner topics (default: the segment name)")
     v.add_argument("--publish-buffer", type=int, default=10_000, metavar="N", help="batches kept for replay per stream")
-    v.add_argument("--publish-buffer-mb", type=int, default=64, metavar="MB",
-                   help="memory for the batches kept for replay, all streams together")
+    v.add_argument("--publish-buffer-mb", type=int, metavar="MB",
+                   help="memory for the batches kept for replay, all streams together (default 64)")
     v.add_argument("--publish-interval-ms", type=float, metavar="MS",
                    help="gather changes into one batch for up to MS milliseconds (default 2; 0: a batch per pass)")
     v.add_argument("--publish-format", choices=("map", "array"), default="map",

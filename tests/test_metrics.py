@@ -162,7 +162,8 @@ def test_metrics_port_in_use_is_a_clear_error(shm_name):
         s.close()
 
 
-@pytest.mark.parametrize("flag, value", [("--publish-replay", "x"), ("--publish-model", "x"), ("--publish-interval-ms", "5")])
+@pytest.mark.parametrize("flag, value", [("--publish-replay", "x"), ("--publish-model", "x"), ("--publish-interval-ms", "5"),
+                                         ("--publish-buffer-mb", "8")])
 def test_publish_options_need_an_endpoint(shm_name, flag, value):
     out = subprocess.run([sys.executable, "-m", "shmcache.cli", "serve", shm_name, "--capacity", "8", flag, value],
                          capture_output=True, text=True, timeout=300)

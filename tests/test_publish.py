@@ -268,6 +268,10 @@ def test_the_replay_buffer_keeps_the_last_batches_that_fit():
     ring.keep(a, a.seq, bytes(600))  # more than half the ring: not kept, nor anything older of a's
     a.seq += 1
     assert ring.since(a, 0) == [] and ring.oldest(a) == a.seq
+    alone, c = ReplayBuffer(1 << 20, batches=4), Stream("c")
+    for seq in range(1000):  # tiny batches: the batches limit, not the bytes, lets them go
+        alone.keep(c, seq, b"x")
+    assert len(alone._order) == 4, "the ring's own list of batches stays bounded too"
 
 
 def test_a_batch_is_due_an_interval_after_its_first_change_and_the_queue_stays_bounded(shm_name, ctx, ends):
