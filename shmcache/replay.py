@@ -48,17 +48,15 @@ def load_trace(path: str | None = None, limit: int | None = None) -> list[tuple[
     return out
 
 
-def block_tokens(hash_id: int) -> np.ndarray:
-    """The 512 token ids of trace block ``hash_id`` (a fixed mix of id and position)."""
-    x = (np.uint64(hash_id) << np.uint64(9)) | np.arange(TRACE_BLOCK, dtype=np.uint64)
+def prompt_tokens(input_length: int, hash_ids: list[int]) -> np.ndarray:
+    """A request's prompt: the 512 token ids of each of its trace blocks (a
+    fixed mix of the block's id and the position), cut to ``input_length``.
+    One NumPy pass over the whole prompt: a routing or replay run calls it
+    for every request."""
+    ids = np.asarray(hash_ids, dtype=np.uint64).reshape(-1, 1)
+    x = ((ids << np.uint64(9)) | np.arange(TRACE_BLOCK, dtype=np.uint64)).ravel()[:input_length]
     x = (x ^ (x >> np.uint64(31))) * np.uint64(0x9E3779B97F4A7C15)
     return ((x >> np.uint64(33)) % np.uint64(VOCAB)).astype(np.int64)
-
-
-def prompt_tokens(input_length: int, hash_ids: list[int]) -> np.ndarray:
-    """A request's prompt: its blocks' tokens, the last one cut to ``input_length``."""
-    toks = np.concatenate([block_tokens(h) for h in hash_ids]) if hash_ids else np.zeros(0, np.int64)
-    return toks[:input_length]
 
 
 def block_ids(input_length: int, hash_ids: list[int], block_size: int) -> list[tuple[int, int]]:
