@@ -143,9 +143,10 @@ class Pieces:
             self.r_rest = e("medium") + e("GPU") + e("group_idx") + e(0)
             self.cleared = b"\x81" + e("type") + e("AllBlocksCleared")
         self._rest: dict[object, np.ndarray] = {}
-        self.longest = 0
         self.arrays = tuple(np.frombuffer(p, dtype=np.uint8) for p in (self.s_head, self.s_mid, self.s_tail))
         self.removed_arrays = tuple(np.frombuffer(p, dtype=np.uint8) for p in (self.r_head, self.r_rest))
+        self._fixed = sum(len(p) for p in self.arrays) + len(self.r_head) + len(self.r_rest)
+        self.size = self._fixed  # constant bytes of the longest event: grows with the longest ``rest``
 
     def rest(self, namespace) -> np.ndarray:
         """The fields after ``token_ids`` of a block in ``namespace``: its
@@ -165,12 +166,8 @@ class Pieces:
                        + e("lora_name") + e(lora_name) + e("group_idx") + e(0) + e("kv_cache_spec_kind")
                        + e("full_attention"))
             r = self._rest[namespace] = np.frombuffer(raw, dtype=np.uint8)
-            self.longest = max(self.longest, len(raw))
+            self.size = max(self.size, self._fixed + len(raw))
         return r
-
-    def size(self) -> int:
-        """Constant bytes of the longest event."""
-        return sum(len(p) for p in self.arrays) + self.longest + len(self.r_head) + len(self.r_rest)
 
 
 def batch_payload(events: list[bytes], count: int, ts: float) -> bytes:
@@ -434,7 +431,7 @@ class Publisher:
         ``tokens`` in order) below the block whose state is ``parent`` (-1: none)."""
         p = self._pieces
         rest = p.rest(self._namespaces[ns_id])
-        out = self._buffer(evwire.bound(len(keys), self.block_size, p.size()))
+        out = self._buffer(evwire.bound(len(keys), self.block_size, p.size))
         pos = evwire.put_stored(out, 0, keys, self._word(max(parent, 0), R_KEY_LO), parent >= 0,
                                 np.ascontiguousarray(tokens, dtype=np.uint32), *p.arrays, rest)
         return out[:pos].tobytes()
@@ -453,7 +450,7 @@ class Publisher:
                 for run in np.split(np.arange(len(states)), cuts)]
 
     def _removed_event(self, keys: np.ndarray) -> bytes:
-        out = self._buffer(evwire.bound(len(keys), 0, self._pieces.size()))
+        out = self._buffer(evwire.bound(len(keys), 0, self._pieces.size))
         pos = evwire.put_removed(out, 0, keys.view(np.uint64), *self._pieces.removed_arrays)
         return out[:pos].tobytes()
 
@@ -519,7 +516,7 @@ class Publisher:
         if not self._queue:
             return
         ops, self._queue = self._queue, []
-        size = self._pieces.size()
+        size = self._pieces.size
         for entries, tokens, ns_id, rest in ops:
             out = self._batch_room(evwire.bound(len(entries), self.block_size, size))
             self._batch_pos, events = self._apply(entries, tokens, ns_id, rest, True, out, self._batch_pos)

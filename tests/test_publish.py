@@ -222,7 +222,7 @@ def test_events_are_byte_for_byte_what_msgspec_encodes(enc):
         tokens = rng.choice(np.array([0, 5, 127, 128, 300, 65535, 65536, 2**32 - 1], dtype=np.uint32), blocks * BS)
         for parent in (None, 0, 200, 2**64 - 1):
             for ns in (None, "adapter-a", 7):
-                out = np.empty(evwire.bound(blocks, BS, pieces.size() + len(pieces.rest(ns))), dtype=np.uint8)
+                out = np.empty(evwire.bound(blocks, BS, pieces.size + len(pieces.rest(ns))), dtype=np.uint8)
                 pos = evwire.put_stored(out, 0, keys, np.uint64(parent or 0), parent is not None, tokens,
                                         *pieces.arrays, pieces.rest(ns))
                 fields = dict(block_hashes=keys.tolist(), parent_block_hash=parent, block_size=BS,
@@ -233,7 +233,7 @@ def test_events_are_byte_for_byte_what_msgspec_encodes(enc):
                 assert ours == msgspec.msgpack.encode(enc.BlockStored(token_ids=uint32s(tokens), **fields))
                 assert msgspec.msgpack.decode(ours) == msgspec.msgpack.decode(
                     msgspec.msgpack.encode(enc.BlockStored(token_ids=tokens.tolist(), **fields)))
-        out = np.empty(evwire.bound(blocks, 0, pieces.size()), dtype=np.uint8)
+        out = np.empty(evwire.bound(blocks, 0, pieces.size), dtype=np.uint8)
         pos = evwire.put_removed(out, 0, keys, *pieces.removed_arrays)
         removed = out[:pos].tobytes()
         assert removed == msgspec.msgpack.encode(enc.BlockRemoved(block_hashes=keys.tolist(), medium="GPU", group_idx=0))
