@@ -170,23 +170,69 @@ class Pieces:
         return r
 
 
+def _batch_header(count: int, ts: float) -> bytes:
+    """What comes before ``count`` events in vLLM's ``KVEventBatch``
+    ``[ts, events, rank]``; the rank after them is nil (``b"\\xc0"``): the
+    node is no data-parallel rank."""
+    return b"\x93\xcb" + struct.pack(">d", ts) + _array_header(count)
+
+
 def batch_payload(events: list[bytes], count: int, ts: float) -> bytes:
-    """``[ts, events, nil]`` around ``count`` encoded events (vLLM's
-    ``KVEventBatch``; the rank is nil: the node is no data-parallel rank)."""
-    return b"".join([b"\x93\xcb", struct.pack(">d", ts), _array_header(count), *events, b"\xc0"])
+    """A whole batch of ``count`` encoded events."""
+    return b"".join([_batch_header(count, ts), *events, b"\xc0"])
+
+
+def _room(buf: np.ndarray, used: int, size: int) -> np.ndarray:
+    """``buf``, or a larger copy of its first ``used`` bytes, with ``size``
+    bytes free after them."""
+    if used + size <= len(buf):
+        return buf
+    grown = np.empty(max(used + size, 2 * len(buf)), dtype=np.uint8)
+    grown[:used] = buf[:used]
+    return grown
 
 
 class Stream:
-    """One topic: its next sequence number, the events of the batch being
-    gathered, and where its last batches lie in the ``ReplayBuffer``."""
+    """One topic: its next sequence number, the batch being gathered (its
+    ``events`` encoded in place in a buffer reused from batch to batch,
+    after room for the batch's header: fresh pages cost more than the
+    encoding), and where its last batches lie in the ``ReplayBuffer``."""
 
-    def __init__(self, topic: str) -> None:
+    def __init__(self, topic: str, size: int = 1 << 16) -> None:
         self.topic = topic.encode()
         self.seq = 0
-        self.pending: list[bytes] = []  # encoded events, several per item
         self.events = 0
+        self.buf = np.empty(size, dtype=np.uint8)
+        self.buf.fill(0)
+        self.pos = _HEADER_ROOM  # the end of the events gathered
         self.kept: deque[tuple[int, int, int]] = deque()  # (seq, start, end) in the buffer, consecutive seqs
         self.replay_id = -1  # its index in the ReplayBuffer, once it kept a batch
+
+    def room(self, size: int) -> np.ndarray:
+        """The buffer, with ``size`` bytes free after the events (and one
+        for the batch's end)."""
+        self.buf = _room(self.buf, self.pos, size + 1)
+        return self.buf
+
+    def add(self, events: list[bytes]) -> None:
+        """Append encoded events."""
+        joined = b"".join(events)
+        self.room(len(joined))[self.pos : self.pos + len(joined)] = np.frombuffer(joined, dtype=np.uint8)
+        self.pos += len(joined)
+        self.events += len(events)
+
+    def payload(self, ts: float) -> memoryview:
+        """The batch gathered, its header written in the room before its
+        events; valid until the stream gathers again."""
+        header = _batch_header(self.events, ts)
+        start = _HEADER_ROOM - len(header)
+        self.buf[start:_HEADER_ROOM] = np.frombuffer(header, dtype=np.uint8)
+        self.buf[self.pos] = 0xC0
+        return memoryview(self.buf[start : self.pos + 1])
+
+    def clear(self) -> None:
+        """Drop the batch gathered."""
+        self.pos, self.events = _HEADER_ROOM, 0
 
 
 class ReplayBuffer:
@@ -289,20 +335,13 @@ class Publisher:
         self.interval = float(interval)
         self.writer = writer
         self.block_size = writer.block_size
-        self.per_owner = per_owner
         self.model = model if model is not None else writer.name
         self.published_batches = 0
         self.gathering_since: float | None = None  # time.monotonic() of the oldest change not yet sent
         self.replay_requests = 0
         self.errors = 0  # operations whose changes could not be published (then resynchronised)
         self._pieces = Pieces(array_format, self.block_size)
-        self._buf = np.empty(1 << 16, dtype=np.uint8)
-        # The node stream's next batch, encoded in place after room for its
-        # header; reused from batch to batch (fresh pages cost more than the
-        # encoding). Owner streams gather Python bytes in ``Stream.pending``.
-        self._batch = np.empty(1 << 20, dtype=np.uint8)
-        self._batch.fill(0)
-        self._batch_pos = _HEADER_ROOM
+        self._buf = np.empty(1 << 16, dtype=np.uint8)  # one owner-stream event at a time
         self._queue: list[tuple[np.ndarray, np.ndarray, int, np.ndarray]] = []  # operations not yet encoded
         cap = writer.capacity
         self._data = writer._map.data
@@ -320,7 +359,7 @@ class Publisher:
         self._names_epoch = -1
         self._streams: dict[str, Stream] = {}
         self._replay = ReplayBuffer(buffer_bytes if replay is not None else 0, buffer)
-        self._node = None if per_owner else self._stream(topic)
+        self._node = None if per_owner else self._stream(topic, 1 << 20)
         self.unknown_blocks = int(self._live_states().size)
         self._ctx = ctx or zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
@@ -384,10 +423,10 @@ class Publisher:
 
     # --- from the journal to events ------------------------------------------------
 
-    def _stream(self, topic: str) -> Stream:
+    def _stream(self, topic: str, size: int = 1 << 16) -> Stream:
         s = self._streams.get(topic)
         if s is None:
-            s = self._streams[topic] = Stream(topic)
+            s = self._streams[topic] = Stream(topic, size)
         return s
 
     def _owner_streams(self, bits: int) -> list[Stream]:
@@ -422,8 +461,7 @@ class Publisher:
         return np.flatnonzero((self._word(np.arange(cap), R_LINK) & np.uint64(LOW32)) != LINK_FREE)
 
     def _buffer(self, size: int) -> np.ndarray:
-        if len(self._buf) < size:
-            self._buf = np.empty(max(size, 2 * len(self._buf)), dtype=np.uint8)
+        self._buf = _room(self._buf, 0, size)
         return self._buf
 
     def _stored_event(self, keys: np.ndarray, parent: int, tokens: np.ndarray, ns_id: int) -> bytes:
@@ -516,28 +554,11 @@ class Publisher:
         if not self._queue:
             return
         ops, self._queue = self._queue, []
-        size = self._pieces.size
+        node, size = self._node, self._pieces.size
         for entries, tokens, ns_id, rest in ops:
-            out = self._batch_room(evwire.bound(len(entries), self.block_size, size))
-            self._batch_pos, events = self._apply(entries, tokens, ns_id, rest, True, out, self._batch_pos)
-            self._node.events += events
-
-    def _batch_room(self, size: int) -> np.ndarray:
-        """The node's batch buffer, with ``size`` bytes free after what it holds."""
-        if self._batch_pos + size + 1 > len(self._batch):
-            grown = np.empty(max(self._batch_pos + size + 1, 2 * len(self._batch)), dtype=np.uint8)
-            grown[: self._batch_pos] = self._batch[: self._batch_pos]
-            self._batch = grown
-        return self._batch
-
-    def _node_payload(self, ts: float) -> memoryview:
-        """The node's batch, its header written in the room before its
-        events; valid until the next event is encoded."""
-        header = b"\x93\xcb" + struct.pack(">d", ts) + _array_header(self._node.events)
-        start = _HEADER_ROOM - len(header)
-        self._batch[start:_HEADER_ROOM] = np.frombuffer(header, dtype=np.uint8)
-        self._batch[self._batch_pos] = 0xC0  # data_parallel_rank: nil
-        return memoryview(self._batch[start : self._batch_pos + 1])
+            out = node.room(evwire.bound(len(entries), self.block_size, size))
+            node.pos, events = self._apply(entries, tokens, ns_id, rest, True, out, node.pos)
+            node.events += events
 
     def _owner_events(self, e: np.ndarray, known: np.ndarray) -> None:
         """Per-owner streams: a block is stored on an owner's stream when
@@ -550,8 +571,7 @@ class Publisher:
             if op == J_STORED:
                 event = self._stored_events(rows[:, 1])  # one insert: one chain, the same owners for all
                 for stream in self._owner_streams(int(rows[0, 3])):
-                    stream.pending += event
-                    stream.events += len(event)
+                    stream.add(event)
             else:
                 rows = rows[known[lo:hi]]
                 before, after = rows[:, 2 if op == J_OWNERS else 3].view(np.uint64), rows[:, 3].view(np.uint64)
@@ -577,8 +597,7 @@ class Publisher:
                 else:
                     events = [self._removed_event(keys[sel] if keys is not None else self._word(states[sel], R_KEY_LO))]
                 for stream in self._owner_streams(1 << bit):
-                    stream.pending += events
-                    stream.events += len(events)
+                    stream.add(events)
 
     # --- snapshots ----------------------------------------------------------------------
 
@@ -619,17 +638,9 @@ class Publisher:
         self._owner_streams(0)  # names current
         streams = [self._node] if self._node is not None else [
             self._stream(self._owner_topic(name)) for name in self._names.values()]
-        for stream in streams:
-            events = [e for batch in self._snapshot(stream) for e in batch]
-            stream.events = len(events)
-            if stream is self._node:  # what the batch held is superseded by the clear
-                self._batch_pos = _HEADER_ROOM
-                joined = b"".join(events)
-                out = self._batch_room(len(joined))
-                out[_HEADER_ROOM : _HEADER_ROOM + len(joined)] = np.frombuffer(joined, dtype=np.uint8)
-                self._batch_pos += len(joined)
-            else:
-                stream.pending = events
+        for stream in streams:  # what a batch held is superseded by the clear
+            stream.clear()
+            stream.add([e for batch in self._snapshot(stream) for e in batch])
 
     # --- sending ------------------------------------------------------------------------
 
@@ -651,19 +662,14 @@ class Publisher:
         for stream in self._streams.values():
             if not stream.events:
                 continue
-            if stream is self._node:
-                payload = self._node_payload(time.time())
-                self._batch_pos = _HEADER_ROOM
-            else:
-                payload = batch_payload(stream.pending, stream.events, time.time())
-                stream.pending = []
-            stream.events = 0
+            payload = stream.payload(time.time())
             seq = stream.seq
             stream.seq += 1
             self._replay.keep(stream, seq, payload)  # first: a replay never skips a number that went out
             self._pub.send(stream.topic, zmq.SNDMORE)
             self._pub.send(seq.to_bytes(8, "big"), zmq.SNDMORE)
             self._pub.send(payload)  # a copy: the buffer is reused
+            stream.clear()
             sent += 1
         self.published_batches += sent
         return sent
