@@ -10,7 +10,7 @@ tag, ``medium``, ``group_idx``, ...) come in as byte pieces that
 what varies between them: the block hashes, the parent and the token ids.
 The tests prove the result byte for byte equal to msgspec's encoding.
 
-``apply_changes`` also keeps the publisher's mirror of each stored block's
+``apply_ops`` also keeps the publisher's mirror of each stored block's
 tokens, which the segment does not hold (snapshots need them).
 """
 
@@ -113,61 +113,88 @@ def put_removed(out, pos, keys, head, rest):
     return put_bytes(out, pos, rest)
 
 
+#: Columns of the operations table a publisher queues for ``apply_ops``:
+#: an operation's journal rows ``[first, end)``, the index of its first token
+#: and its namespace id (-1: it stored nothing).
+OP_FIRST, OP_END, OP_TOKENS, OP_NS = 0, 1, 2, 3
+OP_WORDS = 4
+#: The constant pieces of the events, packed into one byte array (fewer
+#: arguments: each costs a kernel call about 0.1 µs to unbox) and found
+#: through an offsets array: piece ``i`` is ``pieces[offs[i]:offs[i + 1]]``.
+#: The fields after ``token_ids`` of namespace id ``k`` are piece
+#: ``PIECE_REST + k``.
+PIECE_S_HEAD, PIECE_S_MID, PIECE_S_TAIL, PIECE_R_HEAD, PIECE_R_REST, PIECE_REST = range(6)
+
+
+@njit(inline="always")
+def _piece(pieces, offs, i):
+    return pieces[offs[i] : offs[i + 1]]
+
+
 @njit(cache=True)
-def apply_changes(entries, tokens, block_size, mtok, mns, ns_id, emit, out, pos,
-                  s_head, s_mid, s_tail, s_rest, r_head, r_rest):
-    """Take one operation's journal ``entries`` (``Writer.watch``; they
-    carry every key, so this may run after later operations reused the
-    records): record the tokens of each stored block (``tokens``, the
-    operation's) in ``mtok`` and its namespace ``ns_id`` in ``mns`` (-1
-    for a dropped one), and, with ``emit``, write the node stream's events
-    into ``out``: one ``BlockStored`` per run of stores (a chain:
-    ``mutate.add_chain`` adds each below the one before), one
+def apply_ops(entries, tokens, ops, n_ops, block_size, mtok, mns, emit, out, pos, pieces, offs):
+    """Take the journal rows of ``n_ops`` operations (``ops``: their rows
+    in ``entries``, as ``Writer.watch`` gave them; they carry every key, so
+    this may run after later operations reused the records, their tokens
+    in ``tokens`` and namespace ids, ``OP_*``): record the tokens of each
+    stored block in ``mtok`` (``block_size`` per state) and its namespace id in ``mns`` (-1 for a
+    dropped one), and, with ``emit``, write the node stream's events into
+    ``out`` from ``out[pos]`` on: one ``BlockStored`` per run of stores (a
+    chain: ``mutate.add_chain`` adds each below the one before), one
     ``BlockRemoved`` per run of drops, leaving out blocks whose tokens were
-    never known, from ``out[pos]`` on. Returns ``(the new pos, events,
-    drops of unknown blocks)``."""
-    m = entries.shape[0]
+    never known. Returns ``(the new pos, events, drops of unknown
+    blocks)``."""
     events = 0
     unknown = 0
-    keys = np.empty(m, dtype=np.uint64)
-    i = 0
-    while i < m:
-        op = entries[i, 0]
-        j = i
-        while j < m and entries[j, 0] == op:
-            j += 1
-        if op == J_STORED:
-            for r in range(i, j):
-                s = entries[r, 1]
-                b = entries[r, 2]
-                for t in range(block_size):
-                    mtok[s, t] = np.uint32(tokens[b * block_size + t])
-                mns[s] = ns_id
-                keys[r - i] = np.uint64(entries[r, 4])
-            if emit:
-                b0 = entries[i, 2]
-                pos = put_stored(out, pos, keys[: j - i], np.uint64(entries[i, 6]), entries[i, 5] >= 0,
-                                 tokens[b0 * block_size : (b0 + j - i) * block_size], s_head, s_mid, s_tail, s_rest)
-                events += 1
-        elif op == J_DROPPED:
-            n = 0
-            for r in range(i, j):
-                s = entries[r, 1]
-                if mns[s] >= 0:
-                    keys[n] = np.uint64(entries[r, 2])
-                    n += 1
-                else:
-                    unknown += 1
-                mns[s] = -1
-            if emit and n > 0:
-                pos = put_removed(out, pos, keys[:n], r_head, r_rest)
-                events += 1
-        i = j
+    widest = 0
+    for k in range(n_ops):
+        widest = max(widest, ops[k, OP_END] - ops[k, OP_FIRST])
+    keys = np.empty(widest, dtype=np.uint64)
+    s_head, s_mid, s_tail = _piece(pieces, offs, PIECE_S_HEAD), _piece(pieces, offs, PIECE_S_MID), _piece(pieces, offs, PIECE_S_TAIL)
+    r_head, r_rest = _piece(pieces, offs, PIECE_R_HEAD), _piece(pieces, offs, PIECE_R_REST)
+    for k in range(n_ops):
+        m = ops[k, OP_END]
+        t0 = ops[k, OP_TOKENS]
+        ns_id = ops[k, OP_NS]
+        i = ops[k, OP_FIRST]
+        while i < m:
+            op = entries[i, 0]
+            j = i
+            while j < m and entries[j, 0] == op:
+                j += 1
+            if op == J_STORED:
+                for r in range(i, j):
+                    s = entries[r, 1]
+                    b = t0 + entries[r, 2] * block_size
+                    for t in range(block_size):
+                        mtok[s * block_size + t] = tokens[b + t]
+                    mns[s] = ns_id
+                    keys[r - i] = np.uint64(entries[r, 4])
+                if emit:
+                    b0 = t0 + entries[i, 2] * block_size
+                    pos = put_stored(out, pos, keys[: j - i], np.uint64(entries[i, 6]), entries[i, 5] >= 0,
+                                     tokens[b0 : b0 + (j - i) * block_size], s_head, s_mid, s_tail,
+                                     _piece(pieces, offs, PIECE_REST + ns_id))
+                    events += 1
+            elif op == J_DROPPED:
+                n = 0
+                for r in range(i, j):
+                    s = entries[r, 1]
+                    if mns[s] >= 0:
+                        keys[n] = np.uint64(entries[r, 2])
+                        n += 1
+                    else:
+                        unknown += 1
+                    mns[s] = -1
+                if emit and n > 0:
+                    pos = put_removed(out, pos, keys[:n], r_head, r_rest)
+                    events += 1
+            i = j
     return pos, events, unknown
 
 
 def bound(entries: int, block_size: int, pieces: int) -> int:
-    """Bytes ``apply_changes`` may write for ``entries`` journal rows:
+    """Bytes ``apply_ops`` may write for ``entries`` journal rows:
     per block a hash (9) and its tokens (5 each), per event (at most one
     per row) its constant ``pieces`` bytes, a parent and two headers."""
     return entries * (9 + 5 * block_size + pieces + 19)

@@ -52,14 +52,16 @@ node then, as they do when an engine restarts.
 
 Cost: the writer journals each change (``Writer.watch``, a few ns a
 block); the node's stream queues a copy of each operation's journal and
-tokens, and ``encode`` turns them into events, one kernel call per
-operation, in the batch that ``flush`` sends. The daemon encodes when no
-request waits (its clients are busy with its replies then) and flushes
-``interval`` after a batch's first change. The publisher keeps each block's
-tokens (4 bytes a token: 64 MB for a million 16-token blocks) for
-snapshots, and the last batches for replay (``buffer_bytes``); both are
-allocated and faulted in at start, as is the batch buffer: on a VM a page
-fault costs more than encoding the page.
+tokens (``OpQueue``), and ``encode`` turns all that is queued into events
+in one kernel call, in the batch that ``flush`` sends. With a replay
+socket, that batch is gathered in the replay ring itself and kept where it
+lies. The daemon encodes when no request waits (its clients are busy with
+its replies then) and flushes ``interval`` after a batch's first change.
+The publisher keeps each block's tokens (4 bytes a token: 64 MB for a
+million 16-token blocks) for snapshots, and the last batches for replay
+(``buffer_bytes``); both are allocated and faulted in at start, as are the
+queue and the batch buffer: on a VM a page fault costs more than encoding
+the page.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ from .layout import (
 )
 from . import evwire
 from . import owners as owner_table
-from .wstate import J_DROPPED, J_OWNERS, J_STORED
+from .wstate import J_DROPPED, J_OWNERS, J_STORED, JOURNAL_WORDS, faulted
 from .writer import JOURNAL_ENTRIES, Changes, Writer
 
 log = logging.getLogger("shmcache.publish")
@@ -107,6 +109,9 @@ INTERVAL_S = 0.002
 #: Operations the node's stream queues before it flushes by itself (its
 #: owner should have flushed long before).
 QUEUE_OPS = 1024
+#: Journal rows the node's stream queues before it encodes them (it grows
+#: for an operation larger than that).
+QUEUE_ROWS = 1 << 15
 #: Events per batch of a snapshot answer.
 SNAPSHOT_EVENTS = 1024
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -147,6 +152,27 @@ class Pieces:
         self.removed_arrays = tuple(np.frombuffer(p, dtype=np.uint8) for p in (self.r_head, self.r_rest))
         self._fixed = sum(len(p) for p in self.arrays) + len(self.r_head) + len(self.r_rest)
         self.size = self._fixed  # constant bytes of the longest event: grows with the longest ``rest``
+        self.namespaces: list = []  # by namespace id (``ns_id``)
+        self._ids: dict = {}
+        self._packed = [*self.arrays, *self.removed_arrays]
+        self.table = self._pack()
+
+    def _pack(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every piece in one array, in ``evwire.PIECE_*`` order, and the offsets that delimit them."""
+        offs = np.zeros(len(self._packed) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in self._packed], out=offs[1:])
+        return np.concatenate(self._packed), offs
+
+    def ns_id(self, namespace) -> int:
+        """The id of ``namespace`` (numbered as first seen): its ``rest``
+        is piece ``evwire.PIECE_REST + id`` of ``table``."""
+        i = self._ids.get(namespace)
+        if i is None:
+            i = self._ids[namespace] = len(self.namespaces)
+            self.namespaces.append(namespace)
+            self._packed.append(self.rest(namespace))
+            self.table = self._pack()
+        return i
 
     def rest(self, namespace) -> np.ndarray:
         """The fields after ``token_ids`` of a block in ``namespace``: its
@@ -194,24 +220,45 @@ def _room(buf: np.ndarray, used: int, size: int) -> np.ndarray:
 
 class Stream:
     """One topic: its next sequence number, the batch being gathered (its
-    ``events`` encoded in place in a buffer reused from batch to batch,
-    after room for the batch's header: fresh pages cost more than the
-    encoding), and where its last batches lie in the ``ReplayBuffer``."""
+    ``events`` encoded in place after room for the batch's header, in
+    memory reused from batch to batch: fresh pages cost more than the
+    encoding), and where its last batches lie in the ``ReplayBuffer``.
 
-    def __init__(self, topic: str, size: int = 1 << 16) -> None:
+    With ``ring`` (one stream per ring at most: the node's), the batch is
+    gathered in the replay ring itself, at its head, and kept there when
+    sent, instead of copied in: one copy of every byte published fewer. A
+    batch too large for the ring is gathered in the stream's own buffer."""
+
+    def __init__(self, topic: str, size: int = 1 << 16, ring: "ReplayBuffer | None" = None) -> None:
         self.topic = topic.encode()
         self.seq = 0
         self.events = 0
-        self.buf = np.empty(size, dtype=np.uint8)
-        self.buf.fill(0)
+        self.ring = ring
+        self.own = faulted(size, np.uint8)
+        self.buf = self.own  # where the batch is gathered: ``own`` or the ring's ``window``
         self.pos = _HEADER_ROOM  # the end of the events gathered
-        self.kept: deque[tuple[int, int, int]] = deque()  # (seq, start, end) in the buffer, consecutive seqs
+        self.start = 0  # where in ``buf`` the last ``payload`` began
+        self.kept: deque[tuple[int, int, int]] = deque()  # (seq, start, end) in the ring, consecutive seqs
         self.replay_id = -1  # its index in the ReplayBuffer, once it kept a batch
+
+    def in_ring(self) -> bool:
+        """Whether the batch is being gathered in the ring."""
+        return self.ring is not None and self.buf is not self.own
 
     def room(self, size: int) -> np.ndarray:
         """The buffer, with ``size`` bytes free after the events (and one
         for the batch's end)."""
-        self.buf = _room(self.buf, self.pos, size + 1)
+        need = size + 1
+        if self.ring is not None and (self.in_ring() or self.pos == _HEADER_ROOM):
+            window = self.ring.window(self.pos, need)
+            if window is not None:
+                self.buf = window
+                return window
+            if self.in_ring():  # grown too large for the ring: the batch so far moves out
+                self.own = _room(self.own, 0, self.pos + need)
+                self.own[: self.pos] = self.buf[: self.pos]
+            self.buf = self.own
+        self.buf = self.own = _room(self.own, self.pos, need)
         return self.buf
 
     def add(self, events: list[bytes]) -> None:
@@ -225,21 +272,62 @@ class Stream:
         """The batch gathered, its header written in the room before its
         events; valid until the stream gathers again."""
         header = _batch_header(self.events, ts)
-        start = _HEADER_ROOM - len(header)
-        self.buf[start:_HEADER_ROOM] = np.frombuffer(header, dtype=np.uint8)
+        self.start = _HEADER_ROOM - len(header)
+        self.buf[self.start : _HEADER_ROOM] = np.frombuffer(header, dtype=np.uint8)
         self.buf[self.pos] = 0xC0
-        return memoryview(self.buf[start : self.pos + 1])
+        return memoryview(self.buf[self.start : self.pos + 1])
 
     def clear(self) -> None:
-        """Drop the batch gathered."""
+        """Drop the batch gathered (one kept in the ring stays there)."""
         self.pos, self.events = _HEADER_ROOM, 0
+        self.buf = self.own
+
+
+class OpQueue:
+    """Operations the node's stream has not encoded yet: their journal rows
+    and tokens copied into arrays allocated and faulted in at start, and
+    where each lies (``ops``, ``evwire.OP_*``), for ``evwire.apply_ops`` to
+    encode all at once: one kernel call per batch instead of one per
+    operation, and no array allocated per operation."""
+
+    def __init__(self, ops: int, rows: int, tokens: int) -> None:
+        self.ops = faulted((ops, evwire.OP_WORDS), np.int64)
+        self.entries = faulted((rows, JOURNAL_WORDS), np.int64)
+        self.tokens = faulted(tokens, np.uint32)
+        self.n = self.rows = self.ntok = 0
+
+    def fits(self, rows: int, tokens: int) -> bool:
+        """Whether one more operation of ``rows`` and ``tokens`` fits."""
+        return (self.n < len(self.ops) and self.rows + rows <= len(self.entries)
+                and self.ntok + tokens <= len(self.tokens))
+
+    def grow(self, rows: int, tokens: int) -> None:
+        """Make the empty queue hold an operation of ``rows`` and ``tokens``."""
+        assert self.n == 0
+        if rows > len(self.entries):
+            self.entries = faulted((rows, JOURNAL_WORDS), np.int64)
+        if tokens > len(self.tokens):
+            self.tokens = faulted(tokens, np.uint32)
+
+    def put(self, entries: np.ndarray, tokens, ns_id: int) -> None:
+        """Queue a copy of one operation (it ``fits``)."""
+        r, t = self.rows, self.ntok
+        self.rows, self.ntok = r + len(entries), t + len(tokens)
+        self.entries[r : self.rows] = entries
+        self.tokens[t : self.ntok] = tokens
+        self.ops[self.n] = (r, self.rows, t, ns_id)
+        self.n += 1
+
+    def clear(self) -> None:
+        self.n = self.rows = self.ntok = 0
 
 
 class ReplayBuffer:
-    """The last batches of every stream, copied into one byte ring of
-    ``nbytes`` allocated and faulted in at start, at most ``batches`` per
-    stream. A batch kept as a Python object of its own would take fresh
-    pages every time (the ring of them only grows), and a page fault costs
+    """The last batches of every stream, in one byte ring of ``nbytes``
+    allocated and faulted in at start (copied in, or gathered there in
+    place: ``window``), at most ``batches`` per stream. A batch kept as a
+    Python object of its own would take fresh pages every time (the ring
+    of them only grows), and a page fault costs
     more than encoding the page (about 25 faults, 54 µs, for each 100 KB
     batch on the 2-core development VM, against 9 µs to copy it here).
     Oldest batches give way first; a stream's kept batches stay
@@ -248,8 +336,7 @@ class ReplayBuffer:
     ones (a replay from before it gets a snapshot)."""
 
     def __init__(self, nbytes: int, batches: int) -> None:
-        self.data = np.empty(nbytes, dtype=np.uint8)
-        self.data.fill(0)
+        self.data = faulted(nbytes, np.uint8)
         self.batches = batches
         self._head = 0
         self._streams: list[Stream] = []  # by the ids that ``_order`` holds
@@ -257,18 +344,45 @@ class ReplayBuffer:
         # first; tuples of ints, which the cyclic GC does not track.
         self._order: deque[tuple[int, int, int, int]] = deque()
 
+    def window(self, used: int, need: int) -> "np.ndarray | None":
+        """The ring from its head on, for the stream that gathers its batch
+        in place (``Stream``; the first ``used`` bytes from the head are its
+        batch so far), with ``used + need`` bytes from the head free of kept
+        batches, the oldest giving way; None when that is more than half
+        the ring. Where the ring's end is too near, the batch so far moves
+        to its start."""
+        end = used + need
+        if end > len(self.data) // 2:
+            return None
+        if self._head + end > len(self.data):
+            old = self._head
+            self._wrap()
+            self._drop(0, end)
+            self.data[:used] = self.data[old : old + used]  # apart: old > half the ring >= end
+        self._drop(self._head, self._head + end)
+        return self.data[self._head :]
+
+    def _wrap(self) -> None:
+        """Give the ring's end up (its batches are the oldest) and go on from its start."""
+        self._drop(self._head, len(self.data))
+        self._head = 0
+
     def keep(self, stream: Stream, seq: int, payload: bytes) -> None:
-        """Copy ``stream``'s batch ``seq`` in, dropping what it overwrites."""
+        """Keep ``stream``'s batch ``seq``: where it was gathered, if in the
+        ``window``; else copied in, dropping what it overwrites."""
         n = len(payload)
-        if n > len(self.data) // 2:  # it would push out nearly everything: keep none of this stream
+        if stream.in_ring():
+            start = self._head + stream.start
+        elif n > len(self.data) // 2:  # it would push out nearly everything: keep none of this stream
             stream.kept.clear()
             return
-        if self._head + n > len(self.data):  # the oldest batches lie past the head: the ring's end is given up too
-            self._drop(self._head, len(self.data))
-            self._head = 0
-        start, end = self._head, self._head + n
-        self._drop(start, end)
-        self.data[start:end] = np.frombuffer(payload, dtype=np.uint8)
+        else:
+            if self._head + n > len(self.data):
+                self._wrap()
+            start = self._head
+            self._drop(start, start + n)
+            self.data[start : start + n] = np.frombuffer(payload, dtype=np.uint8)
+        end = start + n
         self._head = end
         if stream.replay_id < 0:
             stream.replay_id = len(self._streams)
@@ -342,24 +456,24 @@ class Publisher:
         self.errors = 0  # operations whose changes could not be published (then resynchronised)
         self._pieces = Pieces(array_format, self.block_size)
         self._buf = np.empty(1 << 16, dtype=np.uint8)  # one owner-stream event at a time
-        self._queue: list[tuple[np.ndarray, np.ndarray, int, np.ndarray]] = []  # operations not yet encoded
+        self._queue = OpQueue(QUEUE_OPS, QUEUE_ROWS, QUEUE_ROWS * self.block_size) if not per_owner else None
+        self._one_op = np.zeros((1, evwire.OP_WORDS), dtype=np.int64)  # an owner stream's operation, applied at once
         cap = writer.capacity
         self._data = writer._map.data
         self._geom = writer.geometry.vector()
         self._base = int(self._geom[G_STATES])
         # By state: the tokens as stored, and the namespace id (-1: tokens
-        # unknown). Faulted in now, not one page per insert (as wstate._zeros).
-        self._tokens = np.empty((cap, self.block_size), dtype=np.uint32)
-        self._tokens.fill(0)
-        self._ns = np.empty(cap, dtype=np.int32)
-        self._ns.fill(-1)
-        self._namespaces: list = []
-        self._ns_ids: dict = {}
+        # unknown). Faulted in now, not one page per insert.
+        self._tokens = faulted((cap, self.block_size), np.uint32)
+        self._tokens_flat = self._tokens.reshape(-1)
+        self._ns = faulted(cap, np.int32, -1)
         self._names: dict[int, str] = {}
         self._names_epoch = -1
         self._streams: dict[str, Stream] = {}
         self._replay = ReplayBuffer(buffer_bytes if replay is not None else 0, buffer)
-        self._node = None if per_owner else self._stream(topic, 1 << 20)
+        self._node = None
+        if not per_owner:
+            self._node = self._streams[topic] = Stream(topic, 1 << 20, self._replay if replay is not None else None)
         self.unknown_blocks = int(self._live_states().size)
         self._ctx = ctx or zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
@@ -423,10 +537,10 @@ class Publisher:
 
     # --- from the journal to events ------------------------------------------------
 
-    def _stream(self, topic: str, size: int = 1 << 16) -> Stream:
+    def _stream(self, topic: str) -> Stream:
         s = self._streams.get(topic)
         if s is None:
-            s = self._streams[topic] = Stream(topic, size)
+            s = self._streams[topic] = Stream(topic)
         return s
 
     def _owner_streams(self, bits: int) -> list[Stream]:
@@ -468,7 +582,7 @@ class Publisher:
         """One encoded ``BlockStored``: a chain of blocks (``keys``, their
         ``tokens`` in order) below the block whose state is ``parent`` (-1: none)."""
         p = self._pieces
-        rest = p.rest(self._namespaces[ns_id])
+        rest = p.rest(p.namespaces[ns_id])
         out = self._buffer(evwire.bound(len(keys), self.block_size, p.size))
         pos = evwire.put_stored(out, 0, keys, self._word(max(parent, 0), R_KEY_LO), parent >= 0,
                                 np.ascontiguousarray(tokens, dtype=np.uint32), *p.arrays, rest)
@@ -492,24 +606,18 @@ class Publisher:
         pos = evwire.put_removed(out, 0, keys.view(np.uint64), *self._pieces.removed_arrays)
         return out[:pos].tobytes()
 
-    def _ns_id(self, namespace) -> int:
-        i = self._ns_ids.get(namespace)
-        if i is None:
-            i = self._ns_ids[namespace] = len(self._namespaces)
-            self._namespaces.append(namespace)
-        return i
-
     def _on_changes(self, c: Changes) -> None:
         """The sink. The node's stream queues a copy of the operation's
-        journal (which carries every key) and tokens for ``encode``: a
-        daemon answers its clients first. Owner streams read the segment,
-        so they take their events now."""
+        journal (which carries every key) and tokens for ``encode``
+        (``OpQueue``): a daemon answers its clients first. Owner streams
+        read the segment, so they take their events now."""
         try:
             self._take(c)
         except Exception:  # a bug here must not take the writer's process down with it
             log.exception("publishing an operation's changes failed: the streams resynchronise")
             self.errors += 1
-            self._queue.clear()
+            if self._queue is not None:
+                self._queue.clear()
             try:
                 self._resync()
             except Exception:
@@ -524,41 +632,44 @@ class Publisher:
             self.encode()
             self._resync()
             return
-        tokens = _NO_TOKENS if c.tokens is None else np.asarray(c.tokens, dtype=np.uint32)
-        ns_id = self._ns_id(c.namespace) if c.tokens is not None else -1
-        # The fields after the tokens: looked up first, so that the longest is known to ``bound``.
-        rest = self._pieces.rest(c.namespace) if ns_id >= 0 else self._pieces.arrays[0]
-        if self._node is not None:  # copies: the journal and the caller's tokens are theirs again after the call
-            self._queue.append((c.entries.copy(), tokens.copy() if tokens is c.tokens else tokens, ns_id, rest))
-            if len(self._queue) >= QUEUE_OPS:  # nobody flushed for long: memory stays bounded
+        ns_id = self._pieces.ns_id(c.namespace) if c.tokens is not None else -1
+        tokens = _NO_TOKENS if c.tokens is None else c.tokens
+        q = self._queue
+        if q is not None:  # copies: the journal and the caller's tokens are theirs again after the call
+            if not q.fits(len(c.entries), len(tokens)):
+                self.encode()
+                q.grow(len(c.entries), len(tokens))
+            q.put(c.entries, tokens, ns_id)
+            if q.n >= QUEUE_OPS:  # nobody flushed for long: memory stays bounded
                 self.flush()
             return
         known = self._ns[c.entries[:, 1]] >= 0  # before the drops forget them
-        self._apply(c.entries, tokens, ns_id, rest, False, self._buf, 0)
+        self._one_op[0] = (0, len(c.entries), 0, ns_id)
+        self._apply(c.entries, np.asarray(tokens, dtype=np.uint32), self._one_op, 1, False, self._buf, 0)
         self._owner_events(c.entries, known)
 
-    def _apply(self, entries: np.ndarray, tokens: np.ndarray, ns_id: int, rest: np.ndarray, emit: bool,
+    def _apply(self, entries: np.ndarray, tokens: np.ndarray, ops: np.ndarray, n_ops: int, emit: bool,
                out: np.ndarray, pos: int) -> tuple[int, int]:
-        """Mirror an operation's tokens and (``emit``) encode its node-stream
-        events into ``out`` from ``pos`` (room: ``evwire.bound``); returns
-        ``(the new pos, events)``."""
-        p = self._pieces
-        pos, events, unknown = evwire.apply_changes(entries, tokens, self.block_size, self._tokens, self._ns, ns_id,
-                                                    emit, out, pos, *p.arrays, rest, *p.removed_arrays)
+        """Mirror the tokens of operations ``ops[:n_ops]`` and (``emit``)
+        encode their node-stream events into ``out`` from ``pos`` (room:
+        ``evwire.bound``); returns ``(the new pos, events)``."""
+        pos, events, unknown = evwire.apply_ops(entries, tokens, ops, n_ops, self.block_size, self._tokens_flat, self._ns,
+                                                emit, out, pos, *self._pieces.table)
         self.unknown_blocks -= unknown
         return pos, events
 
     def encode(self) -> None:
-        """Encode the node stream's queued operations into its batch
-        (``flush`` does it first; a daemon calls it when no request waits)."""
-        if not self._queue:
+        """Encode the node stream's queued operations into its batch, in one
+        kernel call (``flush`` does it first; a daemon calls it when no
+        request waits)."""
+        q = self._queue
+        if q is None or not q.n:
             return
-        ops, self._queue = self._queue, []
-        node, size = self._node, self._pieces.size
-        for entries, tokens, ns_id, rest in ops:
-            out = node.room(evwire.bound(len(entries), self.block_size, size))
-            node.pos, events = self._apply(entries, tokens, ns_id, rest, True, out, node.pos)
-            node.events += events
+        node = self._node
+        out = node.room(evwire.bound(q.rows, self.block_size, self._pieces.size))
+        node.pos, events = self._apply(q.entries, q.tokens, q.ops, q.n, True, out, node.pos)
+        node.events += events
+        q.clear()
 
     def _owner_events(self, e: np.ndarray, known: np.ndarray) -> None:
         """Per-owner streams: a block is stored on an owner's stream when

@@ -129,12 +129,13 @@ _ZERO = np.int64(0)
 _LOW32 = np.uint64(LOW32)
 
 
-def _zeros(n: int, dtype) -> np.ndarray:
-    """Zeros with every page already faulted in. ``np.zeros`` maps lazily
-    zeroed pages, and the writer touches these arrays at random, so the
-    first inserts into a fresh segment would pay a page fault per 4 KB."""
-    a = np.empty(n, dtype=dtype)
-    a.fill(0)
+def faulted(shape, dtype, fill=0) -> np.ndarray:
+    """An array of ``fill`` with every page already faulted in. ``np.zeros``
+    maps lazily zeroed pages, and the writer touches these arrays at
+    random, so the first inserts into a fresh segment would pay a page
+    fault per 4 KB (about 13 µs each on a VM)."""
+    a = np.empty(shape, dtype=dtype)
+    a.fill(fill)
     return a
 
 
@@ -146,18 +147,18 @@ def new_arrays(data: np.ndarray, wdata: np.ndarray, geom: np.ndarray) -> Arrays:
         wdata=wdata,
         geom=geom,
         links=np.full((cap + 1, 3), NIL, dtype=np.int64),
-        free=_zeros(cap, np.int64),
-        heap_key=_zeros(2 * cap + 64, np.uint64),
-        heap_state=_zeros(2 * cap + 64, np.int64),
-        vmap=_zeros(max(16, 2 * cap), np.uint64),
+        free=faulted(cap, np.int64),
+        heap_key=faulted(2 * cap + 64, np.uint64),
+        heap_state=faulted(2 * cap + 64, np.int64),
+        vmap=faulted(max(16, 2 * cap), np.uint64),
         meta=np.zeros(M_WORDS, dtype=np.int64),
         pins=wdata.view(np.uint32),
-        rpin=_zeros(cap, np.int32),
-        held=_zeros(cap, np.bool_),
+        rpin=faulted(cap, np.int32),
+        held=faulted(cap, np.bool_),
         rprev=np.zeros(int(geom[G_READER_SLOTS]) * int(geom[G_READER_PINS]), dtype=np.uint32),
         rseen=np.zeros(int(geom[G_READER_SLOTS]), dtype=np.uint64),
-        gen=_zeros(cap, np.uint64),
-        scratch=_zeros(cap, np.int64),
+        gen=faulted(cap, np.uint64),
+        scratch=faulted(cap, np.int64),
         journal=np.zeros((0, JOURNAL_WORDS), dtype=np.int64),
     )
 

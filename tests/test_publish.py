@@ -274,6 +274,38 @@ def test_the_replay_buffer_keeps_the_last_batches_that_fit():
     assert len(alone._order) == 4, "the ring's own list of batches stays bounded too"
 
 
+def test_a_stream_gathers_its_batches_in_the_ring_and_keeps_them_there():
+    """The node's stream gathers each batch in the ring at its head, in
+    pieces, across the ring's end; what it sends is what a replay gives
+    back, byte for byte; a batch grown past half the ring moves to the
+    stream's own buffer, is sent whole and is not kept."""
+    ring = ReplayBuffer(4096, batches=8)
+    node = Stream("", size=64, ring=ring)
+    sent = {}
+    rng = np.random.default_rng(11)
+    for i in range(200):
+        big = i % 50 == 49
+        events = [rng.integers(0, 256, int(rng.integers(1, 1100 if big else 300)), dtype=np.uint8).tobytes()
+                  for _ in range(int(rng.integers(1, 5)) + (8 if big else 0))]
+        for e in events:
+            node.add([e])
+        size = sum(map(len, events))
+        assert node.in_ring() == (size + 1 + 16 <= 2048), "in the ring while it fits in half of it"
+        payload = bytes(node.payload(float(i)))
+        assert payload == batch_payload(events, len(events), float(i))
+        ring.keep(node, node.seq, node.payload(float(i)))
+        sent[node.seq] = payload
+        node.seq += 1
+        node.clear()
+        kept = ring.since(node, 0)
+        assert [seq for seq, _ in kept] == list(range(ring.oldest(node), node.seq))
+        assert all(p == sent[seq] for seq, p in kept), "kept where gathered, byte for byte"
+        if size + 17 > 2048:
+            assert kept == [], "too large for the ring: not kept, nor anything older"
+        else:
+            assert 1 <= len(kept) <= 8
+
+
 def test_a_batch_is_due_an_interval_after_its_first_change_and_the_queue_stays_bounded(shm_name, ctx, ends):
     w = Writer.create(shm_name, capacity=QUEUE_OPS + 64, block_size=BS)
     pub = Publisher(w, ends[0], ctx=ctx, interval=0.5)
