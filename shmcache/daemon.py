@@ -105,11 +105,11 @@ class Daemon:
             raise InvalidInputError(f"spin_us must be an int of microseconds in [0, 1000000], got {spin_us!r}")
         self.spin_s = spin_us / 1e6
         self.name = name
-        warm_writer(block_size, events=bool(kv_events))  # before ready: no common request waits on the compiler
+        warm_writer(block_size, events=bool(kv_events), helper=True)  # before ready: no common request waits on the compiler
         if kv_events:
             warm_events()
         if publish is not None:
-            warm_publish()
+            warm_publish(block_size)
         created = not segment.exists(name)
         if not created:
             self.writer = Writer.open(name)

@@ -147,6 +147,21 @@ def cache_dir() -> str | None:
     return getattr(getattr(chain16, "_cache", None), "cache_path", None)
 
 
+def is_cached(module: str, function: str) -> bool:
+    """Whether Numba's cache directory holds kernels of ``function`` of
+    shmcache's ``module`` (an index file, named as Numba names them), for
+    any argument types: whether a process can expect to load it rather
+    than compile it."""
+    path = cache_dir()
+    if path is None:
+        return False
+    prefix = f"{module}.{function}-"
+    try:
+        return any(n.startswith(prefix) and n.endswith(".nbi") for n in os.listdir(path))
+    except OSError:
+        return False
+
+
 def sync(digest: str | None) -> list[str]:
     """Run ``sync_dir`` with ``digest`` (from ``source_digest``, taken before
     the kernel modules were imported) on the cache directory Numba uses for

@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
 
-from . import segment
+from . import jitcache, segment
 
 
 @contextmanager
@@ -49,32 +51,68 @@ def throwaway_writer(block_size: int, capacity: int = 16) -> Iterator:
         segment.unlink(name)
 
 
-def warm_writer(block_size: int = 16, events: bool = False) -> None:
+def warm_writer(block_size: int = 16, events: bool = False, helper: bool = False) -> None:
     """Load or compile the writer kernels a daemon's requests use, for
     segments of ``block_size``: insert (int64 and uint32 tokens), remove,
     a client's departure, reaping dead readers; with ``events``, also what
     KV events and owners use (``extend``, ``release``, ``clear_owner``).
     The rest (``warm_upkeep``) compiles when first asked for, a few seconds
     each: requests that are rare, a takeover's rebuild (which a daemon that
-    takes over compiles before it is ready anyway), and ``check``."""
+    takes over compiles before it is ready anyway), and ``check``.
+
+    With ``helper``, when the insert's kernels are not in the cache yet
+    and there is more than one CPU to run on, a child process compiles all
+    but the insert's kernels (``warm_removals``) while this one compiles
+    the insert's, the longest; this process then loads the child's from
+    the cache. A daemon gets ready in about the time of the insert's
+    kernels alone."""
+    toks = np.arange(4 * block_size, dtype=np.int64)
+    cold = helper and not jitcache.is_cached("mutate", "insert_kernel")
+    child = _in_child("warm_removals", block_size, events) if cold else None
+    with throwaway_writer(block_size, capacity=4) as w:
+        for t in (toks, toks.astype(np.uint32)):
+            w.insert(t, [1, 2, 3, 4], client=1, owner="warm-up")
+            w.insert(t[:block_size], [1], client=2)  # a full segment: evicts
+        if child is not None:
+            child.wait()  # what it compiled is in the cache now, whether it ended well or not
+        _removals(w, toks, block_size, events)
+
+
+def warm_removals(block_size: int = 16, events: bool = False) -> None:
+    """The kernels ``warm_writer`` loads but the insert's, on a segment of
+    their own: what its helper process compiles."""
+    with throwaway_writer(block_size, capacity=4) as w:
+        _removals(w, np.arange(4 * block_size, dtype=np.int64), block_size, events)
+
+
+def _removals(w, toks: np.ndarray, block_size: int, events: bool) -> None:
+    """Remove what ``warm_writer`` inserted (client 1, then 2), with the KV
+    events' kernels between if ``events``, and reap a dead reader."""
     from .layout import RD_PID, reader_word
 
-    toks_i64 = np.arange(4 * block_size, dtype=np.int64)
-    with throwaway_writer(block_size, capacity=4) as w:
-        for toks in (toks_i64, toks_i64.astype(np.uint32)):
-            w.insert(toks, [1, 2, 3, 4], client=1, owner="warm-up")
-            w.insert(toks[:block_size], [1], client=2)  # a full segment: evicts
-            w.remove([1], client=1)
-            w.remove_client(1)
-            if events:
-                rows = w.extend(None, toks, [5, 6, 7, 8], owner="warm-up")
-                w.extend(rows[1], toks[2 * block_size :], [9, 10], owner="warm-up")
-                w.release(toks, "warm-up")
-                w.clear_owner("warm-up")
-            w.remove_client(2)
-        w._map.wdata[reader_word(0, RD_PID)] = 1  # as a reader that died leaves its slot: reaped
-        assert w.reap_readers() == 1
-        w.stats()
+    w.remove([1], client=1)
+    w.remove_client(1)
+    if events:
+        rows = w.extend(None, toks, [5, 6, 7, 8], owner="warm-up")
+        w.extend(rows[1], toks[2 * block_size :], [9, 10], owner="warm-up")
+        w.release(toks, "warm-up")
+        w.clear_owner("warm-up")
+    w.remove_client(2)
+    w._map.wdata[reader_word(0, RD_PID)] = 1  # as a reader that died leaves its slot: reaped
+    assert w.reap_readers() == 1
+    w.stats()
+
+
+def _in_child(function: str, *args: object) -> "subprocess.Popen | None":
+    """``function(*args)`` of this module run in a child process, whose
+    kernels land in the same cache (it inherits ``NUMBA_CACHE_DIR``); None
+    when this process may run on one CPU only, where it would only take
+    turns with its parent."""
+    if len(os.sched_getaffinity(0)) < 2:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"import sys; sys.path.insert(0, {root!r}); from shmcache import warmup; warmup.{function}(*{args!r})"
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
 
 def warm_owners(block_size: int = 16) -> None:
@@ -142,24 +180,26 @@ def warm_events() -> bool:
     return True
 
 
-def warm_publish() -> bool:
+def warm_publish(block_size: int = 16) -> bool:
     """Load or compile the KV-event encoders (``shmcache.evwire``) of a
     publishing daemon, for the node's stream and per-owner streams; False
-    when the ``events`` extra (pyzmq, msgspec) is not installed."""
+    when the ``events`` extra (pyzmq, msgspec) is not installed. The
+    encoders do not depend on the block size, but the writer kernels the
+    warm-up calls do: given the daemon's, they are those ``warm_writer``
+    loaded (another block size would compile a second key chain's)."""
     try:
         from .publish import Publisher
     except ImportError:
         return False
 
-    toks = np.arange(16, dtype=np.int64)
-    with throwaway_writer(4) as w:
+    toks = np.arange(4 * block_size, dtype=np.int64)
+    with throwaway_writer(block_size) as w:
         for per_owner in (False, True):
             pub = Publisher(w, f"inproc://shmcache-warmup-{secrets.token_hex(4)}", per_owner=per_owner)
             try:
                 w.insert(toks, [1, 2, 3, 4], owner="a")
-                w.insert(toks[:8], [1, 2], owner="b")  # b gains blocks a stored
-                w.release(toks[:8], "b")
-                w.clear()
+                w.insert(toks[: 2 * block_size], [1, 2], owner="b")  # b gains blocks a stored
+                w.remove([1, 2, 3, 4])  # with warm_writer's kernels only: a clear would compile its own
                 pub.flush()
             finally:
                 pub.close()
@@ -175,7 +215,8 @@ def compile_all(block_sizes: Iterable[int] = (16,), progress: Callable[[str, flo
         steps += [(f"writer kernels, block size {bs}", lambda bs=bs: warm_writer(bs, events=True)),
                   (f"writer takeover and checks, block size {bs}", lambda bs=bs: warm_upkeep(bs)),
                   (f"reader kernels, block size {bs}", lambda bs=bs: warm_reader(bs))]
-    steps += [("KV-event parser", warm_events), ("KV-event publisher", warm_publish)]
+    steps += [("KV-event parser", warm_events)]
+    steps += [(f"KV-event publisher, block size {bs}", lambda bs=bs: warm_publish(bs)) for bs in block_sizes]
     start = time.perf_counter()
     for label, step in steps:
         t = time.perf_counter()

@@ -79,6 +79,44 @@ def test_a_new_digest_drops_the_packages_kernels_and_nothing_else(tmp_path):
     assert (tmp_path / ours[0]).exists()
 
 
+def test_is_cached_reads_numbas_index_files(tmp_path, monkeypatch):
+    touch(tmp_path, "mutate.insert_kernel-337.py311.nbi", "mutate.remove_kernel-9.py311.1.nbc")
+    monkeypatch.setattr(jitcache, "cache_dir", lambda: str(tmp_path))
+    assert jitcache.is_cached("mutate", "insert_kernel")
+    assert not jitcache.is_cached("mutate", "remove_kernel"), "an object file without its index is no kernel"
+    assert not jitcache.is_cached("mutate", "insert"), "the whole name, not a prefix of it"
+    monkeypatch.setattr(jitcache, "cache_dir", lambda: None)
+    assert not jitcache.is_cached("mutate", "insert_kernel"), "caching off: nothing is cached"
+
+
+@pytest.mark.parametrize("cold", [True, False], ids=["cold", "warm"])
+def test_a_daemons_warm_up_compiles_in_a_helper_only_when_the_cache_is_cold(cold, monkeypatch):
+    """Cold: a child process runs the removals' warm-up (and ends well)
+    while this one warms the insert; warm: no child is started."""
+    from shmcache import warmup
+
+    before = set(os.listdir("/dev/shm"))
+    children = []
+
+    def in_child(function, *args):
+        child = real(function, *args)
+        children.append((function, args, child))
+        return child
+
+    real = warmup._in_child
+    monkeypatch.setattr(warmup, "_in_child", in_child)
+    monkeypatch.setattr(jitcache, "is_cached", lambda module, function: not cold)
+    warmup.warm_writer(16, events=True, helper=True)
+    if not cold:
+        assert children == []
+        return
+    assert [(f, a) for f, a, _ in children] == [("warm_removals", (16, True))]
+    child = children[0][2]
+    if child is not None:  # None: this process may run on one CPU only
+        assert child.returncode == 0, "the helper warmed the removals and ended well"
+    assert set(os.listdir("/dev/shm")) == before, "the helper's throwaway segment is gone"
+
+
 def test_an_unstamped_directory_is_treated_as_stale(tmp_path):
     touch(tmp_path, "pins.pin_path_kernel-40.py311.nbi")
     assert jitcache.sync_dir(tmp_path, "d") == ["pins.pin_path_kernel-40.py311.nbi"]
