@@ -18,8 +18,11 @@ an embedded Writer under churn (every insert evicts as many blocks) with and
 without a ``Publisher``: the cost of publishing, and whether it keeps up
 with 1M blocks/s. The daemon and churn cases run ``--rounds`` times,
 alternating: each publishing run is compared with the plain run of its own
-round, and the median and the range of those ratios are printed. Prints the
-machine it ran on.
+round, and the median and the range of those ratios are printed.
+``--daemon-cpu N`` runs the daemon on CPU ``N`` alone and the producers and
+the subscriber on the others, as on a serving node where the daemon has a
+core of its own (on a 2-core machine the producers then share one core).
+Prints the machine it ran on.
 """
 
 from __future__ import annotations
@@ -49,8 +52,11 @@ def prompt(producer: int, i: int) -> np.ndarray:
     return (np.arange(base, base + TOKENS, dtype=np.int64) * 2_654_435_761) % 4_000_000_000
 
 
-def produce(name: str, index: int, n: int, go, q, spin_us: int) -> None:
+def produce(name: str, index: int, n: int, go, q, spin_us: int, cpus: set[int] | None = None) -> None:
     from shmcache import Client
+
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
 
     c = Client.connect(name, spin_us=spin_us)
     samples = []
@@ -66,12 +72,14 @@ def produce(name: str, index: int, n: int, go, q, spin_us: int) -> None:
     c.close()
 
 
-def serve(name: str, capacity: int, spin_us: int, publish: str | None = None) -> subprocess.Popen:
+def serve(name: str, capacity: int, spin_us: int, publish: str | None = None, cpu: int | None = None) -> subprocess.Popen:
     extra = ["--publish-events", publish, "--publish-replay", publish + ".replay"] if publish else []
     proc = subprocess.Popen([sys.executable, "-m", "shmcache.cli", "serve", name, "--capacity", str(capacity),
                              "--block-size", str(BS), "--on-disconnect", "keep", "--log-level", "warning",
                              "--spin-us", str(spin_us), *extra],
                             stdout=subprocess.PIPE, text=True)
+    if cpu is not None:
+        os.sched_setaffinity(proc.pid, {cpu})
     if not select.select([proc.stdout], [], [], 120)[0]:
         proc.kill()
         raise SystemExit("shmcache serve did not get ready")
@@ -79,9 +87,12 @@ def serve(name: str, capacity: int, spin_us: int, publish: str | None = None) ->
     return proc
 
 
-def consume(endpoint: str, ready, stop, q) -> None:
+def consume(endpoint: str, ready, stop, q, cpus: set[int] | None = None) -> None:
     """A KV-event subscriber: counts the batches and bytes it receives until ``stop``."""
     import zmq
+
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
 
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -97,20 +108,22 @@ def consume(endpoint: str, ready, stop, q) -> None:
 
 
 def run(n_producers: int, n: int, spin_us: int, publish: bool = False,
-        subscriber: bool = False) -> tuple[float, list[int], tuple | None, float]:
+        subscriber: bool = False, daemon_cpu: int | None = None) -> tuple[float, list[int], tuple | None, float]:
     """``n_producers`` processes each inserting ``n`` prompts through a new
-    daemon; returns the blocks/s, the round trips (ns), what a subscriber
-    received (batches, bytes) and the daemon's CPU seconds per insert."""
+    daemon (on CPU ``daemon_cpu`` alone, if given, and they on the others);
+    returns the blocks/s, the round trips (ns), what a subscriber received
+    (batches, bytes) and the daemon's CPU seconds per insert."""
     name = f"benchd-{uuid.uuid4().hex[:8]}"
     endpoint = f"ipc:///tmp/{name}.pub" if publish else None
-    proc = serve(name, n_producers * n * 128 + 1024, spin_us, endpoint)
+    others = None if daemon_cpu is None else os.sched_getaffinity(0) - {daemon_cpu}
+    proc = serve(name, n_producers * n * 128 + 1024, spin_us, endpoint, daemon_cpu)
     ctx = mp.get_context("spawn")
     go, q = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=produce, args=(name, i, n, go, q, spin_us)) for i in range(n_producers)]
+    procs = [ctx.Process(target=produce, args=(name, i, n, go, q, spin_us, others)) for i in range(n_producers)]
     sub = None
     if subscriber:
         ready, stop, sq = ctx.Event(), ctx.Event(), ctx.Queue()
-        sub = ctx.Process(target=consume, args=(endpoint, ready, stop, sq))
+        sub = ctx.Process(target=consume, args=(endpoint, ready, stop, sq, others))
         sub.start()
         ready.wait(120)
     daemon = psutil.Process(proc.pid)
@@ -225,8 +238,15 @@ def main() -> None:
     ap.add_argument("--publish-events", action="store_true", help="also with KV events published (issue 13)")
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds of the daemon (and churn) cases, alternating; rates are medians over rounds")
+    ap.add_argument("--daemon-cpu", type=int, default=None,
+                    help="run the daemon on this CPU alone, the producers and the subscriber on the others")
     args = ap.parse_args()
-    print(f"machine: {machine()}; spin {args.spin_us} µs")
+    if args.daemon_cpu is not None and (args.daemon_cpu not in os.sched_getaffinity(0)
+                                        or len(os.sched_getaffinity(0)) < 2):
+        ap.error(f"--daemon-cpu must be one of the CPUs this process may use, {sorted(os.sched_getaffinity(0))}, "
+                 "and leave at least one for the producers")
+    pinned = "" if args.daemon_cpu is None else f"; daemon on CPU {args.daemon_cpu} alone, producers on the others"
+    print(f"machine: {machine()}; spin {args.spin_us} µs{pinned}")
     print(f"{'case':38s} {'blocks/s':>12s} {'p50 µs':>9s} {'p99 µs':>9s} {'daemon CPU µs/insert':>9s}")
     rate, samples = embedded(args.prompts)
     p50, p99 = percentiles(samples)
@@ -241,7 +261,7 @@ def main() -> None:
         received, cpu = {}, {case: [] for case in cases}
         for _ in range(args.rounds):
             for publish, subscriber in cases:
-                rate, ss, got, per_insert = run(n, args.prompts, args.spin_us, publish, subscriber)
+                rate, ss, got, per_insert = run(n, args.prompts, args.spin_us, publish, subscriber, args.daemon_cpu)
                 cpu[publish, subscriber].append(per_insert * 1e6)
                 rates[publish, subscriber].append(rate)
                 samples[publish, subscriber] += ss
