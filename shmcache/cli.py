@@ -66,6 +66,7 @@ def serve(args: argparse.Namespace) -> int:
             publish=publish,
             metrics_port=args.metrics_port,
             metrics_addr=args.metrics_addr,
+            compile_helper=not args.compile_alone,
             **({} if args.spin_us is None else {"spin_us": args.spin_us}),
         )
     except (ShmCacheError, OSError) as e:
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--keep", action="store_true", help="leave the segment in place on exit")
     v.add_argument("--spin-us", type=int,
                    help="microseconds to poll for requests before sleeping (default 200; 0: sleep at once)")
+    v.add_argument("--compile-alone", action="store_true",
+                   help="on an empty Numba cache, compile in this process only, without a helper process "
+                        "(where something else compiles meanwhile)")
     v.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     v.add_argument("--kv-events", action="append", default=[], metavar="OWNER=ENDPOINT",
                    help="subscribe to an engine's KV-event publisher (vLLM, SGLang) and attribute its blocks to OWNER; "

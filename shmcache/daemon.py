@@ -81,7 +81,14 @@ class _Conn:
 
 
 class Daemon:
-    """Serve one segment. ``run()`` blocks until ``stop()`` or SIGTERM/SIGINT."""
+    """Serve one segment. ``run()`` blocks until ``stop()`` or SIGTERM/SIGINT.
+
+    Before it is ready it loads (or, on an empty Numba cache, compiles) the
+    kernels common requests use; ``compile_helper`` lets a child process
+    compile part of them meanwhile (``warmup.warm_writer``). Turn it off
+    where something else compiles at the same time (the demo compiles the
+    readers' kernels while its daemon starts): there the helper only
+    competes for the same CPUs."""
 
     def __init__(
         self,
@@ -99,13 +106,15 @@ class Daemon:
         publish: dict | None = None,
         metrics_port: int | None = None,
         metrics_addr: str = "0.0.0.0",
+        compile_helper: bool = True,
     ) -> None:
         segment.validate_name(name)
         if isinstance(spin_us, bool) or not isinstance(spin_us, int) or not 0 <= spin_us <= 1_000_000:
             raise InvalidInputError(f"spin_us must be an int of microseconds in [0, 1000000], got {spin_us!r}")
         self.spin_s = spin_us / 1e6
         self.name = name
-        warm_writer(block_size, events=bool(kv_events), helper=True)  # before ready: no common request waits on the compiler
+        # Before ready: no common request waits on the compiler.
+        warm_writer(block_size, events=bool(kv_events), helper=compile_helper)
         if kv_events:
             warm_events()
         if publish is not None:

@@ -89,7 +89,7 @@ def _start_daemon(name: str, capacity: int, block_size: int,
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
         [sys.executable, "-c", _CLI.format(root=root), "serve", name, "--capacity", str(capacity),
-         "--block-size", str(block_size), "--log-level", "warning"],
+         "--block-size", str(block_size), "--log-level", "warning", "--compile-alone"],
         stdout=subprocess.PIPE, bufsize=0,
     )
     start = time.monotonic()

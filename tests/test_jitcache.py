@@ -89,10 +89,12 @@ def test_is_cached_reads_numbas_index_files(tmp_path, monkeypatch):
     assert not jitcache.is_cached("mutate", "insert_kernel"), "caching off: nothing is cached"
 
 
-@pytest.mark.parametrize("cold", [True, False], ids=["cold", "warm"])
-def test_a_daemons_warm_up_compiles_in_a_helper_only_when_the_cache_is_cold(cold, monkeypatch):
+@pytest.mark.parametrize("cold, helper", [(True, True), (False, True), (True, False)],
+                         ids=["cold", "warm", "cold-alone"])
+def test_a_daemons_warm_up_compiles_in_a_helper_only_when_the_cache_is_cold(cold, helper, monkeypatch):
     """Cold: a child process runs the removals' warm-up (and ends well)
-    while this one warms the insert; warm: no child is started."""
+    while this one warms the insert; warm, or told to compile alone
+    (``serve --compile-alone``): no child is started."""
     from shmcache import warmup
 
     before = set(os.listdir("/dev/shm"))
@@ -106,8 +108,8 @@ def test_a_daemons_warm_up_compiles_in_a_helper_only_when_the_cache_is_cold(cold
     real = warmup._in_child
     monkeypatch.setattr(warmup, "_in_child", in_child)
     monkeypatch.setattr(jitcache, "is_cached", lambda module, function: not cold)
-    warmup.warm_writer(16, events=True, helper=True)
-    if not cold:
+    warmup.warm_writer(16, events=True, helper=helper)
+    if not (cold and helper):
         assert children == []
         return
     assert [(f, a) for f, a, _ in children] == [("warm_removals", (16, True))]
