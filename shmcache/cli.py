@@ -23,9 +23,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import InvalidInputError, ShmCacheError
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def python_command(code: str) -> list[str]:
+    """The command that runs ``code`` in a new interpreter importing this
+    very shmcache: the directory it was imported from comes first on the
+    child's ``sys.path``. ``python -m shmcache.cli`` would put the working
+    directory first: run from a source checkout (as the README's first
+    command is), a daemon then imported the uninstalled tree while the
+    workers, spawned with this process's ``sys.path``, imported the
+    installed package, and each compiled its own kernels into its own
+    cache."""
+    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {_ROOT!r}); {code}"]
+
+
+def serve_command(*args: str) -> list[str]:
+    """``shmcache serve ARGS`` as a command for this very shmcache (``python_command``)."""
+    return [*python_command("from shmcache.cli import main; sys.exit(main(sys.argv[1:]))"), "serve", *args]
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from typing import Callable, TextIO
 
 import numpy as np
 
+from .cli import serve_command
 from .replay import load_trace, prompt_tokens, unique_blocks
 from .warmup import throwaway_writer, warm_events, warm_owners
 
@@ -68,15 +69,6 @@ def _worker(name: str, index: int, n_workers: int, trace, progress, done, drain,
     c.close()
 
 
-#: Runs ``shmcache.cli`` from the directory this shmcache was imported from.
-#: ``python -m shmcache.cli`` would put the working directory first on
-#: ``sys.path``: run from a source checkout (as the README's first command
-#: is), the daemon then imported the uninstalled tree while the workers,
-#: spawned with this process's ``sys.path``, imported the installed package,
-#: and each compiled its own kernels into its own cache.
-_CLI = "import sys; sys.path.insert(0, {root!r}); from shmcache.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
 HINT_AFTER_S = 5.0
 COMPILING_HINT = ("  the daemon is not ready after 5 s: the first run after an install compiles its Numba kernels "
                   "into the on-disk cache (about a minute, once)")
@@ -86,10 +78,9 @@ def _start_daemon(name: str, capacity: int, block_size: int,
                   meanwhile: Callable[[], object] | None = None) -> tuple[subprocess.Popen, str]:
     """Start ``shmcache serve`` for the segment, call ``meanwhile()`` (if
     given) while it gets ready, and return it with its ready line."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CLI.format(root=root), "serve", name, "--capacity", str(capacity),
-         "--block-size", str(block_size), "--log-level", "warning", "--compile-alone"],
+        serve_command(name, "--capacity", str(capacity), "--block-size", str(block_size), "--log-level", "warning",
+                      "--compile-alone"),
         stdout=subprocess.PIPE, bufsize=0,
     )
     start = time.monotonic()

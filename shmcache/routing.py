@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -38,6 +37,7 @@ from importlib import resources
 
 import numpy as np
 
+from .cli import serve_command
 from .layout import O_NEXT_SEQ
 from .replay import TRACE_BLOCK, prompt_tokens, reference_hits
 
@@ -174,8 +174,8 @@ class Simulation:
         self.name = name or f"route-{uuid.uuid4().hex[:8]}"
         self.ctx = zmq.Context()
         self.engines = [Engine(self.ctx, i, capacity, block_size) for i in range(ranks)]
-        cmd = [sys.executable, "-c", _CLI.format(root=_ROOT), "serve", self.name, "--capacity", str(2 * ranks * capacity),
-               "--block-size", str(block_size), "--log-level", "warning"]
+        cmd = serve_command(self.name, "--capacity", str(2 * ranks * capacity), "--block-size", str(block_size),
+                            "--log-level", "warning")
         for e in self.engines:
             cmd += ["--kv-events", f"rank{e.rank}={e.endpoint}"]
         self.daemon = subprocess.Popen(cmd, stdout=subprocess.PIPE, bufsize=0)
@@ -249,11 +249,6 @@ class Simulation:
         for e in self.engines:
             e.close()
         self.ctx.term()
-
-
-#: As ``shmcache.demo``: run the CLI from the directory this shmcache was imported from.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CLI = "import sys; sys.path.insert(0, {root!r}); from shmcache.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def shared_cache_hit_rate(requests: list[Request], capacity: int, block_size: int = 16) -> float:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -110,9 +109,10 @@ def _in_child(function: str, *args: object) -> "subprocess.Popen | None":
     turns with its parent."""
     if len(os.sched_getaffinity(0)) < 2:
         return None
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = f"import sys; sys.path.insert(0, {root!r}); from shmcache import warmup; warmup.{function}(*{args!r})"
-    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    from .cli import python_command
+
+    return subprocess.Popen(python_command(f"from shmcache import warmup; warmup.{function}(*{args!r})"),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
 
 def warm_owners(block_size: int = 16) -> None:
