@@ -31,7 +31,6 @@ import os
 import subprocess
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -39,12 +38,11 @@ import numpy as np
 
 from .cli import serve_command
 from .layout import O_NEXT_SEQ
-from .replay import TRACE_BLOCK, prompt_tokens, reference_hits
+from .replay import ExactLRU, block_keys, prompt_tokens, reference_hits
 
 POLICIES = ("round-robin", "least-loaded", "cache-aware")
 PREFILL_TOKENS_S = 20_000.0
 IMBALANCE_S = 5.0
-_MASK = (1 << 64) - 1
 
 
 @dataclass
@@ -68,15 +66,14 @@ def load_requests(limit: int | None = None) -> list[Request]:
 
 
 def engine_hashes(req: Request, block_size: int) -> list[int]:
-    """The engine's chained block hashes of a request's full blocks. Equal
-    trace ids mean equal prefixes, so ``(trace id, offset)`` chained from the
-    parent names a block as vLLM's content hash would."""
-    per = TRACE_BLOCK // block_size
-    out, h = [], 0
-    for j in range(req.input_length // block_size):
-        h = hash((h, req.hash_ids[j // per], j % per)) & _MASK
-        out.append(h)
-    return out
+    """The engine's block hashes of a request's full blocks: each block's
+    identity in the reference model (``replay.block_keys``, which names a
+    chained block exactly) through splitmix64's finaliser, a bijection of
+    64-bit words, so they are unique and spread as content hashes are."""
+    z = block_keys(req.input_length, req.hash_ids, block_size).view(np.uint64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (z ^ (z >> np.uint64(31))).tolist()
 
 
 class Engine:
@@ -90,7 +87,7 @@ class Engine:
         self.rank = rank
         self.capacity = capacity
         self.block_size = block_size
-        self.lru: OrderedDict[int, None] = OrderedDict()
+        self.lru = ExactLRU(capacity)
         self.pub = ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -115,18 +112,10 @@ class Engine:
     def serve(self, req: Request, hashes: list[int], tokens: np.ndarray, now: float) -> tuple[int, float, int]:
         """Run a request: ``(hit blocks, time to first token, seq of the
         batch that reports its KV)``."""
-        n = 0
-        while n < len(hashes) and hashes[n] in self.lru:
-            n += 1
+        n, evicted = self.lru.serve(hashes)
         start = max(now, self.busy_until)
         self.busy_until = start + (req.input_length - n * self.block_size) / PREFILL_TOKENS_S
         self.requests += 1
-        for h in reversed(hashes):  # deepest first: a prefix outlives its extensions
-            self.lru[h] = None
-            self.lru.move_to_end(h)
-        evicted = []
-        while len(self.lru) > self.capacity:
-            evicted.append(self.lru.popitem(last=False)[0])
         events: list[dict] = []
         if evicted:
             events.append({"type": "BlockRemoved", "block_hashes": evicted, "medium": "GPU"})

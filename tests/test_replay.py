@@ -3,7 +3,11 @@ exact LRU's, and the dict baseline it times gives the same answers."""
 
 from __future__ import annotations
 
-from shmcache.replay import dict_index, dict_match, load_trace, replay, unique_blocks
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shmcache.replay import TRACE_BLOCK, ExactLRU, dict_index, dict_match, load_trace, replay, unique_blocks
+from shmcache.routing import Request, engine_hashes
 
 
 def test_a_dict_index_of_k_blocks_matches_k():
@@ -20,3 +24,39 @@ def test_replay_hits_equal_exact_lru_and_the_reader_checked_the_dict_against_its
     assert mean == res.hit_tokens / 16 / len(trace)
     assert 0 <= p50 <= p90 <= top
     assert res.dict_p50_us > 0 and res.match_p50_us > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 12), st.lists(st.lists(st.integers(0, 15), max_size=8, unique=True), max_size=30))
+def test_the_lru_model_is_exact_lru_touched_deepest_first(capacity, requests):
+    """``ExactLRU`` (its loops in C) against the plain definition: the
+    leading cached blocks are the hit, each block is touched from the
+    deepest, the least recently used go first. (A request's blocks are
+    distinct: a chained block's name never repeats within a prompt.)"""
+    lru, order = ExactLRU(capacity), []  # order: least recently used first
+    for blocks in requests:
+        hit = 0
+        while hit < len(blocks) and blocks[hit] in order:
+            hit += 1
+        for b in reversed(blocks):
+            if b in order:
+                order.remove(b)
+            order.append(b)
+        evicted, order = order[: max(len(order) - capacity, 0)], order[max(len(order) - capacity, 0) :]
+        assert lru.serve(blocks) == (hit, evicted)
+        assert len(lru) == len(order) and all(b in lru for b in order)
+
+
+def test_unique_blocks_and_engine_hashes_name_each_trace_block_once():
+    trace = load_trace(limit=300)
+    for bs in (16, 64):
+        per = TRACE_BLOCK // bs
+        names = {(ids[j // per], j % per) for length, ids in trace for j in range(length // bs)}
+        assert unique_blocks(trace, bs) == len(names)
+        hashes = {}
+        for length, ids in trace:
+            for j, h in enumerate(engine_hashes(Request(0.0, length, ids), bs)):
+                assert 0 <= h < 1 << 64
+                assert hashes.setdefault(h, (ids[j // per], j % per)) == (ids[j // per], j % per)
+        assert len(hashes) == len(names)
+    assert unique_blocks([], 16) == 0 and unique_blocks([(15, [7])], 16) == 0
