@@ -70,13 +70,26 @@ def tree_arrays(data, geom):
                 depth[cur] = base + d
                 d -= 1
                 cur = parent[cur]
+    # Deepest first, children before parents: a counting sort by depth (an
+    # argsort here would compile Numba's quicksort, 3.5 s on a fresh cache).
+    deepest = 0
+    for s in range(cap):
+        if status[s] == S_VALID:
+            deepest = max(deepest, depth[s])
+    start = np.zeros(deepest + 2, dtype=np.int64)  # by deepest - depth: where that depth's states begin
+    for s in range(cap):
+        if status[s] == S_VALID:
+            start[deepest - depth[s] + 1] += 1
+    for d in range(deepest + 1):
+        start[d + 1] += start[d]
+    order = np.empty(start[deepest + 1], dtype=np.int64)
+    for s in range(cap):
+        if status[s] == S_VALID:
+            order[start[deepest - depth[s]]] = s
+            start[deepest - depth[s]] += 1
     size = np.zeros(cap, dtype=np.int64)
     children = np.zeros(cap, dtype=np.int64)
-    order = np.argsort(-depth)
-    for i in range(cap):
-        s = order[i]
-        if status[s] != S_VALID:
-            continue
+    for s in order:
         size[s] += 1
         p = parent[s]
         if p >= 0:

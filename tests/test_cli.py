@@ -16,6 +16,7 @@ import shmcache
 from shmcache import Writer
 from shmcache.cli import main
 from shmcache.demo import COMPILING_HINT, _start_daemon, wait_ready
+from shmcache.dump import tree_arrays
 from shmcache.layout import H_LIVE
 
 
@@ -109,6 +110,29 @@ def test_dump_json_and_check_on_a_live_segment(shm_name, capsys):
         assert main(["dump", shm_name, "--tree"]) == 0
         text = capsys.readouterr().out
         assert "6 blocks under value 1" in text and "clients  0: 6, 5: 2" in text
+
+
+def test_dump_counts_every_subtree_exactly(shm_name):
+    """``tree_arrays``' subtree sizes and child counts, against a walk of the
+    parent links, on a segment of random prompts over three token values
+    (shared prefixes, branches, evictions)."""
+    rng = np.random.default_rng(7)
+    with Writer.create(shm_name, capacity=300, block_size=2) as w:
+        for i in range(120):
+            n = int(rng.integers(1, 12))
+            w.insert(rng.integers(0, 3, size=2 * n), np.arange(n) + 100 * i)
+        parent, size, children, _, _ = tree_arrays(w._map.data, w.geometry.vector())
+        live = w.stats()["live_blocks"]
+    valid = size > 0
+    assert valid.sum() == live
+    kids = {s: [t for t in np.flatnonzero(valid) if parent[t] == s] for s in np.flatnonzero(valid)}
+
+    def subtree(s: int) -> int:
+        return 1 + sum(subtree(t) for t in kids[s])
+
+    assert max(len(k) for k in kids.values()) > 1  # the case a sort by depth is for: branches
+    for s, k in kids.items():
+        assert children[s] == len(k) and size[s] == subtree(s)
 
 
 def test_dump_check_names_the_damage(shm_name, capsys):
