@@ -616,8 +616,10 @@ class Publisher:
         except Exception:  # a bug here must not take the writer's process down with it
             log.exception("publishing an operation's changes failed: the streams resynchronise")
             self.errors += 1
-            if self._queue is not None:
-                self._queue.clear()
+            try:
+                self._mirror_only()
+            except Exception:
+                log.exception("recording the queued operations' tokens failed: a snapshot may miss their blocks")
             try:
                 self._resync()
             except Exception:
@@ -657,6 +659,18 @@ class Publisher:
                                                 emit, out, pos, *self._pieces.table)
         self.unknown_blocks -= unknown
         return pos, events
+
+    def _mirror_only(self) -> None:
+        """Record the queued operations' tokens without encoding their
+        events, and empty the queue: the snapshot that follows stands for
+        them, and must not miss their blocks nor give a reused record the
+        tokens of the block it held before."""
+        q = self._queue
+        if q is not None and q.n:
+            try:
+                self._apply(q.entries, q.tokens, q.ops, q.n, False, self._buf, 0)
+            finally:
+                q.clear()
 
     def encode(self) -> None:
         """Encode the node stream's queued operations into its batch, in one

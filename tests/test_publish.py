@@ -203,6 +203,31 @@ def test_an_overflowed_journal_resynchronises(shm_name, ctx, ends):
     assert not any(os.path.exists(end[len("ipc://"):]) for end in ends), "the ipc socket files are removed"
 
 
+def test_a_failing_sink_resynchronises_with_the_tokens_of_every_queued_block(embedded, monkeypatch):
+    """A sink that fails (a bug) while operations wait in the queue: the
+    snapshot that replaces the stream has every block those operations
+    stored, with its own tokens, also where an eviction gave a record to
+    another block."""
+    e = embedded(capacity=24)
+    for i in range(4):
+        e.insert(prompt(i, 4))
+    e.sync()
+    for i in range(4, 9):  # queued, not encoded yet; past capacity: records evicted and given again
+        e.insert(prompt(i, 4))
+    assert e.pub._queue.n == 5 and e.w.stats()["evicted_blocks"] > 0
+
+    def failing(*args):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(e.pub._queue, "put", failing)
+    e.w.evict(2)  # drops only: the snapshot can be whole
+    monkeypatch.undo()
+    assert e.pub.errors == 1 and e.pub._queue.n == 0
+    e.sync()
+    assert e.consumer.snapshots == 0 and b"AllBlocksCleared" in e.consumer.last_payload
+    assert len(e.consumer.blocks) == e.w.stats()["live_blocks"] == 22
+
+
 @pytest.mark.parametrize("enc", [MAP, ARRAY], ids=["map", "array"])
 def test_events_are_byte_for_byte_what_msgspec_encodes(enc):
     """The kernels' bytes equal msgspec's encoding of vLLM's own structs,
