@@ -618,6 +618,7 @@ class Publisher:
             self.errors += 1
             try:
                 self._mirror_only()
+                self._forget_stores(c)
             except Exception:
                 log.exception("recording the queued operations' tokens failed: a snapshot may miss their blocks")
             try:
@@ -671,6 +672,14 @@ class Publisher:
                 self._apply(q.entries, q.tokens, q.ops, q.n, False, self._buf, 0)
             finally:
                 q.clear()
+
+    def _forget_stores(self, c: Changes) -> None:
+        """Count the blocks the failed operation ``c`` stored as of unknown
+        tokens: snapshots leave them out, instead of sending them with the
+        tokens of the blocks their records held before."""
+        stored = c.entries[c.entries[:, 0] == J_STORED, 1]
+        self.unknown_blocks += len(stored)
+        self._ns[stored] = -1
 
     def encode(self) -> None:
         """Encode the node stream's queued operations into its batch, in one

@@ -28,6 +28,8 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import InvalidInputError
+
 TRACE_BLOCK = 512
 VOCAB = 128_000
 
@@ -60,16 +62,28 @@ def prompt_tokens(input_length: int, hash_ids: list[int]) -> np.ndarray:
     return ((x >> np.uint64(33)) % np.uint64(VOCAB)).astype(np.int64)
 
 
-def block_keys(input_length: int, hash_ids: list[int], block_size: int) -> np.ndarray:
+def block_names(input_length: int, hash_ids: list[int], block_size: int) -> np.ndarray:
     """Identity of each full ``block_size`` block of a request, for the
     reference model: ``trace id * (512 // block_size) + offset`` (int64).
 
-    Equal trace ids mean equal prefixes, so (trace block id, offset) names a
-    chained block exactly.
+    In a trace such as Mooncake's, equal trace ids mean equal prefixes, so
+    (trace block id, offset) names a chained block exactly. Raises
+    InvalidInputError for a block size outside [1, 512] or an id too large
+    for the name to fit in 64 bits.
     """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= TRACE_BLOCK:
+        raise InvalidInputError(f"the block size of a trace replay must be an int in [1, {TRACE_BLOCK}], got {block_size!r}")
     per = TRACE_BLOCK // block_size
+    limit = (1 << 63) // per - 1
+    try:
+        ids = np.asarray(hash_ids, dtype=np.int64)
+    except (OverflowError, ValueError, TypeError):
+        ids = None
+    if ids is None or ids.ndim != 1 or (ids.size and (ids.max() > limit or ids.min() < -limit)):
+        raise InvalidInputError(f"a trace's hash_ids must be integers within +-{limit:,} (for {block_size}-token "
+                                f"blocks), got {str(hash_ids)[:80]}")
     j = np.arange(input_length // block_size)
-    return np.asarray(hash_ids, dtype=np.int64)[j // per] * per + j % per
+    return ids[j // per] * per + j % per
 
 
 def unique_blocks(trace, block_size: int) -> int:
@@ -78,7 +92,7 @@ def unique_blocks(trace, block_size: int) -> int:
         return 0
     # A stable sort (timsort: each request's keys come in runs) is several
     # times faster here than np.unique's.
-    keys = np.sort(np.concatenate([block_keys(length, ids, block_size) for length, ids in trace]), kind="stable")
+    keys = np.sort(np.concatenate([block_names(length, ids, block_size) for length, ids in trace]), kind="stable")
     return int(np.count_nonzero(keys[1:] != keys[:-1])) + min(len(keys), 1)
 
 
@@ -105,13 +119,14 @@ class ExactLRU:
         self._blocks.clear()
 
     def serve(self, blocks: list[int]) -> tuple[int, list[int]]:
-        """Serve a request of ``blocks`` (in prompt order, distinct: a
-        chained block's name never repeats within a prompt); returns ``(the
+        """Serve a request of ``blocks`` (in prompt order); returns ``(the
         leading blocks that were cached, the blocks evicted, oldest first)``."""
         lru = self._blocks
         hit = len(list(takewhile(lru.__contains__, blocks)))
         deque(map(lru.pop, blocks, repeat(None)), maxlen=0)  # what is touched again moves to the end
-        lru.update(zip(reversed(blocks), repeat(None)))
+        # Deepest first; a block named twice (a trace whose ids are not
+        # prefixes) ends where its last touch, its shallowest, puts it.
+        lru.update(zip(reversed(dict.fromkeys(blocks)), repeat(None)))
         evicted = list(islice(lru, max(len(lru) - self.capacity, 0)))
         deque(map(lru.pop, evicted), maxlen=0)
         return hit, evicted
@@ -120,7 +135,7 @@ class ExactLRU:
 def reference_hits(trace, block_size: int, capacity: int) -> list[int]:
     """Hit tokens per request under exact LRU of ``capacity`` blocks."""
     lru = ExactLRU(capacity)
-    return [lru.serve(block_keys(length, ids, block_size).tolist())[0] * block_size for length, ids in trace]
+    return [lru.serve(block_names(length, ids, block_size).tolist())[0] * block_size for length, ids in trace]
 
 
 def dict_index(toks: list[int], n_blocks: int, block_size: int) -> dict:

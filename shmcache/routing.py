@@ -38,7 +38,7 @@ import numpy as np
 
 from .cli import serve_command
 from .layout import O_NEXT_SEQ
-from .replay import ExactLRU, block_keys, prompt_tokens, reference_hits
+from .replay import ExactLRU, block_names, prompt_tokens, reference_hits
 
 POLICIES = ("round-robin", "least-loaded", "cache-aware")
 PREFILL_TOKENS_S = 20_000.0
@@ -67,10 +67,11 @@ def load_requests(limit: int | None = None) -> list[Request]:
 
 def engine_hashes(req: Request, block_size: int) -> list[int]:
     """The engine's block hashes of a request's full blocks: each block's
-    identity in the reference model (``replay.block_keys``, which names a
-    chained block exactly) through splitmix64's finaliser, a bijection of
-    64-bit words, so they are unique and spread as content hashes are."""
-    z = block_keys(req.input_length, req.hash_ids, block_size).view(np.uint64)
+    name in the reference model (``replay.block_names``: in a trace whose
+    ids are prefixes, as the bundled one's are, it names a chained block
+    exactly) through splitmix64's finaliser, a bijection of 64-bit words, so
+    they are unique and spread as content hashes are."""
+    z = block_names(req.input_length, req.hash_ids, block_size).view(np.uint64)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return (z ^ (z >> np.uint64(31))).tolist()

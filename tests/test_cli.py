@@ -118,6 +118,7 @@ def test_dump_counts_every_subtree_exactly(shm_name):
     (shared prefixes, branches, evictions)."""
     rng = np.random.default_rng(7)
     with Writer.create(shm_name, capacity=300, block_size=2) as w:
+        assert not tree_arrays(w._map.data, w.geometry.vector())[1].any()  # empty: no subtree
         for i in range(120):
             n = int(rng.integers(1, 12))
             w.insert(rng.integers(0, 3, size=2 * n), np.arange(n) + 100 * i)
