@@ -1,6 +1,6 @@
 """Benchmark: inserts through the writer daemon, from 1 and 2 producer processes.
 
-    python tools/bench_daemon.py [--prompts 2000] [--spin-us 200] [--publish-events] [--rounds 5]
+    python tools/bench_daemon.py [--prompts 2000] [--spin-us 200] [--publish-events] [--rounds 5] [--control]
 
 Starts ``shmcache serve`` as a child process, then producer processes that
 each insert distinct 128-block prompts (2,048 tokens, block size 16) through
@@ -18,7 +18,11 @@ an embedded Writer under churn (every insert evicts as many blocks) with and
 without a ``Publisher``: the cost of publishing, and whether it keeps up
 with 1M blocks/s. The daemon and churn cases run ``--rounds`` times,
 alternating: each publishing run is compared with the plain run of its own
-round, and the median and the range of those ratios are printed.
+round, and the median, the middle half (p25-p75) and the range of those
+ratios are printed. ``--control`` adds a second plain daemon to every
+round, compared with the first like a publishing one: the spread of
+ratios this machine gives two identical runs (an A/A test), against which
+to read the others.
 ``--daemon-cpu N`` runs the daemon on CPU ``N`` alone and the producers and
 the subscriber on the others, as on a serving node where the daemon has a
 core of its own (on a 2-core machine the producers then share one core).
@@ -238,6 +242,8 @@ def main() -> None:
     ap.add_argument("--publish-events", action="store_true", help="also with KV events published (issue 13)")
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds of the daemon (and churn) cases, alternating; rates are medians over rounds")
+    ap.add_argument("--control", action="store_true",
+                    help="also a second plain daemon per round, compared with the first: this machine's own spread")
     ap.add_argument("--daemon-cpu", type=int, default=None,
                     help="run the daemon on this CPU alone, the producers and the subscriber on the others")
     args = ap.parse_args()
@@ -251,7 +257,9 @@ def main() -> None:
     rate, samples = embedded(args.prompts)
     p50, p99 = percentiles(samples)
     print(f"{'embedded Writer (baseline, no socket)':38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f}")
-    cases = [(False, False)] + ([(True, False), (True, True)] if args.publish_events else [])
+    # (label, publish, subscriber); the first is the plain run every other is compared with.
+    cases = [("", False, False)] + ([("control: plain again", False, False)] if args.control else []) + (
+        [("publishing", True, False), ("publishing", True, True)] if args.publish_events else [])
     for n in (1, 2):
         # The cases alternate, round after round, so that a burst of noise on
         # this machine lands in every case, and each round's publishing runs
@@ -260,25 +268,28 @@ def main() -> None:
         samples = {case: [] for case in cases}
         received, cpu = {}, {case: [] for case in cases}
         for _ in range(args.rounds):
-            for publish, subscriber in cases:
-                rate, ss, got, per_insert = run(n, args.prompts, args.spin_us, publish, subscriber, args.daemon_cpu)
-                cpu[publish, subscriber].append(per_insert * 1e6)
-                rates[publish, subscriber].append(rate)
-                samples[publish, subscriber] += ss
-                received[publish, subscriber] = got
-        plain = np.array(rates[False, False])
-        for publish, subscriber in cases:
-            p50, p99 = percentiles(samples[publish, subscriber])
-            label = f"daemon, {n} producer process(es)" + (", publishing" if publish else "")
+            for case in cases:
+                rate, ss, got, per_insert = run(n, args.prompts, args.spin_us, case[1], case[2], args.daemon_cpu)
+                cpu[case].append(per_insert * 1e6)
+                rates[case].append(rate)
+                samples[case] += ss
+                received[case] = got
+        plain = np.array(rates[cases[0]])
+        for case in cases:
+            what, publish, subscriber = case
+            p50, p99 = percentiles(samples[case])
+            label = f"daemon, {n} producer process(es)" + (f", {what}" if what else "")
             note = ""
-            if publish:
-                ratios = np.array(rates[publish, subscriber]) / plain
-                got = received[publish, subscriber]
-                note = (f"  {np.median(ratios):.2f}x plain ({ratios.min():.2f}-{ratios.max():.2f}); "
-                        + (f"a subscriber process got {got[0]:,} batches, {got[1] / 1e6:,.1f} MB (last round)"
-                           if subscriber else "no subscriber (the daemon's own cost)"))
-            rate = float(np.median(rates[publish, subscriber]))
-            print(f"{label:38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f} {np.median(cpu[publish, subscriber]):9.1f}{note}")
+            if case is not cases[0]:
+                ratios = np.array(rates[case]) / plain
+                q25, q75 = np.percentile(ratios, [25, 75])
+                note = f"  {np.median(ratios):.2f}x plain (middle half {q25:.2f}-{q75:.2f}, all {ratios.min():.2f}-{ratios.max():.2f})"
+                if publish:
+                    got = received[case]
+                    note += ("; " + (f"a subscriber process got {got[0]:,} batches, {got[1] / 1e6:,.1f} MB (last round)"
+                                     if subscriber else "no subscriber (the daemon's own cost)"))
+            rate = float(np.median(rates[case]))
+            print(f"{label:38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f} {np.median(cpu[case]):9.1f}{note}")
     if args.publish_events:
         print()
         rates, samples = {False: [], True: []}, {False: [], True: []}
