@@ -112,8 +112,9 @@ class ExactLRU:
     def __contains__(self, block: int) -> bool:
         return block in self._blocks
 
-    def __len__(self) -> int:
-        return len(self._blocks)
+    def __iter__(self):
+        """The blocks held, least recently used first."""
+        return iter(self._blocks)
 
     def clear(self) -> None:
         self._blocks.clear()

@@ -46,7 +46,7 @@ def test_the_lru_model_is_exact_lru_touched_deepest_first(capacity, requests):
             order.append(b)
         evicted, order = order[: max(len(order) - capacity, 0)], order[max(len(order) - capacity, 0) :]
         assert lru.serve(blocks) == (hit, evicted)
-        assert list(lru._blocks) == order
+        assert list(lru) == order
 
 
 def test_unique_blocks_and_engine_hashes_name_each_trace_block_once():
