@@ -86,7 +86,6 @@ class Engine:
         import zmq
 
         self.rank = rank
-        self.capacity = capacity
         self.block_size = block_size
         self.lru = ExactLRU(capacity)
         self.pub = ctx.socket(zmq.XPUB)
