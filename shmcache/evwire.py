@@ -10,7 +10,7 @@ tag, ``medium``, ``group_idx``, ...) come in as byte pieces that
 what varies between them: the block hashes, the parent and the token ids.
 The tests prove the result byte for byte equal to msgspec's encoding.
 
-``apply_ops`` also keeps the publisher's mirror of each stored block's
+``apply_op`` also keeps the publisher's mirror of each stored block's
 tokens, which the segment does not hold (snapshots need them).
 """
 
@@ -113,11 +113,6 @@ def put_removed(out, pos, keys, head, rest):
     return put_bytes(out, pos, rest)
 
 
-#: Columns of the operations table a publisher queues for ``apply_ops``:
-#: an operation's journal rows ``[first, end)``, the index of its first token
-#: and its namespace id (-1: it stored nothing).
-OP_FIRST, OP_END, OP_TOKENS, OP_NS = 0, 1, 2, 3
-OP_WORDS = 4
 #: The constant pieces of the events, packed into one byte array (fewer
 #: arguments: each costs a kernel call about 0.1 µs to unbox) and found
 #: through an offsets array: piece ``i`` is ``pieces[offs[i]:offs[i + 1]]``.
@@ -132,69 +127,69 @@ def _piece(pieces, offs, i):
 
 
 @njit(cache=True)
-def apply_ops(entries, tokens, ops, n_ops, block_size, mtok, mns, emit, out, pos, pieces, offs):
-    """Take the journal rows of ``n_ops`` operations (``ops``: their rows
-    in ``entries``, as ``Writer.watch`` gave them; they carry every key, so
-    this may run after later operations reused the records, their tokens
-    in ``tokens`` and namespace ids, ``OP_*``): record the tokens of each
-    stored block in ``mtok`` (``block_size`` per state) and its namespace id in ``mns`` (-1 for a
-    dropped one), and, with ``emit``, write the node stream's events into
-    ``out`` from ``out[pos]`` on: one ``BlockStored`` per run of stores (a
-    chain: ``mutate.add_chain`` adds each below the one before), one
+def apply_op(entries, tokens, ns_id, block_size, mtok, mns, emit, out, pos, pieces, offs):
+    """Take the journal rows ``entries`` of one operation (as
+    ``Writer.watch`` gives them) whose blocks were chained from ``tokens``
+    in namespace id ``ns_id`` (-1: it stored nothing): record the tokens of
+    each stored block in the mirror ``mtok`` (``block_size`` per state) and
+    its namespace id in ``mns`` (-1 for a dropped one), and, with ``emit``,
+    write the node stream's events into ``out`` from ``out[pos]`` on (room:
+    ``bound``): one ``BlockStored`` per run of stores (a chain:
+    ``mutate.add_chain`` adds each below the one before), one
     ``BlockRemoved`` per run of drops, leaving out blocks whose tokens were
     never known. Returns ``(the new pos, events, drops of unknown
     blocks)``."""
     events = 0
     unknown = 0
-    widest = 0
-    for k in range(n_ops):
-        widest = max(widest, ops[k, OP_END] - ops[k, OP_FIRST])
-    keys = np.empty(widest, dtype=np.uint64)
-    s_head, s_mid, s_tail = _piece(pieces, offs, PIECE_S_HEAD), _piece(pieces, offs, PIECE_S_MID), _piece(pieces, offs, PIECE_S_TAIL)
-    r_head, r_rest = _piece(pieces, offs, PIECE_R_HEAD), _piece(pieces, offs, PIECE_R_REST)
-    for k in range(n_ops):
-        m = ops[k, OP_END]
-        t0 = ops[k, OP_TOKENS]
-        ns_id = ops[k, OP_NS]
-        i = ops[k, OP_FIRST]
-        while i < m:
-            op = entries[i, 0]
-            j = i
-            while j < m and entries[j, 0] == op:
-                j += 1
-            if op == J_STORED:
-                for r in range(i, j):
-                    s = entries[r, 1]
-                    b = t0 + entries[r, 2] * block_size
-                    for t in range(block_size):
-                        mtok[s * block_size + t] = tokens[b + t]
-                    mns[s] = ns_id
-                    keys[r - i] = np.uint64(entries[r, 4])
-                if emit:
-                    b0 = t0 + entries[i, 2] * block_size
-                    pos = put_stored(out, pos, keys[: j - i], np.uint64(entries[i, 6]), entries[i, 5] >= 0,
-                                     tokens[b0 : b0 + (j - i) * block_size], s_head, s_mid, s_tail,
-                                     _piece(pieces, offs, PIECE_REST + ns_id))
-                    events += 1
-            elif op == J_DROPPED:
-                n = 0
-                for r in range(i, j):
-                    s = entries[r, 1]
-                    if mns[s] >= 0:
-                        keys[n] = np.uint64(entries[r, 2])
-                        n += 1
-                    else:
-                        unknown += 1
-                    mns[s] = -1
-                if emit and n > 0:
-                    pos = put_removed(out, pos, keys[:n], r_head, r_rest)
-                    events += 1
-            i = j
+    m = entries.shape[0]
+    keys = np.empty(m, dtype=np.uint64)
+    i = 0
+    while i < m:
+        op = entries[i, 0]
+        j = i
+        while j < m and entries[j, 0] == op:
+            j += 1
+        if op == J_STORED:
+            r = i
+            while r < j:
+                # Blocks stored in consecutive records (a fresh segment's, or
+                # a run of its free list) are mirrored in one copy.
+                e = r + 1
+                while e < j and entries[e, 1] == entries[e - 1, 1] + 1 and entries[e, 2] == entries[e - 1, 2] + 1:
+                    e += 1
+                s0, b0 = entries[r, 1] * block_size, entries[r, 2] * block_size
+                mtok[s0 : s0 + (e - r) * block_size] = tokens[b0 : b0 + (e - r) * block_size]
+                for k in range(r, e):
+                    mns[entries[k, 1]] = ns_id
+                    keys[k - i] = np.uint64(entries[k, 4])
+                r = e
+            if emit:
+                b0 = entries[i, 2] * block_size
+                pos = put_stored(out, pos, keys[: j - i], np.uint64(entries[i, 6]), entries[i, 5] >= 0,
+                                 tokens[b0 : b0 + (j - i) * block_size], _piece(pieces, offs, PIECE_S_HEAD),
+                                 _piece(pieces, offs, PIECE_S_MID), _piece(pieces, offs, PIECE_S_TAIL),
+                                 _piece(pieces, offs, PIECE_REST + ns_id))
+                events += 1
+        elif op == J_DROPPED:
+            n = 0
+            for r in range(i, j):
+                s = entries[r, 1]
+                if mns[s] >= 0:
+                    keys[n] = np.uint64(entries[r, 2])
+                    n += 1
+                else:
+                    unknown += 1
+                mns[s] = -1
+            if emit and n > 0:
+                pos = put_removed(out, pos, keys[:n], _piece(pieces, offs, PIECE_R_HEAD),
+                                  _piece(pieces, offs, PIECE_R_REST))
+                events += 1
+        i = j
     return pos, events, unknown
 
 
 def bound(entries: int, block_size: int, pieces: int) -> int:
-    """Bytes ``apply_ops`` may write for ``entries`` journal rows:
+    """Bytes ``apply_op`` may write for ``entries`` journal rows:
     per block a hash (9) and its tokens (5 each), per event (at most one
     per row) its constant ``pieces`` bytes, a parent and two headers."""
     return entries * (9 + 5 * block_size + pieces + 19)

@@ -51,17 +51,16 @@ numbers restart at 0 with every publisher: consumers drop their view of the
 node then, as they do when an engine restarts.
 
 Cost: the writer journals each change (``Writer.watch``, a few ns a
-block); the node's stream queues a copy of each operation's journal and
-tokens (``OpQueue``), and ``encode`` turns all that is queued into events
-in one kernel call, in the batch that ``flush`` sends. With a replay
-socket, that batch is gathered in the replay ring itself and kept where it
-lies. The daemon encodes when no request waits (its clients are busy with
-its replies then) and flushes ``interval`` after a batch's first change.
-The publisher keeps each block's tokens (4 bytes a token: 64 MB for a
-million 16-token blocks) for snapshots, and the last batches for replay
-(``buffer_bytes``); both are allocated and faulted in at start, as are the
-queue and the batch buffer: on a VM a page fault costs more than encoding
-the page.
+block), and the sink turns each operation's journal into events with one
+kernel call (``evwire.apply_op``), written straight into the batch that
+``flush`` sends: no copy of the journal or the tokens is kept in between.
+With a replay socket, that batch is gathered in the replay ring itself and
+kept where it lies. The daemon flushes ``interval`` after a batch's first
+change. The publisher keeps each block's tokens (4 bytes a token: 64 MB
+for a million 16-token blocks) for snapshots, and the last batches for
+replay (``buffer_bytes``); both are allocated and faulted in at start, as
+is the batch buffer: on a VM a page fault costs more than encoding the
+page.
 """
 
 from __future__ import annotations
@@ -92,7 +91,7 @@ from .layout import (
 )
 from . import evwire
 from . import owners as owner_table
-from .wstate import J_DROPPED, J_OWNERS, J_STORED, JOURNAL_WORDS, faulted
+from .wstate import J_DROPPED, J_OWNERS, J_STORED, faulted
 from .writer import JOURNAL_ENTRIES, Changes, Writer
 
 log = logging.getLogger("shmcache.publish")
@@ -106,16 +105,18 @@ BUFFER_BYTES = 64 << 20
 #: publishes once per scheduler step, a batch per interval, not per
 #: operation, bounds the subscribers' wake-ups and the per-batch cost.
 INTERVAL_S = 0.002
-#: Operations the node's stream queues before it flushes by itself (its
-#: owner should have flushed long before).
-QUEUE_OPS = 1024
-#: Journal rows the node's stream queues before it encodes them (it grows
-#: for an operation larger than that).
-QUEUE_ROWS = 1 << 15
+#: Events the node's stream gathers before it flushes by itself (its owner
+#: should have flushed long before).
+BATCH_EVENTS = 2048
+#: Bytes of room a stream reserves at a time for the events it gathers
+#: (more when one operation needs more): the sink checks a bound, not the
+#: ring, for each operation.
+ROOM_BYTES = 1 << 18
 #: Events per batch of a snapshot answer.
 SNAPSHOT_EVENTS = 1024
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
-_NO_TOKENS = np.zeros(0, dtype=np.uint32)
+_U32 = np.dtype(np.uint32)
+_NO_TOKENS = np.zeros(0, dtype=_U32)
 _HEADER_ROOM = 16  # a batch's header before its events: fixarray, float64 ts, array header (at most 15 bytes)
 
 
@@ -237,6 +238,7 @@ class Stream:
         self.own = faulted(size, np.uint8)
         self.buf = self.own  # where the batch is gathered: ``own`` or the ring's ``window``
         self.pos = _HEADER_ROOM  # the end of the events gathered
+        self.limit = 0  # the end of the room ``room`` last made: writing up to it needs no new room
         self.start = 0  # where in ``buf`` the last ``payload`` began
         self.kept: deque[tuple[int, int, int]] = deque()  # (seq, start, end) in the ring, consecutive seqs
         self.replay_id = -1  # its index in the ReplayBuffer, once it kept a batch
@@ -247,7 +249,8 @@ class Stream:
 
     def room(self, size: int) -> np.ndarray:
         """The buffer, with ``size`` bytes free after the events (and one
-        for the batch's end)."""
+        for the batch's end) up to ``limit``."""
+        self.limit = self.pos + size
         need = size + 1
         if self.ring is not None and (self.in_ring() or self.pos == _HEADER_ROOM):
             window = self.ring.window(self.pos, need)
@@ -279,47 +282,8 @@ class Stream:
 
     def clear(self) -> None:
         """Drop the batch gathered (one kept in the ring stays there)."""
-        self.pos, self.events = _HEADER_ROOM, 0
+        self.pos, self.events, self.limit = _HEADER_ROOM, 0, 0
         self.buf = self.own
-
-
-class OpQueue:
-    """Operations the node's stream has not encoded yet: their journal rows
-    and tokens copied into arrays allocated and faulted in at start, and
-    where each lies (``ops``, ``evwire.OP_*``), for ``evwire.apply_ops`` to
-    encode all at once: one kernel call per batch instead of one per
-    operation, and no array allocated per operation."""
-
-    def __init__(self, ops: int, rows: int, tokens: int) -> None:
-        self.ops = faulted((ops, evwire.OP_WORDS), np.int64)
-        self.entries = faulted((rows, JOURNAL_WORDS), np.int64)
-        self.tokens = faulted(tokens, np.uint32)
-        self.n = self.rows = self.ntok = 0
-
-    def fits(self, rows: int, tokens: int) -> bool:
-        """Whether one more operation of ``rows`` and ``tokens`` fits."""
-        return (self.n < len(self.ops) and self.rows + rows <= len(self.entries)
-                and self.ntok + tokens <= len(self.tokens))
-
-    def grow(self, rows: int, tokens: int) -> None:
-        """Make the empty queue hold an operation of ``rows`` and ``tokens``."""
-        assert self.n == 0
-        if rows > len(self.entries):
-            self.entries = faulted((rows, JOURNAL_WORDS), np.int64)
-        if tokens > len(self.tokens):
-            self.tokens = faulted(tokens, np.uint32)
-
-    def put(self, entries: np.ndarray, tokens, ns_id: int) -> None:
-        """Queue a copy of one operation (it ``fits``)."""
-        r, t = self.rows, self.ntok
-        self.rows, self.ntok = r + len(entries), t + len(tokens)
-        self.entries[r : self.rows] = entries
-        self.tokens[t : self.ntok] = tokens
-        self.ops[self.n] = (r, self.rows, t, ns_id)
-        self.n += 1
-
-    def clear(self) -> None:
-        self.n = self.rows = self.ntok = 0
 
 
 class ReplayBuffer:
@@ -423,15 +387,15 @@ class Publisher:
     ROUTER endpoint) is bound. ``journal``: changes one operation may make
     before the publisher resynchronises instead (``Writer.watch``).
 
-    The node's stream queues each operation for ``encode``; ``flush``
-    encodes what is queued and sends one batch per stream that has events;
-    ``serve_replay`` answers what the replay socket received. None of them
-    blocks. The caller's loop calls them: the daemon encodes when no
-    request waits, flushes when ``due`` (``interval`` seconds after the
-    first change of a batch: one batch per interval, as an engine sends one
-    per step), and serves replay when ``fds`` are readable. An embedded
-    writer's owner calls ``flush`` (``due`` says when); past ``QUEUE_OPS``
-    queued operations the publisher flushes by itself. Call everything from
+    Each operation's events are gathered in its streams' batches as the
+    operation returns; ``flush`` sends one batch per stream that has
+    events; ``serve_replay`` answers what the replay socket received.
+    Neither blocks. The caller's loop calls them: the daemon flushes when
+    ``due`` (``interval`` seconds after the first change of a batch: one
+    batch per interval, as an engine sends one per step), and serves replay
+    when ``fds`` are readable. An embedded writer's owner calls ``flush``
+    (``due`` says when); past ``BATCH_EVENTS`` gathered events the node
+    stream's batch is sent by itself. Call everything from
     the writer's thread. ``buffer`` batches per stream, within ``buffer_bytes`` for all
     of them, are kept for replay. Owns its sockets and watches ``writer``
     until ``close``.
@@ -456,8 +420,6 @@ class Publisher:
         self.errors = 0  # operations whose changes could not be published (then resynchronised)
         self._pieces = Pieces(array_format, self.block_size)
         self._buf = np.empty(1 << 16, dtype=np.uint8)  # one owner-stream event at a time
-        self._queue = OpQueue(QUEUE_OPS, QUEUE_ROWS, QUEUE_ROWS * self.block_size) if not per_owner else None
-        self._one_op = np.zeros((1, evwire.OP_WORDS), dtype=np.int64)  # an owner stream's operation, applied at once
         cap = writer.capacity
         self._data = writer._map.data
         self._geom = writer.geometry.vector()
@@ -607,20 +569,18 @@ class Publisher:
         return out[:pos].tobytes()
 
     def _on_changes(self, c: Changes) -> None:
-        """The sink. The node's stream queues a copy of the operation's
-        journal (which carries every key) and tokens for ``encode``
-        (``OpQueue``): a daemon answers its clients first. Owner streams
-        read the segment, so they take their events now."""
+        """The sink: the operation's events, in the batches of the streams
+        they belong to, before the operation returns (its journal and tokens
+        are the caller's again after the call)."""
         try:
             self._take(c)
         except Exception:  # a bug here must not take the writer's process down with it
             log.exception("publishing an operation's changes failed: the streams resynchronise")
             self.errors += 1
             try:
-                self._mirror_only()
                 self._forget_stores(c)
             except Exception:
-                log.exception("recording the queued operations' tokens failed: a snapshot may miss their blocks")
+                log.exception("forgetting the failed operation's blocks failed: a snapshot may send stale tokens")
             try:
                 self._resync()
             except Exception:
@@ -632,46 +592,37 @@ class Publisher:
         if self.gathering_since is None:
             self.gathering_since = time.monotonic()
         if c.overflowed:
-            self.encode()
             self._resync()
             return
-        ns_id = self._pieces.ns_id(c.namespace) if c.tokens is not None else -1
-        tokens = _NO_TOKENS if c.tokens is None else c.tokens
-        q = self._queue
-        if q is not None:  # copies: the journal and the caller's tokens are theirs again after the call
-            if not q.fits(len(c.entries), len(tokens)):
-                self.encode()
-                q.grow(len(c.entries), len(tokens))
-            q.put(c.entries, tokens, ns_id)
-            if q.n >= QUEUE_OPS:  # nobody flushed for long: memory stays bounded
-                self.flush()
+        if c.tokens is None:
+            ns_id, tokens = -1, _NO_TOKENS
+        else:
+            ns_id, tokens = self._pieces.ns_id(c.namespace), c.tokens
+            if tokens.dtype is not _U32:  # the writer checked that the ids fit; a daemon's are uint32 already
+                tokens = tokens.astype(np.uint32)
+        node = self._node
+        if node is None:
+            known = self._ns[c.entries[:, 1]] >= 0  # before the drops forget them
+            self._apply(c.entries, tokens, ns_id, False, self._buf, 0)
+            self._owner_events(c.entries, known)
             return
-        known = self._ns[c.entries[:, 1]] >= 0  # before the drops forget them
-        self._one_op[0] = (0, len(c.entries), 0, ns_id)
-        self._apply(c.entries, np.asarray(tokens, dtype=np.uint32), self._one_op, 1, False, self._buf, 0)
-        self._owner_events(c.entries, known)
+        need = evwire.bound(len(c.entries), self.block_size, self._pieces.size)
+        if node.pos + need > node.limit:
+            node.room(max(need, ROOM_BYTES))
+        node.pos, events = self._apply(c.entries, tokens, ns_id, True, node.buf, node.pos)
+        node.events += events
+        if node.events >= BATCH_EVENTS:  # nobody flushed for long: memory stays bounded
+            self.flush()
 
-    def _apply(self, entries: np.ndarray, tokens: np.ndarray, ops: np.ndarray, n_ops: int, emit: bool,
-               out: np.ndarray, pos: int) -> tuple[int, int]:
-        """Mirror the tokens of operations ``ops[:n_ops]`` and (``emit``)
-        encode their node-stream events into ``out`` from ``pos`` (room:
+    def _apply(self, entries: np.ndarray, tokens: np.ndarray, ns_id: int, emit: bool, out: np.ndarray,
+               pos: int) -> tuple[int, int]:
+        """Mirror the tokens of one operation's stores and (``emit``) encode
+        its node-stream events into ``out`` from ``pos`` (room:
         ``evwire.bound``); returns ``(the new pos, events)``."""
-        pos, events, unknown = evwire.apply_ops(entries, tokens, ops, n_ops, self.block_size, self._tokens_flat, self._ns,
-                                                emit, out, pos, *self._pieces.table)
+        pos, events, unknown = evwire.apply_op(entries, tokens, ns_id, self.block_size, self._tokens_flat, self._ns,
+                                               emit, out, pos, *self._pieces.table)
         self.unknown_blocks -= unknown
         return pos, events
-
-    def _mirror_only(self) -> None:
-        """Record the queued operations' tokens without encoding their
-        events, and empty the queue: the snapshot that follows stands for
-        them, and must not miss their blocks nor give a reused record the
-        tokens of the block it held before."""
-        q = self._queue
-        if q is not None and q.n:
-            try:
-                self._apply(q.entries, q.tokens, q.ops, q.n, False, self._buf, 0)
-            finally:
-                q.clear()
 
     def _forget_stores(self, c: Changes) -> None:
         """Count the blocks the failed operation ``c`` stored as of unknown
@@ -680,19 +631,6 @@ class Publisher:
         stored = c.entries[c.entries[:, 0] == J_STORED, 1]
         self.unknown_blocks += len(stored)
         self._ns[stored] = -1
-
-    def encode(self) -> None:
-        """Encode the node stream's queued operations into its batch, in one
-        kernel call (``flush`` does it first; a daemon calls it when no
-        request waits)."""
-        q = self._queue
-        if q is None or not q.n:
-            return
-        node = self._node
-        out = node.room(evwire.bound(q.rows, self.block_size, self._pieces.size))
-        node.pos, events = self._apply(q.entries, q.tokens, q.ops, q.n, True, out, node.pos)
-        node.events += events
-        q.clear()
 
     def _owner_events(self, e: np.ndarray, known: np.ndarray) -> None:
         """Per-owner streams: a block is stored on an owner's stream when
@@ -791,7 +729,6 @@ class Publisher:
     def flush(self) -> int:
         """Send one batch per stream with gathered events; returns how many."""
         self.gathering_since = None
-        self.encode()
         sent = 0
         for stream in self._streams.values():
             if not stream.events:

@@ -17,7 +17,7 @@ import zmq
 from shmcache import Client, Reader, Writer
 from shmcache.errors import InvalidInputError
 from shmcache import evwire
-from shmcache.publish import QUEUE_OPS, Pieces, Publisher, ReplayBuffer, Stream, batch_payload
+from shmcache.publish import BATCH_EVENTS, Pieces, Publisher, ReplayBuffer, Stream, batch_payload
 
 from daemon_proc import Served
 from kv_structs import ARRAY, MAP
@@ -205,25 +205,25 @@ def test_an_overflowed_journal_resynchronises(shm_name, ctx, ends):
 
 
 @pytest.mark.parametrize("failing", ["evict", "insert"])
-def test_a_failing_sink_resynchronises_with_the_tokens_of_every_queued_block(embedded, monkeypatch, failing):
-    """A sink that fails (a bug) while operations wait in the queue: the
-    snapshot that replaces the stream has every block those operations
-    stored, with its own tokens, also where an eviction gave a record to
-    another block. The blocks the failing operation stored are left out
-    (their tokens may never have reached the publisher), never sent with
-    the tokens of the block their record held before."""
+def test_a_failing_sink_resynchronises_without_stale_tokens(embedded, monkeypatch, failing):
+    """A sink that fails (a bug) while the batch holds events not sent yet:
+    the snapshot that replaces the stream has every block, with its own
+    tokens, also where an eviction gave a record to another block. The
+    blocks the failing operation stored are left out (their tokens never
+    reached the publisher), never sent with the tokens of the block their
+    record held before."""
     e = embedded(capacity=24)
     for i in range(4):
         e.insert(prompt(i, 4))
     e.sync()
-    for i in range(4, 9):  # queued, not encoded yet; past capacity: records evicted and given again
+    for i in range(4, 9):  # gathered, not sent yet; past capacity: records evicted and given again
         e.insert(prompt(i, 4))
-    assert e.pub._queue.n == 5 and e.w.stats()["evicted_blocks"] > 0
+    assert e.pub._node.events > 0 and e.w.stats()["evicted_blocks"] > 0
 
     def fail(*args):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(e.pub._queue, "put", fail)
+    monkeypatch.setattr(evwire, "apply_op", fail)
     left_out = frozenset()
     if failing == "evict":
         e.w.evict(2)  # drops only: the snapshot can be whole
@@ -231,7 +231,7 @@ def test_a_failing_sink_resynchronises_with_the_tokens_of_every_queued_block(emb
         e.insert(prompt(9, 4))  # 4 blocks in records it evicted
         left_out = frozenset(int(k) for k in e.w.block_keys(prompt(9, 4))[:, 0])
     monkeypatch.undo()
-    assert e.pub.errors == 1 and e.pub._queue.n == 0
+    assert e.pub.errors == 1
     e.sync(left_out=left_out)
     assert e.consumer.snapshots == 0 and b"AllBlocksCleared" in e.consumer.last_payload
     live = e.w.stats()["live_blocks"]
@@ -341,8 +341,8 @@ def test_a_stream_gathers_its_batches_in_the_ring_and_keeps_them_there():
             assert 1 <= len(kept) <= 8
 
 
-def test_a_batch_is_due_an_interval_after_its_first_change_and_the_queue_stays_bounded(shm_name, ctx, ends):
-    w = Writer.create(shm_name, capacity=QUEUE_OPS + 64, block_size=BS)
+def test_a_batch_is_due_an_interval_after_its_first_change_and_stays_bounded(shm_name, ctx, ends):
+    w = Writer.create(shm_name, capacity=BATCH_EVENTS + 64, block_size=BS)
     pub = Publisher(w, ends[0], ctx=ctx, interval=0.5)
     try:
         assert pub.deadline() == float("inf") and not pub.due(time.monotonic())
@@ -354,7 +354,7 @@ def test_a_batch_is_due_an_interval_after_its_first_change_and_the_queue_stays_b
         w.insert(prompt(1, 1), [1])
         assert pub.deadline() == deadline, "a batch is due an interval after its first change"
         assert pub.flush() == 1 and pub.deadline() == float("inf")
-        for i in range(QUEUE_OPS):  # never flushed by its owner: it sends by itself
+        for i in range(BATCH_EVENTS):  # never flushed by its owner: it sends by itself
             w.insert(prompt(2 + i, 1), [2 + i])
         assert pub.published_batches == 2 and pub.stats()["streams"][""] == 2
     finally:

@@ -13,10 +13,12 @@ processes. ``--spin-us`` sets how long the daemon and the clients poll
 before they sleep (``shmcache serve --spin-us``, ``Client.connect(spin_us=)``).
 ``--publish-events`` also runs each daemon case publishing its changes as
 KV events (``shmcache serve --publish-events`` with a replay socket), to nobody (the daemon's
-own cost) and to a subscriber process (which shares this machine's cores), and
-an embedded Writer under churn (every insert evicts as many blocks) with and
-without a ``Publisher``: the cost of publishing, and whether it keeps up
-with 1M blocks/s. The daemon and churn cases run ``--rounds`` times,
+own cost) and to a subscriber process (which shares this machine's cores);
+publishing's own cost per insert, paired: two embedded Writers in one
+process, one publishing, inserting the same prompts in turn (what the
+daemon's figures are made of, without their spread); and an embedded
+Writer under churn (every insert evicts as many blocks) with and without a
+``Publisher``: whether publishing keeps up with 1M blocks/s. The daemon and churn cases run ``--rounds`` times,
 alternating: each publishing run is compared with the plain run of its own
 round, and the median, the middle half (p25-p75) and the range of those
 ratios are printed. ``--control`` adds a second plain daemon to every
@@ -183,6 +185,36 @@ def embedded(n: int, churn: bool = False, publish: bool = False) -> tuple[float,
     return rate, samples
 
 
+def paired(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Publishing's own cost, apart from the daemon and from this machine's
+    drift: two Writers in this process, one watched by a Publisher (to an
+    ipc endpoint nobody reads, flushed when due, as the daemon does),
+    insert the same prompts (uint32 tokens, as a daemon decodes them) in
+    turn, each first every other time. Returns the plain inserts' times and
+    the publishing ones' (ns), pair by pair, but for the first tenth (warm-up)."""
+    from shmcache import Writer
+    from shmcache.publish import Publisher
+
+    names = [f"benchp-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    ws = [Writer.create(name, capacity=n * 128 + 1024, block_size=BS) for name in names]
+    pub = Publisher(ws[1], f"ipc:///tmp/{names[1]}.pub", replay=f"ipc:///tmp/{names[1]}.replay")
+    times = np.zeros((2, n), dtype=np.int64)
+    try:
+        for i in range(n):
+            toks, values = prompt(0, i).astype(np.uint32), np.arange(i * 128, (i + 1) * 128)
+            for k in (0, 1) if i % 2 else (1, 0):
+                t0 = time.perf_counter_ns()
+                ws[k].insert(toks, values)
+                if k and pub.due(time.monotonic()):
+                    pub.flush()
+                times[k, i] = time.perf_counter_ns() - t0
+    finally:
+        pub.close()
+        for w in ws:
+            w.close(unlink=True)
+    return times[0, n // 10 :], times[1, n // 10 :]
+
+
 _ECHO = """
 import socket, sys
 s = socket.socket(fileno=int(sys.argv[1]))
@@ -292,6 +324,13 @@ def main() -> None:
             print(f"{label:38s} {rate:12,.0f} {p50:9.1f} {p99:9.1f} {np.median(cpu[case]):9.1f}{note}")
     if args.publish_events:
         print()
+        plain, publishing = paired(args.prompts)
+        cost = publishing - plain
+        p50, p99 = percentiles(plain)
+        c50, c99 = percentiles(cost)
+        print(f"{'embedded insert, plain':38s} {'':>12s} {p50:9.1f} {p99:9.1f}")
+        print(f"{'... what publishing adds, paired':38s} {'':>12s} {c50:9.1f} {c99:9.1f}  "
+              f"{plain.sum() / publishing.sum():.2f}x plain in all ({plain.size:,} pairs, one process)")
         rates, samples = {False: [], True: []}, {False: [], True: []}
         for _ in range(args.rounds):
             for publish in (False, True):
