@@ -300,6 +300,10 @@ class Daemon:
         are queued)."""
         spin_until = time.perf_counter() + self.spin_s
         ready = self._sel.select(timeout=0)
+        if not ready and self.publisher is not None:
+            # Nothing to serve: the events of the requests just answered are
+            # encoded now, while the clients work on the replies.
+            self.publisher.encode()
         while not ready and time.perf_counter() < spin_until:
             os.sched_yield()  # a spinning loop must not starve the clients it waits for
             ready = self._sel.select(timeout=0)

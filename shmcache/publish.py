@@ -51,16 +51,18 @@ numbers restart at 0 with every publisher: consumers drop their view of the
 node then, as they do when an engine restarts.
 
 Cost: the writer journals each change (``Writer.watch``, a few ns a
-block), and the sink turns each operation's journal into events with one
-kernel call (``evwire.apply_op``), written straight into the batch that
-``flush`` sends: no copy of the journal or the tokens is kept in between.
-With a replay socket, that batch is gathered in the replay ring itself and
-kept where it lies. The daemon flushes ``interval`` after a batch's first
-change. The publisher keeps each block's tokens (4 bytes a token: 64 MB
-for a million 16-token blocks) for snapshots, and the last batches for
-replay (``buffer_bytes``); both are allocated and faulted in at start, as
-is the batch buffer: on a VM a page fault costs more than encoding the
-page.
+block). The sink keeps the operation's journal rows where they are (the
+writer journals the next operations after them until ``encode`` releases
+them) and a copy of its tokens; ``encode`` turns each kept operation into
+events with one kernel call (``evwire.apply_op``), written straight into
+the batch that ``flush`` sends. With a replay socket, that batch is
+gathered in the replay ring itself and kept where it lies. The daemon
+encodes when no request waits (its clients are busy with its replies
+then) and flushes ``interval`` after a batch's first change. The
+publisher keeps each block's tokens (4 bytes a token: 64 MB for a million
+16-token blocks) for snapshots, and the last batches for replay
+(``buffer_bytes``); both are allocated and faulted in at start, as is the
+batch buffer: on a VM a page fault costs more than encoding the page.
 """
 
 from __future__ import annotations
@@ -108,6 +110,10 @@ INTERVAL_S = 0.002
 #: Events the node's stream gathers before it flushes by itself (its owner
 #: should have flushed long before).
 BATCH_EVENTS = 2048
+#: Operations the node's stream keeps (their rows of the writer's journal,
+#: a copy of their tokens) before it encodes them by itself (a daemon
+#: encodes whenever no request waits).
+KEPT_OPS = 64
 #: Bytes of room a stream reserves at a time for the events it gathers
 #: (more when one operation needs more): the sink checks a bound, not the
 #: ring, for each operation.
@@ -387,15 +393,17 @@ class Publisher:
     ROUTER endpoint) is bound. ``journal``: changes one operation may make
     before the publisher resynchronises instead (``Writer.watch``).
 
-    Each operation's events are gathered in its streams' batches as the
-    operation returns; ``flush`` sends one batch per stream that has
-    events; ``serve_replay`` answers what the replay socket received.
-    Neither blocks. The caller's loop calls them: the daemon flushes when
-    ``due`` (``interval`` seconds after the first change of a batch: one
-    batch per interval, as an engine sends one per step), and serves replay
-    when ``fds`` are readable. An embedded writer's owner calls ``flush``
-    (``due`` says when); past ``BATCH_EVENTS`` gathered events the node
-    stream's batch is sent by itself. Call everything from
+    The node's stream keeps each operation for ``encode``, which gathers
+    their events in its batch; ``flush`` encodes what is kept and sends one
+    batch per stream that has events; ``serve_replay`` answers what the
+    replay socket received. None of them blocks. The caller's loop calls
+    them: the daemon encodes when no request waits, flushes when ``due``
+    (``interval`` seconds after the first change of a batch: one batch per
+    interval, as an engine sends one per step), and serves replay when
+    ``fds`` are readable. An embedded writer's owner calls ``flush``
+    (``due`` says when); past ``KEPT_OPS`` kept operations the publisher
+    encodes by itself, and past ``BATCH_EVENTS`` gathered events it
+    flushes by itself. Call everything from
     the writer's thread. ``buffer`` batches per stream, within ``buffer_bytes`` for all
     of them, are kept for replay. Owns its sockets and watches ``writer``
     until ``close``.
@@ -420,6 +428,14 @@ class Publisher:
         self.errors = 0  # operations whose changes could not be published (then resynchronised)
         self._pieces = Pieces(array_format, self.block_size)
         self._buf = np.empty(1 << 16, dtype=np.uint8)  # one owner-stream event at a time
+        # The node's operations not encoded yet: (rows of the writer's
+        # journal, which it leaves alone until released, their tokens, their
+        # namespace id), and the rows they hold; past an eighth of the
+        # journal they are encoded at once, so that an operation still has
+        # most of the journal's room.
+        self._kept: list[tuple[np.ndarray, np.ndarray, int]] = []
+        self._kept_rows = 0
+        self._kept_rows_max = journal // 8
         cap = writer.capacity
         self._data = writer._map.data
         self._geom = writer.geometry.vector()
@@ -568,51 +584,59 @@ class Publisher:
         pos = evwire.put_removed(out, 0, keys.view(np.uint64), *self._pieces.removed_arrays)
         return out[:pos].tobytes()
 
-    def _on_changes(self, c: Changes) -> None:
-        """The sink: the operation's events, in the batches of the streams
-        they belong to, before the operation returns (its journal and tokens
-        are the caller's again after the call)."""
+    def _on_changes(self, c: Changes) -> bool:
+        """The sink. The node's stream keeps the operation (its journal rows,
+        which the writer then leaves alone, and its tokens) for ``encode``:
+        a daemon answers its clients first. Owner streams read the segment,
+        so they take their events now. Returns whether it kept the rows."""
         try:
-            self._take(c)
+            return self._take(c)
         except Exception:  # a bug here must not take the writer's process down with it
             log.exception("publishing an operation's changes failed: the streams resynchronise")
             self.errors += 1
             try:
-                self._forget_stores(c)
+                try:
+                    self._apply_kept(emit=False)
+                finally:  # after them: their stores are older than the failed operation's
+                    self._forget_stores(c)
             except Exception:
-                log.exception("forgetting the failed operation's blocks failed: a snapshot may send stale tokens")
+                log.exception("recording the kept operations' tokens failed: a snapshot may miss their blocks")
             try:
                 self._resync()
             except Exception:
                 log.exception("resynchronising the streams failed: consumers see a gap and may ask for a snapshot")
             if self.gathering_since is None:  # a failed flush cleared it: the snapshot goes out when due
                 self.gathering_since = time.monotonic()
+            return False
 
-    def _take(self, c: Changes) -> None:
+    def _take(self, c: Changes) -> bool:
         if self.gathering_since is None:
             self.gathering_since = time.monotonic()
         if c.overflowed:
+            self.encode()
             self._resync()
-            return
+            return False
         if c.tokens is None:
             ns_id, tokens = -1, _NO_TOKENS
         else:
             ns_id, tokens = self._pieces.ns_id(c.namespace), c.tokens
             if tokens.dtype is not _U32:  # the writer checked that the ids fit; a daemon's are uint32 already
-                tokens = tokens.astype(np.uint32)
-        node = self._node
-        if node is None:
+                tokens = tokens.astype(_U32)
+        if self._node is None:
             known = self._ns[c.entries[:, 1]] >= 0  # before the drops forget them
             self._apply(c.entries, tokens, ns_id, False, self._buf, 0)
             self._owner_events(c.entries, known)
-            return
-        need = evwire.bound(len(c.entries), self.block_size, self._pieces.size)
-        if node.pos + need > node.limit:
-            node.room(max(need, ROOM_BYTES))
-        node.pos, events = self._apply(c.entries, tokens, ns_id, True, node.buf, node.pos)
-        node.events += events
-        if node.events >= BATCH_EVENTS:  # nobody flushed for long: memory stays bounded
+            return False
+        # The tokens are the caller's again after the call: a copy (of its
+        # own dtype: Numba compiles another kernel for a read-only array).
+        self._kept.append((c.entries, tokens if tokens is not c.tokens else tokens.copy(), ns_id))
+        self._kept_rows += len(c.entries)
+        if len(self._kept) < KEPT_OPS and self._kept_rows <= self._kept_rows_max:
+            return True
+        self.encode()  # nobody encoded for long: the journal keeps its room, memory stays bounded
+        if self._node.events >= BATCH_EVENTS:
             self.flush()
+        return False
 
     def _apply(self, entries: np.ndarray, tokens: np.ndarray, ns_id: int, emit: bool, out: np.ndarray,
                pos: int) -> tuple[int, int]:
@@ -623,6 +647,36 @@ class Publisher:
                                                emit, out, pos, *self._pieces.table)
         self.unknown_blocks -= unknown
         return pos, events
+
+    def _apply_kept(self, emit: bool) -> None:
+        """Apply the operations the node's stream kept, in order: mirror
+        their tokens and (``emit``) encode their events into its batch;
+        then hand the journal back to the writer. Without ``emit`` (before
+        a snapshot that stands for them), they must still be mirrored: a
+        snapshot must not miss their blocks, nor give a record the tokens
+        of the block it held before."""
+        node = self._node
+        try:
+            for entries, tokens, ns_id in self._kept:
+                if emit:
+                    need = evwire.bound(len(entries), self.block_size, self._pieces.size)
+                    if node.pos + need > node.limit:
+                        node.room(max(need, ROOM_BYTES))
+                    node.pos, events = self._apply(entries, tokens, ns_id, True, node.buf, node.pos)
+                    node.events += events
+                else:
+                    self._apply(entries, tokens, ns_id, False, self._buf, 0)
+        finally:
+            self._kept.clear()
+            self._kept_rows = 0
+            self.writer.release_journal()
+
+    def encode(self) -> None:
+        """Encode the operations the node's stream kept into its batch
+        (``flush`` does it first; a daemon calls it when no request
+        waits)."""
+        if self._kept:
+            self._apply_kept(emit=True)
 
     def _forget_stores(self, c: Changes) -> None:
         """Count the blocks the failed operation ``c`` stored as of unknown
@@ -729,6 +783,7 @@ class Publisher:
     def flush(self) -> int:
         """Send one batch per stream with gathered events; returns how many."""
         self.gathering_since = None
+        self.encode()
         sent = 0
         for stream in self._streams.values():
             if not stream.events:

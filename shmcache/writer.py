@@ -115,9 +115,11 @@ class Changes(NamedTuple):
     indexes the blocks of ``tokens`` (the operation's token ids, or None
     for operations that store nothing), all chained from ``namespace``.
     ``entries`` and ``tokens`` are the Writer's and the caller's: valid
-    during the sink's call only (copy what you keep). ``overflowed``: the
-    operation made more changes than the journal holds and ``entries`` is
-    incomplete; the sink must resynchronise from the segment.
+    during the sink's call only, unless the sink returns True for
+    ``entries``: the Writer then leaves those rows alone (later operations
+    journal after them) until ``Writer.release_journal``. ``overflowed``:
+    the operation made more changes than the journal holds and ``entries``
+    is incomplete; the sink must resynchronise from the segment.
     """
 
     entries: np.ndarray
@@ -242,8 +244,9 @@ class Writer:
 
     on_evict_clients: ClientEvictCallback | None = None
     reap_interval: float = REAP_INTERVAL_S
-    _sink: "Callable[[Changes], None] | None" = None
+    _sink: "Callable[[Changes], bool | None] | None" = None
     _call: tuple = (None, None)  # (tokens, namespace) of the operation running, for the sink
+    _kept = 0  # journal rows [0, _kept) a sink keeps (returned True for): not written until released
 
     def __init__(self, mapping: segment.Mapping, claim: int, on_evict: EvictCallback | None, crash_at_step: int = 0,
                  fresh: bool = False) -> None:
@@ -425,20 +428,35 @@ class Writer:
 
     def _drain(self) -> None:
         meta, journal = self._A.meta, self._A.journal
-        n = int(meta[M_JOURNAL])
-        if n:
-            meta[M_JOURNAL] = 0
-            self._sink(Changes(journal[: min(n, len(journal))], *self._call, n > len(journal)))
+        n, kept = int(meta[M_JOURNAL]), self._kept
+        if n > kept:
+            end = min(n, len(journal))
+            if self._sink(Changes(journal[kept:end], *self._call, n > end)) is True and n == end:
+                self._kept = end
+            else:
+                meta[M_JOURNAL] = self._kept  # the sink may have released the journal meanwhile
 
-    def watch(self, sink: "Callable[[Changes], None] | None", entries: int = JOURNAL_ENTRIES) -> None:
+    def release_journal(self) -> None:
+        """Let the journal rows that sinks kept be written again: call it
+        once nothing uses any ``entries`` kept (``Changes``). Until then
+        each operation journals after them, and one that needs more rows
+        than are left comes as ``overflowed``; a sink that keeps rows
+        should release them often. Nothing to do once closed."""
+        if self._A is not None:
+            self._A.meta[M_JOURNAL] = 0
+        self._kept = 0
+
+    def watch(self, sink: "Callable[[Changes], bool | None] | None", entries: int = JOURNAL_ENTRIES) -> None:
         """Call ``sink(changes)`` after every operation that changed which
         blocks are cached or which owners hold them (``Changes``), in this
         process, before the operation returns; ``None`` stops. Blocks
         already cached when watching starts are not reported: a sink reads
         those from the segment. The journal grows to hold any insert; a
         larger drop (a clear, a remove of a large subtree) than ``entries``
-        comes as ``overflowed``. A sink must not raise. The journal costs a few nanoseconds per
-        changed block while on, nothing while off."""
+        (less the rows a sink keeps: ``release_journal``) comes as
+        ``overflowed``. A sink must not raise; it returns True to keep
+        ``changes.entries`` past its call. The journal costs a few
+        nanoseconds per changed block while on, nothing while off."""
         self._check_open()
         if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1:
             raise InvalidInputError(f"entries must be a positive int, got {entries!r}")
@@ -446,8 +464,10 @@ class Writer:
         self._sink = sink
 
     def _new_journal(self, rows: int) -> None:
-        """An empty journal of ``rows`` rows (0: journaling off)."""
+        """An empty journal of ``rows`` rows (0: journaling off). Rows a
+        sink kept stay valid: they are views of the previous one."""
         self._A = self._A._replace(journal=np.zeros((rows, JOURNAL_WORDS), dtype=np.int64))
+        self._kept = 0
         self._A.meta[M_JOURNAL] = 0
 
     def _reap_if_due(self) -> None:
@@ -519,10 +539,10 @@ class Writer:
         blocks)``, status OK or ERR_STALE. ``tokens`` and ``namespace``
         (those ``keys`` were chained from) go to the watcher."""
         n = keys.shape[0]
-        if self._sink is not None and 3 * n > len(self._A.journal):
+        if self._sink is not None and 3 * n > len(self._A.journal) - self._kept:
             # An insert journals at most n stores, n evictions and n owner
             # gains: never an overflow, whose resync could not know the tokens.
-            self._new_journal(3 * n)
+            self._new_journal(max(3 * n, len(self._A.journal)))
         args = (self._A, start, start_gen, keys, vals, n, client, held, refs)
         self._call = (tokens, namespace)
         try:

@@ -17,7 +17,7 @@ import zmq
 from shmcache import Client, Reader, Writer
 from shmcache.errors import InvalidInputError
 from shmcache import evwire
-from shmcache.publish import BATCH_EVENTS, Pieces, Publisher, ReplayBuffer, Stream, batch_payload
+from shmcache.publish import BATCH_EVENTS, KEPT_OPS, Pieces, Publisher, ReplayBuffer, Stream, batch_payload
 
 from daemon_proc import Served
 from kv_structs import ARRAY, MAP
@@ -182,6 +182,42 @@ def test_a_late_joiner_gets_a_snapshot(shm_name, ctx, ends, embedded):
         late.close()
 
 
+def test_a_sink_keeps_its_journal_rows_until_it_releases_them(shm_name):
+    """Rows a sink returns True for stay as they were while later
+    operations journal after them (also when an insert needs a fresh
+    journal); an operation that needs more rows than are left comes as
+    overflowed; once released, operations journal from the start again."""
+    w = Writer.create(shm_name, capacity=64, block_size=BS)
+    got, keep = [], [False]
+
+    def sink(c):
+        got.append((c.entries, c.entries.copy(), c.overflowed))
+        return keep[0]
+
+    try:
+        w.watch(sink, entries=9)
+        w.insert(prompt(0, 3), [0, 1, 2])
+        w.insert(prompt(1, 3), [3, 4, 5])
+        assert np.shares_memory(got[0][0], got[1][0]), "not kept: the next operation journals over them"
+        keep[0] = True
+        w.insert(prompt(2, 1), [6])
+        w.insert(prompt(3, 1), [7])
+        assert not np.shares_memory(got[2][0], got[3][0])
+        kept = got[2:]
+        w.clear()  # 8 drops, 7 rows left
+        assert got[-1][2] and len(got[-1][0]) == 7
+        w.insert(prompt(4, 3), [8, 9, 10])  # room for 9 rows needed, 7 left: a fresh journal
+        w.insert(prompt(5, 1), [11])
+        assert all((view == copy).all() for view, copy, _ in kept), "nothing kept was written over"
+        w.release_journal()
+        keep[0] = False
+        w.insert(prompt(6, 1), [12])
+        w.insert(prompt(7, 1), [13])
+        assert np.shares_memory(got[-1][0], got[-2][0]) and got[-1][0].ctypes.data == got[-2][0].ctypes.data
+    finally:
+        w.close(unlink=True)
+
+
 def test_an_overflowed_journal_resynchronises(shm_name, ctx, ends):
     e = Embedded(shm_name, ctx, ends, capacity=64, journal=4)
     try:
@@ -205,25 +241,25 @@ def test_an_overflowed_journal_resynchronises(shm_name, ctx, ends):
 
 
 @pytest.mark.parametrize("failing", ["evict", "insert"])
-def test_a_failing_sink_resynchronises_without_stale_tokens(embedded, monkeypatch, failing):
-    """A sink that fails (a bug) while the batch holds events not sent yet:
-    the snapshot that replaces the stream has every block, with its own
-    tokens, also where an eviction gave a record to another block. The
-    blocks the failing operation stored are left out (their tokens never
-    reached the publisher), never sent with the tokens of the block their
-    record held before."""
+def test_a_failing_sink_resynchronises_with_the_tokens_of_every_kept_block(embedded, monkeypatch, failing):
+    """A sink that fails (a bug) while operations wait to be encoded: the
+    snapshot that replaces the stream has every block those operations
+    stored, with its own tokens, also where an eviction gave a record to
+    another block. The blocks the failing operation stored are left out
+    (their tokens never reached the publisher), never sent with the tokens
+    of the block their record held before."""
     e = embedded(capacity=24)
     for i in range(4):
         e.insert(prompt(i, 4))
     e.sync()
-    for i in range(4, 9):  # gathered, not sent yet; past capacity: records evicted and given again
+    for i in range(4, 9):  # kept, not encoded yet; past capacity: records evicted and given again
         e.insert(prompt(i, 4))
-    assert e.pub._node.events > 0 and e.w.stats()["evicted_blocks"] > 0
+    assert len(e.pub._kept) == 5 and e.w.stats()["evicted_blocks"] > 0
 
     def fail(*args):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(evwire, "apply_op", fail)
+    monkeypatch.setattr(e.pub, "_take", fail)
     left_out = frozenset()
     if failing == "evict":
         e.w.evict(2)  # drops only: the snapshot can be whole
@@ -231,7 +267,7 @@ def test_a_failing_sink_resynchronises_without_stale_tokens(embedded, monkeypatc
         e.insert(prompt(9, 4))  # 4 blocks in records it evicted
         left_out = frozenset(int(k) for k in e.w.block_keys(prompt(9, 4))[:, 0])
     monkeypatch.undo()
-    assert e.pub.errors == 1
+    assert e.pub.errors == 1 and not e.pub._kept
     e.sync(left_out=left_out)
     assert e.consumer.snapshots == 0 and b"AllBlocksCleared" in e.consumer.last_payload
     live = e.w.stats()["live_blocks"]
@@ -342,7 +378,7 @@ def test_a_stream_gathers_its_batches_in_the_ring_and_keeps_them_there():
 
 
 def test_a_batch_is_due_an_interval_after_its_first_change_and_stays_bounded(shm_name, ctx, ends):
-    w = Writer.create(shm_name, capacity=BATCH_EVENTS + 64, block_size=BS)
+    w = Writer.create(shm_name, capacity=BATCH_EVENTS + KEPT_OPS + 64, block_size=BS)
     pub = Publisher(w, ends[0], ctx=ctx, interval=0.5)
     try:
         assert pub.deadline() == float("inf") and not pub.due(time.monotonic())
@@ -354,7 +390,7 @@ def test_a_batch_is_due_an_interval_after_its_first_change_and_stays_bounded(shm
         w.insert(prompt(1, 1), [1])
         assert pub.deadline() == deadline, "a batch is due an interval after its first change"
         assert pub.flush() == 1 and pub.deadline() == float("inf")
-        for i in range(BATCH_EVENTS):  # never flushed by its owner: it sends by itself
+        for i in range(BATCH_EVENTS + KEPT_OPS):  # never flushed by its owner: it sends by itself
             w.insert(prompt(2 + i, 1), [2 + i])
         assert pub.published_batches == 2 and pub.stats()["streams"][""] == 2
     finally:
