@@ -133,8 +133,8 @@ def apply_op(entries, tokens, ns_id, block_size, mtok, mns, emit, out, pos, piec
     in namespace id ``ns_id`` (-1: it stored nothing): record the tokens of
     each stored block in the mirror ``mtok`` (``block_size`` per state) and
     its namespace id in ``mns`` (-1 for a dropped one), and, with ``emit``,
-    write the node stream's events into ``out`` from ``out[pos]`` on (room:
-    ``bound``): one ``BlockStored`` per run of stores (a chain:
+    write the node stream's events into ``out`` from ``out[pos]`` on (the
+    caller leaves ``bound`` bytes there): one ``BlockStored`` per run of stores (a chain:
     ``mutate.add_chain`` adds each below the one before), one
     ``BlockRemoved`` per run of drops, leaving out blocks whose tokens were
     never known. Returns ``(the new pos, events, drops of unknown

@@ -114,9 +114,9 @@ BATCH_EVENTS = 2048
 #: a copy of their tokens) before it encodes them by itself (a daemon
 #: encodes whenever no request waits).
 KEPT_OPS = 64
-#: Bytes of room a stream reserves at a time for the events it gathers
-#: (more when one operation needs more): the sink checks a bound, not the
-#: ring, for each operation.
+#: Bytes of room the node's stream reserves at a time for the events it
+#: gathers (more when one operation needs more; at most a sixteenth of the
+#: replay ring): each operation checks a bound, not the ring.
 ROOM_BYTES = 1 << 18
 #: Events per batch of a snapshot answer.
 SNAPSHOT_EVENTS = 1024
@@ -390,8 +390,10 @@ class Publisher:
 
     ``endpoint`` is bound when it has ``*`` or ``::`` or is ``ipc://`` or
     ``inproc://``, connected to otherwise (as vLLM does); ``replay`` (a
-    ROUTER endpoint) is bound. ``journal``: changes one operation may make
-    before the publisher resynchronises instead (``Writer.watch``).
+    ROUTER endpoint) is bound. ``journal``: the writer's journal rows
+    (``Writer.watch``); an operation that makes more changes than the
+    seven eighths of them that are never kept is published as a snapshot
+    instead.
 
     The node's stream keeps each operation for ``encode``, which gathers
     their events in its batch; ``flush`` encodes what is kept and sends one
@@ -433,9 +435,10 @@ class Publisher:
         # namespace id), and the rows they hold; past an eighth of the
         # journal they are encoded at once, so that an operation still has
         # most of the journal's room.
-        self._kept: list[tuple[np.ndarray, np.ndarray, int]] = []
+        self._kept: deque[tuple[np.ndarray, np.ndarray, int]] = deque()
         self._kept_rows = 0
         self._kept_rows_max = journal // 8
+        self._room_bytes = min(ROOM_BYTES, buffer_bytes // 16) if replay is not None else ROOM_BYTES
         cap = writer.capacity
         self._data = writer._map.data
         self._geom = writer.geometry.vector()
@@ -593,21 +596,32 @@ class Publisher:
             return self._take(c)
         except Exception:  # a bug here must not take the writer's process down with it
             log.exception("publishing an operation's changes failed: the streams resynchronise")
-            self.errors += 1
-            try:
-                try:
-                    self._apply_kept(emit=False)
-                finally:  # after them: their stores are older than the failed operation's
-                    self._forget_stores(c)
-            except Exception:
-                log.exception("recording the kept operations' tokens failed: a snapshot may miss their blocks")
-            try:
-                self._resync()
-            except Exception:
-                log.exception("resynchronising the streams failed: consumers see a gap and may ask for a snapshot")
-            if self.gathering_since is None:  # a failed flush cleared it: the snapshot goes out when due
-                self.gathering_since = time.monotonic()
+            self._recover(c.entries)
             return False
+
+    def _recover(self, failed: "np.ndarray | None") -> None:
+        """After a publishing error (a bug): mirror the kept operations (or
+        leave their blocks out of snapshots, if that fails too), leave out
+        the blocks the failed operation (journal rows ``failed``) stored,
+        whose tokens may never have been recorded, and resynchronise every
+        stream with a snapshot. A snapshot must never miss a block, nor
+        send a record with the tokens of the block it held before."""
+        self.errors += 1
+        try:
+            self._apply_kept(emit=False)
+        except Exception:
+            log.exception("mirroring the kept operations failed: snapshots leave their blocks out")
+            for entries, _, _ in self._kept:
+                self._forget_stores(entries)
+            self._drop_kept()
+        if failed is not None:  # after the kept ones: its stores are the newer
+            self._forget_stores(failed)
+        try:
+            self._resync()
+        except Exception:
+            log.exception("resynchronising the streams failed: consumers see a gap and may ask for a snapshot")
+        if self.gathering_since is None:  # a failed flush cleared it: the snapshot goes out when due
+            self.gathering_since = time.monotonic()
 
     def _take(self, c: Changes) -> bool:
         if self.gathering_since is None:
@@ -649,40 +663,49 @@ class Publisher:
         return pos, events
 
     def _apply_kept(self, emit: bool) -> None:
-        """Apply the operations the node's stream kept, in order: mirror
+        """Apply the operations the node's stream kept, oldest first: mirror
         their tokens and (``emit``) encode their events into its batch;
-        then hand the journal back to the writer. Without ``emit`` (before
-        a snapshot that stands for them), they must still be mirrored: a
-        snapshot must not miss their blocks, nor give a record the tokens
-        of the block it held before."""
-        node = self._node
-        try:
-            for entries, tokens, ns_id in self._kept:
-                if emit:
-                    need = evwire.bound(len(entries), self.block_size, self._pieces.size)
-                    if node.pos + need > node.limit:
-                        node.room(max(need, ROOM_BYTES))
-                    node.pos, events = self._apply(entries, tokens, ns_id, True, node.buf, node.pos)
-                    node.events += events
-                else:
-                    self._apply(entries, tokens, ns_id, False, self._buf, 0)
-        finally:
-            self._kept.clear()
-            self._kept_rows = 0
-            self.writer.release_journal()
+        then hand the journal back to the writer. An operation leaves the
+        list once applied, so after an error the rest is still there to
+        mirror (without ``emit``, before the snapshot that stands for
+        them)."""
+        node, kept = self._node, self._kept
+        while kept:
+            entries, tokens, ns_id = kept[0]
+            if emit:
+                need = evwire.bound(len(entries), self.block_size, self._pieces.size)
+                if node.pos + need > node.limit:
+                    node.room(max(need, self._room_bytes))
+                node.pos, events = self._apply(entries, tokens, ns_id, True, node.buf, node.pos)
+                node.events += events
+            else:
+                self._apply(entries, tokens, ns_id, False, self._buf, 0)
+            kept.popleft()
+        self._drop_kept()
+
+    def _drop_kept(self) -> None:
+        """Forget the kept operations and let the writer journal over their rows."""
+        self._kept.clear()
+        self._kept_rows = 0
+        self.writer.release_journal()
 
     def encode(self) -> None:
         """Encode the operations the node's stream kept into its batch
         (``flush`` does it first; a daemon calls it when no request
         waits)."""
         if self._kept:
-            self._apply_kept(emit=True)
+            try:
+                self._apply_kept(emit=True)
+            except Exception:  # a bug: the daemon's loop goes on
+                log.exception("encoding the kept operations failed: the streams resynchronise")
+                self._recover(None)
 
-    def _forget_stores(self, c: Changes) -> None:
-        """Count the blocks the failed operation ``c`` stored as of unknown
-        tokens: snapshots leave them out, instead of sending them with the
-        tokens of the blocks their records held before."""
-        stored = c.entries[c.entries[:, 0] == J_STORED, 1]
+    def _forget_stores(self, entries: np.ndarray) -> None:
+        """Count the blocks an operation whose journal rows are ``entries``
+        stored as of unknown tokens: snapshots leave them out, instead of
+        sending them with the tokens of the blocks their records held
+        before."""
+        stored = entries[entries[:, 0] == J_STORED, 1]
         self.unknown_blocks += len(stored)
         self._ns[stored] = -1
 

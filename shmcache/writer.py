@@ -431,9 +431,12 @@ class Writer:
         n, kept = int(meta[M_JOURNAL]), self._kept
         if n > kept:
             end = min(n, len(journal))
-            if self._sink(Changes(journal[kept:end], *self._call, n > end)) is True and n == end:
-                self._kept = end
-            else:
+            keep = False
+            try:
+                keep = self._sink(Changes(journal[kept:end], *self._call, n > end)) is True and n == end
+            finally:  # also if the sink raised: the next operation's rows must be its own
+                if keep:
+                    self._kept = end
                 meta[M_JOURNAL] = self._kept  # the sink may have released the journal meanwhile
 
     def release_journal(self) -> None:
