@@ -89,7 +89,11 @@ class Arrays(NamedTuple):
     wdata: np.ndarray  # uint64, writable part
     geom: np.ndarray  # int64, layout.G_* vector
     links: np.ndarray  # int64 (capacity + 1, 3): first child, next, prev; row capacity is the root
-    free: np.ndarray  # int64 (capacity,): stack of free record ids
+    # int64 (capacity,): stack of free record ids. Its order is a reader's
+    # fast path (``matcher._NEXT_BIAS``): built lowest on top, and last in,
+    # first out, so an insert takes consecutive records, and a chain that
+    # eviction frees leaf first is taken again root first, in the same order.
+    free: np.ndarray
     heap_key: np.ndarray  # uint64: recency of each heap entry
     heap_state: np.ndarray  # int64: state of each heap entry
     vmap: np.ndarray  # uint64: (client, value) -> state + 1, 0 empty
