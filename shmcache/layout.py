@@ -64,7 +64,9 @@ their own line so a reader's fast path never touches them.
 
 State record (data part, ``RECORD_WORDS`` = 8 words = one 64-byte line)
 -----------------------------------------------------------------------
-A reader touching a state touches exactly one cache line.
+A reader touching a state touches exactly one cache line. A state's child
+is usually the next record (the writer's free stack, ``wstate``), where a
+reader looks first (``matcher._NEXT_BIAS``); nothing depends on it.
 
 =======  ====  ===============================================================
 field    word  meaning
