@@ -863,7 +863,10 @@ class Publisher:
 
     def stats(self) -> dict:
         """Counters: batches published, replay requests answered, per stream
-        the next sequence number, and blocks whose tokens are unknown."""
+        the next sequence number, and blocks whose tokens are unknown, as of
+        the writer's last operation (what is kept is encoded first: the
+        events wait in the batch, as they would have for ``flush``)."""
+        self.encode()
         return {"published_batches": self.published_batches, "replay_requests": self.replay_requests,
                 "errors": self.errors,
                 "unknown_blocks": self.unknown_blocks,

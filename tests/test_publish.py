@@ -277,6 +277,21 @@ def test_an_overflowed_journal_resynchronises(shm_name, ctx, ends):
     assert not any(os.path.exists(end[len("ipc://"):]) for end in ends), "the ipc socket files are removed"
 
 
+def test_stats_are_current_while_operations_are_kept(shm_name, ctx, ends):
+    with Writer.create(shm_name, capacity=16, block_size=BS) as w:
+        w.insert(prompt(0, 3), [1, 2, 3])  # cached before publishing: their tokens are unknown
+        pub = Publisher(w, ends[0], ctx=ctx)
+        try:
+            assert pub.stats()["unknown_blocks"] == 3
+            w.insert(prompt(1, 2), [4, 5])
+            w.remove([1])  # the three unknown blocks go: kept, not encoded yet
+            assert len(pub._kept) == 2
+            assert pub.stats()["unknown_blocks"] == 0 and not pub._kept
+            assert pub.flush() == 1
+        finally:
+            pub.close()
+
+
 @pytest.mark.parametrize("failing", ["evict", "insert", "encode"])
 def test_a_failing_publisher_resynchronises_with_the_tokens_of_every_kept_block(embedded, monkeypatch, failing):
     """The sink (a bug in a drop, or in an insert into evicted records) or
