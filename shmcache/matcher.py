@@ -206,8 +206,7 @@ def walk_keys(data, index, n_slots, states, capacity, probes, keys, c, link, n, 
     parent's first if ``follow`` (``_NEXT_BIAS``), else, or then, through
     the index. Returns ``(n, link, strays)`` after the last match:
     ``strays`` counts the blocks below a parent that were not in the record
-    after it (known without reading that record when not ``follow``), the
-    block that missed included.
+    after it (known without reading that record when not ``follow``).
 
     ``path``/``versions``/``values`` receive the matched states, their
     versions and values, and ``owners`` their presence words if
@@ -304,11 +303,11 @@ WS_TOO_SMALL = -(1 << 62)
 RETIRED = -(1 << 62) + 1
 OWNERS_RENAMED = -(1 << 62) + 2
 
-#: Blocks hashed, prefetched and then walked at a time (``walk_tokens``). A
-#: match hashes at most two chunks past its first miss, so its cost follows
-#: what it matches, not the prompt's length; and the index slots of a
-#: chunk's keys are all asked for before the walk reads the first, so on a
-#: cold segment their misses overlap instead of following one another.
+#: Blocks hashed and then walked at a time (``walk_tokens``). A match hashes
+#: at most two chunks past its first miss, so its cost follows what it
+#: matches, not the prompt's length; and a chunk walked by the index has
+#: all its slots asked for before the walk reads the first, so on a cold
+#: segment their misses overlap instead of following one another.
 CHUNK = 16
 
 
@@ -387,13 +386,14 @@ def walk_tokens(data, geom, tokens, ws, chain, n_blocks, path, versions, values,
     Pipelined: the next chunk is hashed before the current one is walked,
     so a match hashes at most two chunks past its first miss. What the
     chunk before found decides how a chunk is walked (``walk_keys``'
-    ``strays``): its blocks are looked for in the record after their
-    parent's unless most of that chunk's were elsewhere (a segment whose
-    chains were written a block at a time, interleaved), and their index
-    slots are asked for ahead of the walk, all at once, only if some were
-    elsewhere: slots a walk does not read would cost a cold match page
-    walks for nothing. The first block has no parent record to follow, so
-    its slot is always asked for.
+    ``strays``): in record order (each block looked for in the record
+    after its parent's first), unless most of that chunk's blocks were
+    elsewhere (a segment whose chains were written a block at a time,
+    interleaved); then by the index, its slots asked for all at once
+    before the walk, so that their misses overlap. Slots a walk in record
+    order would not read are not asked for: on a cold segment they cost
+    page walks for nothing. The first block has no parent record to
+    follow, so its slot is asked for as soon as its key is known.
 
     Returns the matched block count, a one-instant snapshot (module doc), or
     ``-(i + 1)`` when token ``i`` is outside ``[0, 2**32)``. An id is
@@ -411,8 +411,7 @@ def walk_tokens(data, geom, tokens, ws, chain, n_blocks, path, versions, values,
     probes = max_probe(data, geom)
     link = _ROOT
     n = 0
-    strays = 0
-    follow = True
+    by_index = False
     if n_blocks > 0:
         c = min(CHUNK, n_blocks)
         bad = hash_chunk(tokens, scratch, chain, block_size, 0, c, ws[WS_ROOT], ws[WS_ROOT + 1], cur)
@@ -422,17 +421,17 @@ def walk_tokens(data, geom, tokens, ws, chain, n_blocks, path, versions, values,
     while n < n_blocks:
         c = min(CHUNK, n_blocks - n)
         after = n + c
-        if strays > 0:
+        if by_index:
             prefetch_chunk(data, index, n_slots, cur, c)
-        follow = 2 * strays <= c
         bad = -1
         if after < n_blocks:
             bad = hash_chunk(tokens, scratch, chain, block_size, after, min(CHUNK, n_blocks - after),
                              cur[c - 1, 0], cur[c - 1, 1], nxt)
         n, link, strays = walk_keys(data, index, n_slots, geom[G_STATES], geom[G_CAPACITY], probes, cur, c, link,
-                                    n, path, versions, values, owners, with_owners, follow)
+                                    n, path, versions, values, owners, with_owners, not by_index)
         if n < after:
             break
+        by_index = 2 * strays > c
         if bad >= 0:
             return -bad - 1
         cur, nxt = nxt, cur

@@ -118,9 +118,12 @@ def rebuild(A):
     whose link is out of range, or whose ancestry does not reach the root
     through live states (descendants of a dropped state, cycles). Then
     rebuilds the index, the counters and the private structures, with no
-    writer pin (see the module docstring). Safe with readers attached: they
-    see misses while the index is rebuilt. Returns the number of states
-    dropped.
+    writer pin (see the module docstring). Safe with readers attached:
+    while the index is rebuilt they miss the blocks they look up there, and
+    may still find others in the record after their parent's (valid
+    records only: the invalid ones are zeroed before the index is cleared,
+    and the owners' repair cuts any walk it overlaps). Returns the number
+    of states dropped.
     """
     cap = A.geom[G_CAPACITY]
     begin(A)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from shmcache import Reader, Writer
+from shmcache.layout import G_INDEX, G_SLOTS, SLOT_STATE_MASK
 from shmcache.matcher import CHUNK, workspace_path
 
 BS = 4
@@ -36,6 +37,24 @@ def test_an_insert_takes_consecutive_records_and_an_evicted_chain_gives_them_bac
         assert r.match_prefix(old).length == 0 and r.match_prefix(other).length == BLOCKS * BS
         assert (np.diff(matched_states(r, new)) == 1).all()
         w.check()
+
+
+def test_a_block_is_found_in_the_record_after_its_parents_without_the_index(shm_name):
+    with Writer.create(shm_name, capacity=2 * BLOCKS, block_size=BS) as w, Reader.attach(shm_name) as r:
+        toks = prompt(range(1, BLOCKS + 1))
+        w.insert(toks, np.arange(BLOCKS))
+        states = matched_states(r, toks)
+        # Take a block after the first chunk out of the index (a writable
+        # view of the data part: this segment is not checked again).
+        data, geom = w._map.data, w.geometry.vector()
+        index, slots = int(geom[G_INDEX]), int(geom[G_SLOTS])
+        gone = CHUNK + 3
+        at = np.flatnonzero((data[index : index + slots] & np.uint64(SLOT_STATE_MASK)) == states[gone] + 1)
+        assert len(at) == 1
+        data[index + at[0]] = 0
+        m = r.match_prefix(toks)
+        assert (m.length, m.values.tolist()) == (BLOCKS * BS, list(range(BLOCKS)))
+        assert w.match_prefix(toks).length == BLOCKS * BS
 
 
 def grow(w: Writer, prompts: list[list[int]], model: dict, upto: int, start: int = 0) -> None:
