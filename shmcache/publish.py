@@ -53,9 +53,10 @@ node then, as they do when an engine restarts.
 Cost: the writer journals each change (``Writer.watch``, a few ns a
 block). The sink keeps the operation's journal rows where they are (the
 writer journals the next operations after them until ``encode`` releases
-them) and a copy of its tokens; ``encode`` turns each kept operation into
-events with one kernel call (``evwire.apply_op``), written straight into
-the batch that ``flush`` sends. With a replay socket, that batch is
+them) and a copy of its tokens; ``encode`` turns the kept operations into
+events with one kernel call (``evwire.apply_ops``: a call costs more than
+the events of a small operation), written straight into the batch that
+``flush`` sends. With a replay socket, that batch is
 gathered in the replay ring itself and kept where it lies. The daemon
 encodes when no request waits (its clients are busy with its replies
 then) and flushes ``interval`` after a batch's first change. The
@@ -430,14 +431,23 @@ class Publisher:
         self.errors = 0  # operations whose changes could not be published (then resynchronised)
         self._pieces = Pieces(array_format, self.block_size)
         self._buf = np.empty(1 << 16, dtype=np.uint8)  # one owner-stream event at a time
-        # The node's operations not encoded yet: (rows of the writer's
-        # journal, which it leaves alone until released, their tokens, their
-        # namespace id), and the rows they hold; past an eighth of the
-        # journal they are encoded at once, so that an operation still has
-        # most of the journal's room.
-        self._kept: deque[tuple[np.ndarray, np.ndarray, int]] = deque()
+        # The node's operations not encoded yet, as groups of consecutive
+        # rows of one of the writer's journals, which it leaves alone until
+        # released: [the journal, its rows 0.. the group holds, per
+        # operation its rows, where its tokens begin in ``_kept_tokens`` and
+        # its namespace id]. A group begins at row 0: the writer journals
+        # from there after each release and in each new journal (an insert
+        # larger than the room left), and after the rows kept otherwise.
+        # The tokens are copied (the caller's array is theirs again after
+        # the call), back to back in memory reused from batch to batch.
+        # Past an eighth of the journal the operations are encoded at once,
+        # so that an operation still has most of the journal's room.
+        self._kept: list[list] = []
+        self._kept_count = 0
         self._kept_rows = 0
         self._kept_rows_max = journal // 8
+        self._kept_tokens = faulted((self._kept_rows_max + 1) * self.block_size, np.uint32)
+        self._kept_ntokens = 0
         self._room_bytes = min(ROOM_BYTES, buffer_bytes // 16) if replay is not None else ROOM_BYTES
         cap = writer.capacity
         self._data = writer._map.data
@@ -611,8 +621,8 @@ class Publisher:
             self._apply_kept(emit=False)
         except Exception:
             log.exception("mirroring the kept operations failed: snapshots leave their blocks out")
-            for entries, _, _ in self._kept:
-                self._forget_stores(entries)
+            for journal, rows, _ in self._kept:
+                self._forget_stores(journal[:rows])
             self._drop_kept()
         if failed is not None:  # after the kept ones: its stores are the newer
             self._forget_stores(failed)
@@ -634,66 +644,82 @@ class Publisher:
             ns_id, tokens = -1, _NO_TOKENS
         else:
             ns_id, tokens = self._pieces.ns_id(c.namespace), c.tokens
-            if tokens.dtype is not _U32:  # the writer checked that the ids fit; a daemon's are uint32 already
-                tokens = tokens.astype(_U32)
+        entries = c.entries
         if self._node is None:
-            known = self._ns[c.entries[:, 1]] >= 0  # before the drops forget them
-            self._apply(c.entries, tokens, ns_id, False, self._buf, 0)
-            self._owner_events(c.entries, known)
+            if tokens.dtype is not _U32:  # one kernel for every caller; the writer checked that the ids fit
+                tokens = tokens.astype(_U32)
+            known = self._ns[entries[:, 1]] >= 0  # before the drops forget them
+            self._apply(entries, np.array([[len(entries), 0, ns_id]]), tokens, False, self._buf, 0)
+            self._owner_events(entries, known)
             return False
-        # The tokens are the caller's again after the call: a copy (of its
-        # own dtype: Numba compiles another kernel for a read-only array).
-        self._kept.append((c.entries, tokens if tokens is not c.tokens else tokens.copy(), ns_id))
-        self._kept_rows += len(c.entries)
-        if len(self._kept) < KEPT_OPS and self._kept_rows <= self._kept_rows_max:
+        t0, t1 = self._kept_ntokens, self._kept_ntokens + len(tokens)
+        if t1 > len(self._kept_tokens):  # one large insert: room for it, from now on
+            grown = faulted(max(t1, 2 * len(self._kept_tokens)), np.uint32)
+            grown[:t0] = self._kept_tokens[:t0]
+            self._kept_tokens = grown
+        self._kept_tokens[t0:t1] = tokens  # uint32: the writer checked that the ids fit
+        self._kept_ntokens = t1
+        if not self._kept or entries.base is not self._kept[-1][0]:
+            self._kept.append([entries.base, 0, []])
+        group = self._kept[-1]
+        group[1] += len(entries)
+        group[2] += (len(entries), t0, ns_id)
+        self._kept_count += 1
+        self._kept_rows += len(entries)
+        if self._kept_count < KEPT_OPS and self._kept_rows <= self._kept_rows_max:
             return True
         self.encode()  # nobody encoded for long: the journal keeps its room, memory stays bounded
         if self._node.events >= BATCH_EVENTS:
             self.flush()
         return False
 
-    def _apply(self, entries: np.ndarray, tokens: np.ndarray, ns_id: int, emit: bool, out: np.ndarray,
+    def _apply(self, entries: np.ndarray, ops: np.ndarray, tokens: np.ndarray, emit: bool, out: np.ndarray,
                pos: int) -> tuple[int, int]:
-        """Mirror the tokens of one operation's stores and (``emit``) encode
-        its node-stream events into ``out`` from ``pos`` (room:
-        ``evwire.bound``); returns ``(the new pos, events)``."""
-        pos, events, unknown = evwire.apply_op(entries, tokens, ns_id, self.block_size, self._tokens_flat, self._ns,
-                                               emit, out, pos, *self._pieces.table)
+        """Mirror the tokens of consecutive operations' stores and (``emit``)
+        encode their node-stream events into ``out`` from ``pos`` (room:
+        ``evwire.bound``): their journal rows ``entries``, per operation
+        ``ops`` (``evwire.apply_ops``), their ``tokens``; returns ``(the new
+        pos, events)``."""
+        pos, events, unknown = evwire.apply_ops(entries, ops, tokens, self.block_size, self._tokens_flat, self._ns,
+                                                emit, out, pos, *self._pieces.table)
         self.unknown_blocks -= unknown
         return pos, events
 
     def _apply_kept(self, emit: bool) -> None:
-        """Apply the operations the node's stream kept, oldest first: mirror
-        their tokens and (``emit``) encode their events into its batch;
-        then hand the journal back to the writer. An operation leaves the
-        list once applied, so after an error the rest is still there to
-        mirror (without ``emit``, before the snapshot that stands for
-        them)."""
+        """Apply the operations the node's stream kept, oldest first, one
+        kernel call per journal they lie in (one, unless an insert needed a
+        new one): mirror their tokens and (``emit``) encode their events
+        into its batch; then hand the journal back to the writer. A group
+        leaves the list once applied, so after an error the rest is still
+        there to mirror (without ``emit``, before the snapshot that stands
+        for them; mirroring a group again writes what it wrote)."""
         node, kept = self._node, self._kept
+        tokens = self._kept_tokens
         while kept:
-            entries, tokens, ns_id = kept[0]
+            journal, rows, ops = kept[0]
+            entries, ops = journal[:rows], np.array(ops, dtype=np.int64).reshape(-1, 3)
             if emit:
-                need = evwire.bound(len(entries), self.block_size, self._pieces.size)
+                need = evwire.bound(rows, self.block_size, self._pieces.size)
                 if node.pos + need > node.limit:
                     node.room(max(need, self._room_bytes))
-                node.pos, events = self._apply(entries, tokens, ns_id, True, node.buf, node.pos)
+                node.pos, events = self._apply(entries, ops, tokens, True, node.buf, node.pos)
                 node.events += events
             else:
-                self._apply(entries, tokens, ns_id, False, self._buf, 0)
-            kept.popleft()
+                self._apply(entries, ops, tokens, False, self._buf, 0)
+            del kept[0]
         self._drop_kept()
 
     def _drop_kept(self) -> None:
         """Forget the kept operations and let the writer journal over their rows."""
         self._kept.clear()
-        self._kept_rows = 0
+        self._kept_count = self._kept_rows = self._kept_ntokens = 0
         self.writer.release_journal()
 
-    def encode(self) -> None:
-        """Encode the operations the node's stream kept into its batch
-        (``flush`` does it first; a daemon calls it when no request
-        waits)."""
-        if self._kept:
+    def encode(self, at_least: int = 1) -> None:
+        """Encode the operations the node's stream kept into its batch, if
+        there are ``at_least`` of them (``flush`` encodes all first; a
+        daemon calls it when no request waits, once a few are kept)."""
+        if self._kept_count >= at_least:
             try:
                 self._apply_kept(emit=True)
             except Exception:  # a bug: the daemon's loop goes on

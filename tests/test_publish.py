@@ -172,7 +172,7 @@ def test_a_late_joiner_gets_a_snapshot(shm_name, ctx, ends, embedded):
     e.sync()
     for i in range(12, 15):  # kept, not encoded yet: the snapshot must stand for them too
         e.insert(prompt(i, 4, shared=2))
-    assert len(e.pub._kept) == 3
+    assert e.pub._kept_count == 3
     late = Consumer(ctx, ends[0], ends[1], pump=e.pub.serve_replay)
     try:
         late.replay(0)  # batch 0 is long gone from a buffer of 3
@@ -277,6 +277,42 @@ def test_an_overflowed_journal_resynchronises(shm_name, ctx, ends):
     assert not any(os.path.exists(end[len("ipc://"):]) for end in ends), "the ipc socket files are removed"
 
 
+def test_encode_waits_for_enough_kept_operations(shm_name, ctx, ends):
+    """``encode(at_least)``, as a daemon calls it while idle, leaves fewer
+    kept operations for later; a flush sends them all."""
+    e = Embedded(shm_name, ctx, ends, capacity=64)
+    try:
+        for i in range(3):
+            e.insert(prompt(i, 2))
+        e.pub.encode(4)
+        assert e.pub._kept_count == 3 and e.pub._node.events == 0
+        e.pub.encode(3)
+        assert e.pub._kept_count == 0 and e.pub._node.events == 3
+        e.insert(prompt(3, 2))
+        e.sync()
+        assert len(e.consumer.blocks) == 8
+    finally:
+        e.close()
+
+
+def test_operations_kept_across_a_new_journal(shm_name, ctx, ends):
+    """Operations kept in one journal, then an insert too large for the
+    room left, which the writer journals in a new one: both groups are
+    encoded, each from its own journal, in order."""
+    e = Embedded(shm_name, ctx, ends, capacity=64, journal=64)  # operations kept up to 8 rows
+    try:
+        e.insert(prompt(0, 2, shared=1))
+        e.insert(prompt(1, 2, shared=1))
+        e.w.remove([int(e.w.match_prefix(prompt(0, 2, shared=1)).values[1])])
+        assert e.pub._kept_count == 3 and len(e.pub._kept) == 1
+        e.insert(prompt(2, 30, shared=1))  # 90 rows of room needed: a new journal, then encoded at once
+        assert e.pub._kept_count == 0 and e.pub._node.events == 4
+        e.sync()
+        assert len(e.consumer.blocks) == 31 and e.pub.errors == 0
+    finally:
+        e.close()
+
+
 def test_stats_are_current_while_operations_are_kept(shm_name, ctx, ends):
     with Writer.create(shm_name, capacity=16, block_size=BS) as w:
         w.insert(prompt(0, 3), [1, 2, 3])  # cached before publishing: their tokens are unknown
@@ -285,8 +321,8 @@ def test_stats_are_current_while_operations_are_kept(shm_name, ctx, ends):
             assert pub.stats()["unknown_blocks"] == 3
             w.insert(prompt(1, 2), [4, 5])
             w.remove([1])  # the three unknown blocks go: kept, not encoded yet
-            assert len(pub._kept) == 2
-            assert pub.stats()["unknown_blocks"] == 0 and not pub._kept
+            assert pub._kept_count == 2
+            assert pub.stats()["unknown_blocks"] == 0 and not pub._kept_count
             assert pub.flush() == 1
         finally:
             pub.close()
@@ -307,7 +343,7 @@ def test_a_failing_publisher_resynchronises_with_the_tokens_of_every_kept_block(
     e.sync()
     for i in range(4, 9):  # kept, not encoded yet; past capacity: records evicted and given again
         e.insert(prompt(i, 4))
-    assert len(e.pub._kept) == 5 and e.w.stats()["evicted_blocks"] > 0
+    assert e.pub._kept_count == 5 and e.w.stats()["evicted_blocks"] > 0
 
     def fail(*args):
         raise RuntimeError("injected")
@@ -325,7 +361,7 @@ def test_a_failing_publisher_resynchronises_with_the_tokens_of_every_kept_block(
         e.insert(prompt(9, 4))  # 4 blocks in records it evicted
         left_out = frozenset(int(k) for k in e.w.block_keys(prompt(9, 4))[:, 0])
     monkeypatch.undo()
-    assert e.pub.errors == 1 and not e.pub._kept
+    assert e.pub.errors == 1 and not e.pub._kept_count
     e.sync(left_out=left_out)
     assert e.consumer.snapshots == 0 and b"AllBlocksCleared" in e.consumer.last_payload
     live = e.w.stats()["live_blocks"]
