@@ -60,8 +60,9 @@ if TYPE_CHECKING:
     from . import ingest
 
 #: KV-event operations kept before the daemon encodes them while no request
-#: waits (else at the flush): encoding is one kernel call for all of them,
-#: and one call per operation cost a busy daemon 1.4-1.9x the CPU.
+#: waits (else before it sleeps, or at the flush): encoding is one kernel
+#: call for all of them, and one call per operation cost a busy daemon
+#: 1.4-1.9x the CPU.
 IDLE_OPS = 8
 
 log = logging.getLogger("shmcache.daemon")
@@ -315,6 +316,8 @@ class Daemon:
             ready = self._sel.select(timeout=0)
         if ready or (self._ingest is not None and self._ingest.pending()):
             return ready
+        if self.publisher is not None:
+            self.publisher.encode()  # about to sleep: nobody waits for this
         wake = next_reap if self.publisher is None else min(next_reap, self.publisher.deadline())
         return self._sel.select(timeout=max(0.0, wake - time.monotonic()))
 

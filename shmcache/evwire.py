@@ -193,23 +193,25 @@ def apply_ops(entries, ops, tokens, block_size, mtok, mns, emit, out, pos, piece
     """``apply_op`` for operations one after the other, in one call (a
     call from Python costs more than encoding a small operation): their
     journal rows back to back in ``entries``; per operation, a row of
-    ``ops``: how many rows it has, where its tokens begin in ``tokens``,
-    its namespace id. Returns ``apply_op``'s three counts, summed."""
+    ``ops``: how many rows it has, where its tokens begin and end in
+    ``tokens``, its namespace id. Returns ``apply_op``'s new pos, and its
+    events and drops of unknown blocks summed."""
     events = 0
     unknown = 0
     r = 0
     for k in range(ops.shape[0]):
         n = ops[k, 0]
-        pos, e, u = apply_op(entries[r : r + n], tokens[ops[k, 1] :], ops[k, 2], block_size, mtok, mns, emit, out,
-                             pos, pieces, offs)
+        pos, e, u = apply_op(entries[r : r + n], tokens[ops[k, 1] : ops[k, 2]], ops[k, 3], block_size, mtok, mns,
+                             emit, out, pos, pieces, offs)
         events += e
         unknown += u
         r += n
     return pos, events, unknown
 
 
-def bound(entries: int, block_size: int, pieces: int) -> int:
-    """Bytes ``apply_op`` may write for ``entries`` journal rows:
-    per block a hash (9) and its tokens (5 each), per event (at most one
-    per row) its constant ``pieces`` bytes, a parent and two headers."""
-    return entries * (9 + 5 * block_size + pieces + 19)
+def bound(entries: int, block_size: int, pieces: int, events: int | None = None) -> int:
+    """Bytes ``apply_op`` may write for ``entries`` journal rows making at
+    most ``events`` events (default: one per row): per block a hash (9) and
+    its tokens (5 each), per event its constant ``pieces`` bytes, a parent
+    and two headers."""
+    return entries * (9 + 5 * block_size) + (entries if events is None else events) * (pieces + 19)

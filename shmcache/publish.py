@@ -58,8 +58,9 @@ events with one kernel call (``evwire.apply_ops``: a call costs more than
 the events of a small operation), written straight into the batch that
 ``flush`` sends. With a replay socket, that batch is
 gathered in the replay ring itself and kept where it lies. The daemon
-encodes when no request waits (its clients are busy with its replies
-then) and flushes ``interval`` after a batch's first change. The
+encodes when no request waits, once a few operations are kept or before
+it sleeps (its clients are busy with its replies then), and flushes
+``interval`` after a batch's first change. The
 publisher keeps each block's tokens (4 bytes a token: 64 MB for a million
 16-token blocks) for snapshots, and the last batches for replay
 (``buffer_bytes``); both are allocated and faulted in at start, as is the
@@ -113,7 +114,7 @@ INTERVAL_S = 0.002
 BATCH_EVENTS = 2048
 #: Operations the node's stream keeps (their rows of the writer's journal,
 #: a copy of their tokens) before it encodes them by itself (a daemon
-#: encodes whenever no request waits).
+#: encodes them sooner, while no request waits).
 KEPT_OPS = 64
 #: Bytes of room the node's stream reserves at a time for the events it
 #: gathers (more when one operation needs more; at most a sixteenth of the
@@ -400,7 +401,8 @@ class Publisher:
     their events in its batch; ``flush`` encodes what is kept and sends one
     batch per stream that has events; ``serve_replay`` answers what the
     replay socket received. None of them blocks. The caller's loop calls
-    them: the daemon encodes when no request waits, flushes when ``due``
+    them: the daemon encodes while no request waits (``encode``'s
+    ``at_least``), flushes when ``due``
     (``interval`` seconds after the first change of a batch: one batch per
     interval, as an engine sends one per step), and serves replay when
     ``fds`` are readable. An embedded writer's owner calls ``flush``
@@ -439,14 +441,15 @@ class Publisher:
         # from there after each release and in each new journal (an insert
         # larger than the room left), and after the rows kept otherwise.
         # The tokens are copied (the caller's array is theirs again after
-        # the call), back to back in memory reused from batch to batch.
-        # Past an eighth of the journal the operations are encoded at once,
-        # so that an operation still has most of the journal's room.
+        # the call), back to back in memory reused from batch to batch (it
+        # grows to the largest insert's, and stays). Past an eighth of the
+        # journal the operations are encoded at once, so that an operation
+        # still has most of the journal's room.
         self._kept: list[list] = []
         self._kept_count = 0
         self._kept_rows = 0
         self._kept_rows_max = journal // 8
-        self._kept_tokens = faulted((self._kept_rows_max + 1) * self.block_size, np.uint32)
+        self._kept_tokens = _NO_TOKENS if per_owner else faulted((self._kept_rows_max + 1) * self.block_size, np.uint32)
         self._kept_ntokens = 0
         self._room_bytes = min(ROOM_BYTES, buffer_bytes // 16) if replay is not None else ROOM_BYTES
         cap = writer.capacity
@@ -649,7 +652,8 @@ class Publisher:
             if tokens.dtype is not _U32:  # one kernel for every caller; the writer checked that the ids fit
                 tokens = tokens.astype(_U32)
             known = self._ns[entries[:, 1]] >= 0  # before the drops forget them
-            self._apply(entries, np.array([[len(entries), 0, ns_id]]), tokens, False, self._buf, 0)
+            self._apply(entries, np.array([[len(entries), 0, len(tokens), ns_id]], dtype=np.int64), tokens, False,
+                        self._buf, 0)
             self._owner_events(entries, known)
             return False
         t0, t1 = self._kept_ntokens, self._kept_ntokens + len(tokens)
@@ -663,7 +667,7 @@ class Publisher:
             self._kept.append([entries.base, 0, []])
         group = self._kept[-1]
         group[1] += len(entries)
-        group[2] += (len(entries), t0, ns_id)
+        group[2] += (len(entries), t0, t1, ns_id)
         self._kept_count += 1
         self._kept_rows += len(entries)
         if self._kept_count < KEPT_OPS and self._kept_rows <= self._kept_rows_max:
@@ -692,14 +696,18 @@ class Publisher:
         into its batch; then hand the journal back to the writer. A group
         leaves the list once applied, so after an error the rest is still
         there to mirror (without ``emit``, before the snapshot that stands
-        for them; mirroring a group again writes what it wrote)."""
+        for them; mirroring a group again writes what it wrote, though
+        ``unknown_blocks`` may then count drops the failed call made)."""
         node, kept = self._node, self._kept
         tokens = self._kept_tokens
         while kept:
             journal, rows, ops = kept[0]
-            entries, ops = journal[:rows], np.array(ops, dtype=np.int64).reshape(-1, 3)
+            entries, ops = journal[:rows], np.array(ops, dtype=np.int64).reshape(-1, 4)
             if emit:
-                need = evwire.bound(rows, self.block_size, self._pieces.size)
+                # An event per run of rows of one kind, at most: runs within
+                # operations, and the operations.
+                runs = int(np.count_nonzero(entries[1:, 0] != entries[:-1, 0])) + len(ops)
+                need = evwire.bound(rows, self.block_size, self._pieces.size, runs)
                 if node.pos + need > node.limit:
                     node.room(max(need, self._room_bytes))
                 node.pos, events = self._apply(entries, ops, tokens, True, node.buf, node.pos)

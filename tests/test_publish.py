@@ -295,6 +295,28 @@ def test_encode_waits_for_enough_kept_operations(shm_name, ctx, ends):
         e.close()
 
 
+def test_kept_operations_of_every_kind_fit_the_room_reserved(shm_name, ctx, ends):
+    """A group of kept operations alternating stores and drops (each run an
+    event of its own) is encoded within the room reserved for it, and the
+    tokens' memory is reused from batch to batch."""
+    e = Embedded(shm_name, ctx, ends, capacity=16, journal=512)  # room for the tokens of 65 blocks
+    e.pub._room_bytes = 1  # each group reserves what the bound says, no more
+    try:
+        tokens = e.pub._kept_tokens
+        for batch in range(4):
+            for i in range(6):
+                e.insert(prompt(10 * batch + i, 3, shared=1))  # past capacity: evictions too
+                e.w.remove([int(e.w.match_prefix(prompt(10 * batch + i, 3, shared=1)).values[2])])
+            assert e.pub._kept_count == 12
+            e.pub.encode()
+            assert e.pub._node.pos <= e.pub._node.limit
+            e.sync()
+        assert e.pub._kept_tokens is tokens
+        assert e.w.stats()["evicted_blocks"] > 0 and e.pub.errors == 0
+    finally:
+        e.close()
+
+
 def test_operations_kept_across_a_new_journal(shm_name, ctx, ends):
     """Operations kept in one journal, then an insert too large for the
     room left, which the writer journals in a new one: both groups are
