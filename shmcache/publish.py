@@ -436,10 +436,11 @@ class Publisher:
         # The node's operations not encoded yet, as groups of consecutive
         # rows of one of the writer's journals, which it leaves alone until
         # released: [the journal, its rows 0.. the group holds, per
-        # operation its rows, where its tokens begin in ``_kept_tokens`` and
-        # its namespace id]. A group begins at row 0: the writer journals
-        # from there after each release and in each new journal (an insert
-        # larger than the room left), and after the rows kept otherwise.
+        # operation its rows, where its tokens begin and end in
+        # ``_kept_tokens`` and its namespace id]. A group begins at row 0:
+        # the writer journals from there after each release and in each new
+        # journal (an insert larger than the room left), and after the rows
+        # kept otherwise.
         # The tokens are copied (the caller's array is theirs again after
         # the call), back to back in memory reused from batch to batch (it
         # grows to the largest insert's, and stays). Past an eighth of the
