@@ -218,11 +218,11 @@ def batch_payload(events: list[bytes], count: int, ts: float) -> bytes:
 
 
 def _room(buf: np.ndarray, used: int, size: int) -> np.ndarray:
-    """``buf``, or a larger copy of its first ``used`` bytes, with ``size``
-    bytes free after them."""
+    """``buf``, or a larger copy of its first ``used`` elements, with
+    ``size`` elements free after them."""
     if used + size <= len(buf):
         return buf
-    grown = np.empty(max(used + size, 2 * len(buf)), dtype=np.uint8)
+    grown = np.empty(max(used + size, 2 * len(buf)), dtype=buf.dtype)
     grown[:used] = buf[:used]
     return grown
 
@@ -658,10 +658,7 @@ class Publisher:
             self._owner_events(entries, known)
             return False
         t0, t1 = self._kept_ntokens, self._kept_ntokens + len(tokens)
-        if t1 > len(self._kept_tokens):  # one large insert: room for it, from now on
-            grown = faulted(max(t1, 2 * len(self._kept_tokens)), np.uint32)
-            grown[:t0] = self._kept_tokens[:t0]
-            self._kept_tokens = grown
+        self._kept_tokens = _room(self._kept_tokens, t0, len(tokens))  # grown by one large insert, from now on
         self._kept_tokens[t0:t1] = tokens  # uint32: the writer checked that the ids fit
         self._kept_ntokens = t1
         if not self._kept or entries.base is not self._kept[-1][0]:
