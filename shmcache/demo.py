@@ -10,9 +10,10 @@ then a summary table and the dump of the segment, and stops everything it
 started.
 
 Part 2 (with the ``events`` extra: pyzmq, msgspec) is why shmcache exists:
-4 simulated data-parallel ranks publish vLLM-format KV events to a daemon,
-and a router places the same trace by round-robin, least-loaded and
-cache-aware (``Reader.match_owners``) routing (``shmcache.routing``).
+a router places the same trace on 4 simulated data-parallel ranks by
+round-robin, least-loaded and cache-aware (``Reader.match_owners``) routing
+(``shmcache.routing``); for the last, the ranks publish vLLM-format KV
+events to a daemon.
 """
 
 from __future__ import annotations
@@ -246,9 +247,10 @@ def routing_part(requests: int | None, capacity_fraction: float, out: TextIO, ra
     reqs = load_requests(requests)
     uniq = unique_blocks([(r.input_length, r.hash_ids) for r in reqs], 16)
     per_rank = max(1, int(uniq * capacity_fraction / ranks))
-    print(f"\npart 2: {ranks} data-parallel ranks of {per_rank:,} KV blocks each publish vLLM-format KV events "
-          f"to one shmcache daemon; a router places each request by round-robin, by least load, or by the "
-          f"longest prefix match_owners finds (load-balance guard on)", file=out)
+    print(f"\npart 2: {ranks} data-parallel ranks of {per_rank:,} KV blocks each; a router places each request "
+          f"by round-robin, by least load, or by the longest prefix match_owners finds (load-balance guard on) "
+          f"in one shmcache daemon, to which the ranks publish vLLM-format KV events (routing by round-robin or "
+          f"least load reads nothing, so there the ranks publish nothing)", file=out)
     sim = Simulation(ranks, per_rank)
     results = []
     try:

@@ -20,10 +20,8 @@ import json
 import multiprocessing as mp
 import time
 import uuid
-from collections import OrderedDict, deque
 from dataclasses import dataclass
 from importlib import resources
-from itertools import islice, repeat, takewhile
 from typing import Callable
 
 import numpy as np
@@ -96,47 +94,106 @@ def unique_blocks(trace, block_size: int) -> int:
     return int(np.count_nonzero(keys[1:] != keys[:-1])) + min(len(keys), 1)
 
 
-class ExactLRU:
-    """An exact-LRU cache of ``capacity`` blocks named by ints, used a
-    request at a time as a serving engine uses its KV cache: the leading
-    cached blocks are the hit, then every block of the request is touched
-    deepest first (so a prefix outlives its extensions), then the least
-    recently used blocks go until it fits. The loops run in C (``map``,
-    ``OrderedDict.update``): the demo's routing part touches millions of
-    blocks."""
+def dense_names(trace, block_size: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each request's full blocks as indices into the trace's distinct block
+    names (``block_names``), and those names, sorted: ``(per request, names)``.
+    ``ExactLRU`` holds blocks by such an index."""
+    per_request = [block_names(length, ids, block_size) for length, ids in trace]
+    if not per_request:
+        return [], np.empty(0, np.int64)
+    names, index = np.unique(np.concatenate(per_request), return_inverse=True)
+    return np.split(index, np.cumsum([len(a) for a in per_request[:-1]])), names
 
-    def __init__(self, capacity: int) -> None:
+
+class ExactLRU:
+    """An exact-LRU cache of ``capacity`` blocks named by ints in
+    ``[0, universe)`` (``dense_names``), used a request at a time as a serving
+    engine uses its KV cache: the leading cached blocks are the hit, then
+    every block of the request is touched deepest first (so a prefix outlives
+    its extensions), then the least recently used blocks go until it fits.
+
+    Every touch appends the block to a log and stamps the block with its log
+    position; a log entry is current while its block's stamp still points at
+    it, so the log's current entries are the blocks held, least recently used
+    first, and eviction walks it from its head. Each request costs a few
+    NumPy calls over its own blocks: the demo's routing part touches
+    millions of blocks."""
+
+    def __init__(self, capacity: int, universe: int) -> None:
         self.capacity = capacity
-        self._blocks: OrderedDict[int, None] = OrderedDict()
+        self._stamp = np.zeros(universe, np.int64)  # a held block's log position + 1 + _base, else 0
+        self._log = np.empty(1024, np.int64)
+        self._head = self._tail = self._base = 0  # log[head:tail] holds every current entry
+        self._held = 0
 
     def __contains__(self, block: int) -> bool:
-        return block in self._blocks
+        return bool(self._stamp[block])
+
+    def __len__(self) -> int:
+        return self._held
 
     def __iter__(self):
         """The blocks held, least recently used first."""
-        return iter(self._blocks)
+        return iter(self._log[self._head:self._tail][self._current(self._head, self._tail)].tolist())
 
     def clear(self) -> None:
-        self._blocks.clear()
+        self._stamp[:] = 0
+        self._head = self._tail = self._base = self._held = 0
 
-    def serve(self, blocks: list[int]) -> tuple[int, list[int]]:
-        """Serve a request of ``blocks`` (in prompt order); returns ``(the
-        leading blocks that were cached, the blocks evicted, oldest first)``."""
-        lru = self._blocks
-        hit = len(list(takewhile(lru.__contains__, blocks)))
-        deque(map(lru.pop, blocks, repeat(None)), maxlen=0)  # what is touched again moves to the end
-        # Deepest first; a block named twice (a trace whose ids are not
-        # prefixes) ends where its last touch, its shallowest, puts it.
-        lru.update(zip(reversed(dict.fromkeys(blocks)), repeat(None)))
-        evicted = list(islice(lru, max(len(lru) - self.capacity, 0)))
-        deque(map(lru.pop, evicted), maxlen=0)
-        return hit, evicted
+    def _current(self, start: int, end: int) -> np.ndarray:
+        """Which of ``log[start:end]`` are current (a bool mask)."""
+        return self._stamp[self._log[start:end]] == np.arange(start + 1 + self._base, end + 1 + self._base)
+
+    def _append(self, blocks: np.ndarray) -> int:
+        """Append ``blocks`` to the log; returns the stamp of the first."""
+        n = len(blocks)
+        if self._tail + n > len(self._log):
+            live = self._tail - self._head  # drop the walked-past head, then grow if still short
+            grown = np.empty(max(2 * (live + n), len(self._log)), np.int64)
+            grown[:live] = self._log[self._head:self._tail]
+            self._base += self._head
+            self._log, self._head, self._tail = grown, 0, live
+        self._log[self._tail:self._tail + n] = blocks
+        self._tail += n
+        return self._tail - n + 1 + self._base
+
+    def serve(self, blocks: np.ndarray) -> tuple[int, np.ndarray]:
+        """Serve a request of ``blocks`` (indices in prompt order); returns
+        ``(the leading blocks that were cached, the blocks evicted, oldest
+        first)``."""
+        blocks = np.asarray(blocks, dtype=np.int64)
+        missing = np.flatnonzero(self._stamp[blocks] == 0)
+        hit = int(missing[0]) if len(missing) else len(blocks)
+        deepest_first = blocks[::-1]
+        first = self._append(deepest_first)
+        stamps = np.arange(first, first + len(blocks))
+        # A block named twice (a trace whose ids are not prefixes) keeps its
+        # last touch, its shallowest: the largest stamp.
+        np.maximum.at(self._stamp, deepest_first, stamps)
+        new = len(blocks) - 1 - missing[::-1]  # the missing blocks' places in deepest_first
+        self._held += int(np.count_nonzero(self._stamp[deepest_first[new]] == stamps[new]))
+        return hit, self._evict(self._held - self.capacity)
+
+    def _evict(self, count: int) -> np.ndarray:
+        """Drop the ``count`` least recently used blocks; returns them."""
+        out = []
+        while count > 0:
+            end = min(self._tail, self._head + max(2 * count, 4096))
+            at = np.flatnonzero(self._current(self._head, end))[:count]
+            gone = self._log[self._head + at]
+            self._stamp[gone] = 0
+            out.append(gone)
+            count -= len(gone)
+            self._held -= len(gone)
+            self._head = self._head + int(at[-1]) + 1 if count == 0 else end
+        return np.concatenate(out) if out else np.empty(0, np.int64)
 
 
 def reference_hits(trace, block_size: int, capacity: int) -> list[int]:
     """Hit tokens per request under exact LRU of ``capacity`` blocks."""
-    lru = ExactLRU(capacity)
-    return [lru.serve(block_names(length, ids, block_size).tolist())[0] * block_size for length, ids in trace]
+    blocks, names = dense_names(trace, block_size)
+    lru = ExactLRU(capacity, len(names))
+    return [lru.serve(b)[0] * block_size for b in blocks]
 
 
 def dict_index(toks: list[int], n_blocks: int, block_size: int) -> dict:

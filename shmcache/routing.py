@@ -17,8 +17,10 @@ request's uncached tokens at ``PREFILL_TOKENS_S``, one request after
 another; a request's time to first token is its wait in that queue plus its
 prefill. The cache-aware router sees each engine's events before it routes the next
 request (it waits for the daemon to apply them: in a real deployment
-requests are far more than a millisecond apart); the others do not read
-the segment, so they do not wait.
+requests are far more than a millisecond apart). The other two read
+nothing, so in their runs the ranks publish nothing: the daemon's work
+would change none of their figures, and on a small machine it would take
+the router's CPU.
 
 The reference for hit rates is one exact-LRU cache of N x C blocks shared by
 every request: what the ranks together could hold.
@@ -38,7 +40,7 @@ import numpy as np
 
 from .cli import serve_command
 from .layout import O_NEXT_SEQ
-from .replay import ExactLRU, block_names, prompt_tokens, reference_hits
+from .replay import ExactLRU, block_names, dense_names, prompt_tokens, reference_hits
 
 POLICIES = ("round-robin", "least-loaded", "cache-aware")
 PREFILL_TOKENS_S = 20_000.0
@@ -71,15 +73,21 @@ def engine_hashes(req: Request, block_size: int) -> list[int]:
     ids are prefixes, as the bundled one's are, it names a chained block
     exactly) through splitmix64's finaliser, a bijection of 64-bit words, so
     they are unique and spread as content hashes are."""
-    z = block_names(req.input_length, req.hash_ids, block_size).view(np.uint64)
+    return _hashes(block_names(req.input_length, req.hash_ids, block_size)).tolist()
+
+
+def _hashes(names: np.ndarray) -> np.ndarray:
+    """``engine_hashes`` of block names (int64), as uint64."""
+    z = names.view(np.uint64)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return (z ^ (z >> np.uint64(31))).tolist()
+    return z ^ (z >> np.uint64(31))
 
 
 class Engine:
     """One rank: an exact-LRU KV cache of ``capacity`` blocks, and the
-    publisher of its KV events."""
+    publisher of its KV events. Blocks are named by their index in a run's
+    table of block hashes (``clear``)."""
 
     def __init__(self, ctx, rank: int, capacity: int, block_size: int) -> None:
         import msgspec
@@ -87,7 +95,9 @@ class Engine:
 
         self.rank = rank
         self.block_size = block_size
-        self.lru = ExactLRU(capacity)
+        self.capacity = capacity
+        self.lru = ExactLRU(capacity, 0)
+        self.hashes = np.empty(0, np.uint64)
         self.pub = ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -109,25 +119,33 @@ class Engine:
         self.pub.send_multipart([b"", seq.to_bytes(8, "big"), self._encode([time.time(), events, self.rank])])
         return seq
 
-    def serve(self, req: Request, hashes: list[int], tokens: np.ndarray, now: float) -> tuple[int, float, int]:
-        """Run a request: ``(hit blocks, time to first token, seq of the
-        batch that reports its KV)``."""
-        n, evicted = self.lru.serve(hashes)
+    def serve(self, req: Request, blocks: np.ndarray, tokens: np.ndarray | None, now: float,
+              publish: bool = True) -> tuple[int, float, int | None]:
+        """Run a request of ``blocks`` (indices into the hash table): ``(hit
+        blocks, time to first token, seq of the batch that reports its KV or
+        None if not ``publish``)``."""
+        n, evicted = self.lru.serve(blocks)
         start = max(now, self.busy_until)
         self.busy_until = start + (req.input_length - n * self.block_size) / PREFILL_TOKENS_S
         self.requests += 1
+        if not publish:
+            return n, self.busy_until - now, None
         events: list[dict] = []
-        if evicted:
-            events.append({"type": "BlockRemoved", "block_hashes": evicted, "medium": "GPU"})
-        if n < len(hashes):
+        if len(evicted):
+            events.append({"type": "BlockRemoved", "block_hashes": self.hashes[evicted].tolist(), "medium": "GPU"})
+        if n < len(blocks):
             bs = self.block_size
-            events.append({"type": "BlockStored", "block_hashes": hashes[n:], "parent_block_hash": hashes[n - 1] if n else None,
-                           "token_ids": tokens[n * bs : len(hashes) * bs].tolist(), "block_size": bs, "lora_id": None,
+            stored = self.hashes[blocks[max(n - 1, 0):]].tolist()
+            events.append({"type": "BlockStored", "block_hashes": stored[1:] if n else stored,
+                           "parent_block_hash": stored[0] if n else None,
+                           "token_ids": tokens[n * bs : len(blocks) * bs].tolist(), "block_size": bs, "lora_id": None,
                            "medium": "GPU", "lora_name": None})
         return n, self.busy_until - now, self.publish(events)
 
-    def clear(self) -> int:
-        self.lru.clear()
+    def clear(self, hashes: np.ndarray) -> int:
+        """Empty the cache, for a run whose blocks have these hashes."""
+        self.lru = ExactLRU(self.capacity, len(hashes))
+        self.hashes = hashes
         self.busy_until = 0.0
         self.requests = 0
         return self.publish([{"type": "AllBlocksCleared"}])
@@ -163,6 +181,7 @@ class Simulation:
         self.name = name or f"route-{uuid.uuid4().hex[:8]}"
         self.ctx = zmq.Context()
         self.engines = [Engine(self.ctx, i, capacity, block_size) for i in range(ranks)]
+        self._blocks: tuple[list[Request], list[np.ndarray], np.ndarray] | None = None
         cmd = serve_command(self.name, "--capacity", str(2 * ranks * capacity), "--block-size", str(block_size),
                             "--log-level", "warning")
         for e in self.engines:
@@ -191,16 +210,26 @@ class Simulation:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"rank {rank}'s batch {seq} was not applied within {timeout:.0f} s")
 
+    def blocks(self, requests: list[Request]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Each request's full blocks as indices into a table of their
+        engine hashes, and that table: what the ranks' caches hold. Computed
+        once for the list ``run`` was last given."""
+        if self._blocks is None or self._blocks[0] is not requests:
+            blocks, names = dense_names([(r.input_length, r.hash_ids) for r in requests], self.block_size)
+            self._blocks = (requests, blocks, _hashes(names))
+        return self._blocks[1], self._blocks[2]
+
     def run(self, requests: list[Request], policy: str, progress=None) -> PolicyResult:
+        blocks, hashes = self.blocks(requests)
         for e in self.engines:
-            self.applied(e.rank, e.clear())
+            self.applied(e.rank, e.clear(hashes))
         res = PolicyResult(policy)
         clock = time.perf_counter_ns
         bs, n_ranks = self.block_size, len(self.engines)
         names = [f"rank{e.rank}" for e in self.engines]
+        reads = policy == "cache-aware"  # only this router reads the segment
         for i, req in enumerate(requests):
-            hashes = engine_hashes(req, bs)
-            tokens = prompt_tokens(req.input_length, req.hash_ids)[: len(hashes) * bs]
+            tokens = prompt_tokens(req.input_length, req.hash_ids)[: len(blocks[i]) * bs] if reads else None
             now = req.arrival_s
             t0 = clock()
             loads = [max(e.busy_until - now, 0.0) for e in self.engines]
@@ -215,12 +244,12 @@ class Simulation:
                 if loads[pick] - least > IMBALANCE_S:
                     pick = loads.index(least)
             res.decision_ns.append(clock() - t0)
-            hit, ttft, seq = self.engines[pick].serve(req, hashes, tokens, now)
-            if policy == "cache-aware":  # only this router reads the segment: it must see this request's KV
+            hit, ttft, seq = self.engines[pick].serve(req, blocks[i], tokens, now, publish=reads)
+            if reads:  # it must see this request's KV before it routes the next
                 self.applied(pick, seq)
             res.hit_tokens += hit * bs
-            res.prompt_tokens += len(hashes) * bs
-            res.hits.append(hit / len(hashes) if hashes else 0.0)
+            res.prompt_tokens += len(blocks[i]) * bs
+            res.hits.append(hit / len(blocks[i]) if len(blocks[i]) else 0.0)
             res.ttft_s.append(ttft)
             if progress is not None:
                 progress(i + 1)

@@ -3,6 +3,7 @@ exact LRU's, and the dict baseline it times gives the same answers."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,14 +29,11 @@ def test_replay_hits_equal_exact_lru_and_the_reader_checked_the_dict_against_its
     assert res.dict_p50_us > 0 and res.match_p50_us > 0
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.integers(0, 12), st.lists(st.lists(st.integers(0, 15), max_size=8), max_size=30))
-def test_the_lru_model_is_exact_lru_touched_deepest_first(capacity, requests):
-    """``ExactLRU`` (its loops in C) against the plain definition: the
-    leading cached blocks are the hit, each block is touched from the
-    deepest, the least recently used go first; also where a request names
-    a block twice."""
-    lru, order = ExactLRU(capacity), []  # order: least recently used first
+def check_exact_lru(capacity: int, universe: int, requests) -> None:
+    """``ExactLRU`` against the plain definition: the leading cached blocks
+    are the hit, each block is touched from the deepest, the least recently
+    used go first; also where a request names a block twice."""
+    lru, order = ExactLRU(capacity, universe), []  # order: least recently used first
     for blocks in requests:
         hit = 0
         while hit < len(blocks) and blocks[hit] in order:
@@ -45,8 +43,25 @@ def test_the_lru_model_is_exact_lru_touched_deepest_first(capacity, requests):
                 order.remove(b)
             order.append(b)
         evicted, order = order[: max(len(order) - capacity, 0)], order[max(len(order) - capacity, 0) :]
-        assert lru.serve(blocks) == (hit, evicted)
-        assert list(lru) == order
+        got_hit, got_evicted = lru.serve(np.asarray(blocks, dtype=np.int64))
+        assert (got_hit, got_evicted.tolist()) == (hit, evicted)
+        assert list(lru) == order and len(lru) == len(order)
+        assert all(b in lru for b in order) and sum(b in lru for b in range(universe)) == len(order)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 12), st.lists(st.lists(st.integers(0, 15), max_size=8), max_size=30))
+def test_the_lru_model_is_exact_lru_touched_deepest_first(capacity, requests):
+    check_exact_lru(capacity, 16, requests)
+
+
+def test_the_lru_model_stays_exact_while_its_log_is_compacted_and_grown():
+    """Thousands of requests: the touch log (1,024 entries at first) drops
+    its walked-past head and grows, and every stamp stays true."""
+    rng = np.random.default_rng(7)
+    requests = [rng.integers(0, 60, rng.integers(0, 40)).tolist() for _ in range(3000)]
+    check_exact_lru(25, 60, requests)
+    check_exact_lru(5000, 60, requests)  # nothing evicted: the log only grows
 
 
 def test_unique_blocks_and_engine_hashes_name_each_trace_block_once():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from shmcache.replay import unique_blocks
 from shmcache.replay import prompt_tokens
-from shmcache.routing import Simulation, engine_hashes, load_requests
+from shmcache.routing import Simulation, load_requests
 
 
 def test_the_routers_view_is_each_ranks_cache_and_cache_aware_routing_wins(shm_name):
@@ -19,11 +19,11 @@ def test_the_routers_view_is_each_ranks_cache_and_cache_aware_routing_wins(shm_n
         # After the last request, every rank's view in the segment is its cache:
         # for every prompt, the blocks match_owners credits it with are the
         # leading blocks its exact LRU holds.
-        for req in requests[-100:]:
-            hashes = engine_hashes(req, 16)
+        blocks, _ = sim.blocks(requests)
+        for req, held_blocks in zip(requests[-100:], blocks[-100:]):
             held = sim.reader.match_owners(prompt_tokens(req.input_length, req.hash_ids))
             for e in sim.engines:
-                n = next((i for i, h in enumerate(hashes) if h not in e.lru), len(hashes))
+                n = next((i for i, b in enumerate(held_blocks.tolist()) if b not in e.lru), len(held_blocks))
                 assert held[f"rank{e.rank}"] == 16 * n, (e.rank, held, n)
     finally:
         sim.close()
