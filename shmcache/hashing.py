@@ -147,7 +147,7 @@ def _len_17to128(src, length):
     return _finish_mid(lo, hi, length)
 
 
-@njit
+@njit(cache=True)
 def _len_129to240(src, length):
     lo = np.uint64(length) * _P64_1
     hi = _U64_0
@@ -194,7 +194,7 @@ def _scramble(src, a, soff):
     return (_xorshift(a, 47) ^ _sec(src, soff)) * _P32_1
 
 
-@njit
+@njit(cache=True)
 def _hash_long(src, length):
     acc = (_P32_3, _P64_1, _P64_2, _P64_3, _P64_4, _P32_2, _P64_5, _P32_1)
     n_blocks = (length - 1) // _BLOCK_LEN
@@ -239,7 +239,7 @@ def _xxh3_128_over16(src, length):
     return _hash_long(src, length)
 
 
-@njit
+@njit(cache=True)
 def first_bad(tokens):
     """Index of the first token outside ``[0, 2**32)``, or -1."""
     for i in range(tokens.shape[0]):

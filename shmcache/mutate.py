@@ -227,7 +227,7 @@ def evict_into(A, need, protect, out, n_out):
     return n_out
 
 
-@njit
+@njit(cache=True)
 def evictable_count(A, start, path, k, need):
     """How many states eviction could free for an insert below ``path[:k]``
     (itself below ``start``, -1 for the root) that needs ``need``: live
@@ -409,7 +409,7 @@ def match_kernel(A, keys, n):
     return values[:k]
 
 
-@njit
+@njit(cache=True)
 def drop_subtrees(A, roots, out):
     """One operation: drop each state of ``roots`` that is still live, with its
     subtree (a root inside an earlier root's subtree is already gone).

@@ -67,7 +67,7 @@ def sync_reader_pins(A):
     A.meta[M_PIN_SEQ] = np.int64(g)
 
 
-@njit
+@njit(cache=True)
 def forget_reader_pins(A):
     """Drop everything ``sync_reader_pins`` knew, so its next call rescans
     every slot (after a takeover the pin area is all news)."""

@@ -211,3 +211,22 @@ def test_shmcache_compile_fills_the_cache_it_names(tmp_path):
     names = {p.name.split("-")[0] for p in Path(where).glob("*.nbi")}
     assert {"matcher.match_tokens16", "matcher.match_owners16", "mutate.insert_kernel",
             "wire_tokens.parse_tokens"} <= names
+
+
+def test_every_compiled_function_of_the_kernel_modules_is_cached_or_inlined():
+    """A function Numba compiles as a function of its own is cached on disk,
+    so that a process compiling a new kernel that calls it loads what
+    another process compiled (the writer's helpers above all); only
+    functions inlined into their callers are not."""
+    import importlib
+
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
+
+    compiled = [(m, name, f) for m in jitcache.KERNEL_MODULES
+                for name, f in vars(importlib.import_module(f"shmcache.{m}")).items()
+                if isinstance(f, Dispatcher) and f.__module__ == f"shmcache.{m}"]
+    assert len(compiled) > 100
+    uncached = [f"{m}.{name}" for m, name, f in compiled
+                if isinstance(f._cache, NullCache) and f.targetoptions.get("inline") != "always"]
+    assert uncached == []
