@@ -228,8 +228,11 @@ class Simulation:
         bs, n_ranks = self.block_size, len(self.engines)
         names = [f"rank{e.rank}" for e in self.engines]
         reads = policy == "cache-aware"  # only this router reads the segment
+        last = None  # (rank, seq) of the batch reporting the previous request's KV
         for i, req in enumerate(requests):
             tokens = prompt_tokens(req.input_length, req.hash_ids)[: len(blocks[i]) * bs] if reads else None
+            if last is not None:  # the router sees it before it routes this request, made meanwhile
+                self.applied(*last)
             now = req.arrival_s
             t0 = clock()
             loads = [max(e.busy_until - now, 0.0) for e in self.engines]
@@ -245,8 +248,7 @@ class Simulation:
                     pick = loads.index(least)
             res.decision_ns.append(clock() - t0)
             hit, ttft, seq = self.engines[pick].serve(req, blocks[i], tokens, now, publish=reads)
-            if reads:  # it must see this request's KV before it routes the next
-                self.applied(pick, seq)
+            last = (pick, seq) if seq is not None else None
             res.hit_tokens += hit * bs
             res.prompt_tokens += len(blocks[i]) * bs
             res.hits.append(hit / len(blocks[i]) if len(blocks[i]) else 0.0)
