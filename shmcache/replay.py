@@ -115,19 +115,22 @@ class ExactLRU:
     Every touch appends the block to a log and stamps the block with its log
     position; a log entry is current while its block's stamp still points at
     it, so the log's current entries are the blocks held, least recently used
-    first, and eviction walks it from its head. Each request costs a few
-    NumPy calls over its own blocks: the demo's routing part touches
-    millions of blocks."""
+    first, and eviction walks it from its head. When the log is full it keeps
+    only its current entries (restamped), so it stays within a small multiple
+    of the blocks held. Each request costs a few NumPy calls over its own
+    blocks: the demo's routing part touches millions of blocks."""
 
     def __init__(self, capacity: int, universe: int) -> None:
-        self.capacity = capacity
-        self._stamp = np.zeros(universe, np.int64)  # a held block's log position + 1 + _base, else 0
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 0:
+            raise InvalidInputError(f"an LRU's capacity must be a non-negative int, got {capacity!r}")
+        self.capacity = int(capacity)
+        self._stamp = np.zeros(universe, np.int64)  # a held block's log position + 1, else 0
         self._log = np.empty(1024, np.int64)
-        self._head = self._tail = self._base = 0  # log[head:tail] holds every current entry
+        self._head = self._tail = 0  # log[head:tail] holds every current entry
         self._held = 0
 
     def __contains__(self, block: int) -> bool:
-        return bool(self._stamp[block])
+        return 0 <= block < len(self._stamp) and bool(self._stamp[block])
 
     def __len__(self) -> int:
         return self._held
@@ -138,24 +141,24 @@ class ExactLRU:
 
     def clear(self) -> None:
         self._stamp[:] = 0
-        self._head = self._tail = self._base = self._held = 0
+        self._head = self._tail = self._held = 0
 
     def _current(self, start: int, end: int) -> np.ndarray:
         """Which of ``log[start:end]`` are current (a bool mask)."""
-        return self._stamp[self._log[start:end]] == np.arange(start + 1 + self._base, end + 1 + self._base)
+        return self._stamp[self._log[start:end]] == np.arange(start + 1, end + 1)
 
     def _append(self, blocks: np.ndarray) -> int:
         """Append ``blocks`` to the log; returns the stamp of the first."""
         n = len(blocks)
         if self._tail + n > len(self._log):
-            live = self._tail - self._head  # drop the walked-past head, then grow if still short
-            grown = np.empty(max(2 * (live + n), len(self._log)), np.int64)
-            grown[:live] = self._log[self._head:self._tail]
-            self._base += self._head
-            self._log, self._head, self._tail = grown, 0, live
+            held = self._log[self._head:self._tail][self._current(self._head, self._tail)]
+            log = np.empty(max(2 * (len(held) + n), len(self._log)), np.int64)
+            log[:len(held)] = held
+            self._stamp[held] = np.arange(1, len(held) + 1)
+            self._log, self._head, self._tail = log, 0, len(held)
         self._log[self._tail:self._tail + n] = blocks
         self._tail += n
-        return self._tail - n + 1 + self._base
+        return self._tail - n + 1
 
     def serve(self, blocks: np.ndarray) -> tuple[int, np.ndarray]:
         """Serve a request of ``blocks`` (indices in prompt order); returns

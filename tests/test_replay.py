@@ -61,7 +61,33 @@ def test_the_lru_model_stays_exact_while_its_log_is_compacted_and_grown():
     rng = np.random.default_rng(7)
     requests = [rng.integers(0, 60, rng.integers(0, 40)).tolist() for _ in range(3000)]
     check_exact_lru(25, 60, requests)
-    check_exact_lru(5000, 60, requests)  # nothing evicted: the log only grows
+    check_exact_lru(5000, 60, requests)  # nothing evicted
+
+
+def test_eviction_walks_past_a_long_run_of_stale_log_entries():
+    """The least recently used block lies after more stale entries than one
+    window of the log holds: eviction goes on to the next window."""
+    lru = ExactLRU(5000, 5001)
+    lru.serve(np.arange(5000))  # the log from its head: 4999, 4998, ..., 0 (deepest first)
+    lru.serve(np.arange(800, 5000))  # touched again: the log's first 4,200 entries are stale
+    hit, evicted = lru.serve(np.array([5000]))
+    assert (hit, evicted.tolist(), len(lru)) == (0, [799], 5000)
+
+
+def test_the_lru_log_keeps_only_current_entries_when_it_fills():
+    """Touching the same blocks over and over evicts nothing and grows
+    nothing: a full log keeps its current entries only."""
+    lru = ExactLRU(100, 100)
+    assert lru.serve(np.arange(50))[0] == 0
+    for _ in range(10_000):
+        assert lru.serve(np.arange(50))[0] == 50
+    assert len(lru) == 50 and list(lru) == list(range(49, -1, -1)) and len(lru._log) <= 1024
+
+
+@pytest.mark.parametrize("capacity", [-1, 1.5, True, "8"])
+def test_an_lru_of_a_bad_capacity_is_refused(capacity):
+    with pytest.raises(InvalidInputError, match="capacity"):
+        ExactLRU(capacity, 4)
 
 
 def test_unique_blocks_and_engine_hashes_name_each_trace_block_once():

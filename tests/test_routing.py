@@ -5,6 +5,7 @@ holds, request after request; routing by it beats round-robin."""
 
 from __future__ import annotations
 
+from shmcache.layout import O_NEXT_SEQ
 from shmcache.replay import unique_blocks
 from shmcache.replay import prompt_tokens
 from shmcache.routing import Simulation, load_requests
@@ -15,7 +16,17 @@ def test_the_routers_view_is_each_ranks_cache_and_cache_aware_routing_wins(shm_n
     per_rank = unique_blocks([(r.input_length, r.hash_ids) for r in requests], 16) // 16
     sim = Simulation(4, per_rank, name=shm_name)
     try:
+        # The cache-aware router decides only once the daemon applied every
+        # batch the ranks published (the previous request's KV included).
+        match_owners, decided = sim.reader.match_owners, []
+
+        def seen_everything_first(tokens):
+            decided.append([int(words[O_NEXT_SEQ]) for words in sim._next_seq] == [e.seq for e in sim.engines])
+            return match_owners(tokens)
+
+        sim.reader.match_owners = seen_everything_first
         results = {p: sim.run(requests, p) for p in ("round-robin", "cache-aware")}
+        assert len(decided) == len(requests) and all(decided)
         # After the last request, every rank's view in the segment is its cache:
         # for every prompt, the blocks match_owners credits it with are the
         # leading blocks its exact LRU holds.
