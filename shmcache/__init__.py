@@ -13,6 +13,7 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian host to test o
 from . import jitcache  # noqa: E402
 
 _KERNEL_DIGEST = jitcache.source_digest()  # before the kernel modules load: see shmcache.jitcache
+jitcache.lock_saves()  # before any kernel compiles: two processes' saves never share a data file
 
 from .errors import (  # noqa: E402
     CacheFullError,

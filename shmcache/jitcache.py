@@ -29,6 +29,8 @@ restart such processes when the sources change.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import hashlib
 import os
 import tempfile
@@ -64,6 +66,10 @@ KERNEL_MODULES = (
 #: Name of the stamp file, in the cache directory: the digest of the sources
 #: its cached kernels were compiled from.
 STAMP = "shmcache-kernels.sha256"
+
+#: Name of the lock file, in each cache directory, that every Numba cache
+#: save holds (``lock_saves``).
+SAVE_LOCK = "shmcache-saves.lock"
 
 _PACKAGE_DIR = Path(__file__).parent
 
@@ -171,3 +177,48 @@ def sync(digest: str | None) -> list[str]:
     if digest is None or cache_path is None:  # no sources, caching disabled, or JIT off
         return []
     return sync_dir(Path(cache_path), digest)
+
+
+def lock_saves() -> bool:
+    """Make every Numba cache save in this process hold an exclusive
+    ``flock`` on ``SAVE_LOCK`` in the directory it saves to.
+
+    Numba saves a new entry by reading the function's index, taking the
+    first data-file number the index does not name, then writing the index
+    and the data file. Two processes saving different signatures of one
+    function at once (a router's int64 match and a worker's int32 match,
+    started together in fresh containers that share ``NUMBA_CACHE_DIR``)
+    can take the same number, and the index then names one signature's
+    machine code for the other: wrong code, loaded by every later process
+    (Numba does not check the key on load, and ``sync`` sees no source
+    change). Held around the whole save, the lock makes saves one at a time;
+    loads need none (Numba replaces each file whole). It serialises every
+    package's saves in this process, which is its only effect on them.
+    Returns whether it is in place (False where Numba's cache has no such
+    save to wrap; called again, it wraps nothing twice).
+    """
+    try:
+        from numba.core.caching import IndexDataCacheFile
+    except ImportError:  # pragma: no cover - a Numba without this cache layout
+        return False
+    save = getattr(IndexDataCacheFile, "save", None)
+    if save is None:  # pragma: no cover - a Numba without this cache layout
+        return False
+    if getattr(save, "_shmcache_locked", False):
+        return True
+
+    @functools.wraps(save)
+    def locked_save(self, key, data):
+        try:
+            fd = os.open(os.path.join(self._cache_path, SAVE_LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:  # a directory it cannot write: Numba's own save fails or warns the same way
+            return save(self, key, data)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return save(self, key, data)
+        finally:
+            os.close(fd)  # releases the lock
+
+    locked_save._shmcache_locked = True
+    IndexDataCacheFile.save = locked_save
+    return True

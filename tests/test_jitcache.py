@@ -230,3 +230,37 @@ def test_every_compiled_function_of_the_kernel_modules_is_cached_or_inlined():
     uncached = [f"{m}.{name}" for m, name, f in compiled
                 if isinstance(f._cache, NullCache) and f.targetoptions.get("inline") != "always"]
     assert uncached == []
+
+
+def test_numbas_cache_saves_hold_the_save_lock_one_process_at_a_time(tmp_path, monkeypatch):
+    """Two processes saving different signatures of one function at once
+    could give both the same data file (wrong code for one of them): every
+    save holds an exclusive lock that no other open file can take meanwhile."""
+    import fcntl
+
+    from numba.core import caching
+
+    assert jitcache.lock_saves() and jitcache.lock_saves(), "installed at import; a second call wraps nothing"
+    saved, save_data = [], caching.IndexDataCacheFile._save_data
+
+    def probe(self, name, data):
+        fd = os.open(tmp_path / jitcache.SAVE_LOCK, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        saved.append(name)
+        save_data(self, name, data)
+
+    monkeypatch.setattr(caching.IndexDataCacheFile, "_save_data", probe)
+    cache = caching.IndexDataCacheFile(str(tmp_path), "probe-1.py311", (1.0, 2))
+    cache.save(("a signature", "a target"), {"code": 1})
+    cache.save(("another", "a target"), {"code": 2})
+    assert saved == ["probe-1.py311.1.nbc", "probe-1.py311.2.nbc"]
+    assert cache.load(("a signature", "a target")) == {"code": 1} and cache.load(("another", "a target")) == {"code": 2}
+    fd = os.open(tmp_path / jitcache.SAVE_LOCK, os.O_RDWR)  # released after each save
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
