@@ -139,10 +139,6 @@ class ExactLRU:
         """The blocks held, least recently used first."""
         return iter(self._log[self._head:self._tail][self._current(self._head, self._tail)].tolist())
 
-    def clear(self) -> None:
-        self._stamp[:] = 0
-        self._head = self._tail = self._held = 0
-
     def _current(self, start: int, end: int) -> np.ndarray:
         """Which of ``log[start:end]`` are current (a bool mask)."""
         return self._stamp[self._log[start:end]] == np.arange(start + 1, end + 1)
