@@ -48,6 +48,7 @@ from .atomics import (
     words_at,
 )
 from .hashing import chain16, chain_any, tokens_u32
+from .jitcache import helper
 from .layout import (
     G_BLOCK_SIZE,
     G_CAPACITY,
@@ -106,14 +107,14 @@ _ROOT = np.uint64(LINK_ROOT)
 _NEXT_BIAS = np.uint64(LINK_PARENT_BIAS - 1)
 
 
-@njit(inline="always")
+@helper
 def home_slot(key_hi, n_slots):
     """Home slot of a key: ``(key_hi * n_slots) >> 64``."""
     _, hi = mul128(key_hi, np.uint64(n_slots))
     return np.int64(hi)
 
 
-@njit(inline="always")
+@helper
 def read_state(data, base, key_lo, key_hi, link, with_owners):
     """One read of the record at word ``base``: its version (acquire), then
     its fields (relaxed), its presence word too if ``with_owners`` (a
@@ -138,14 +139,14 @@ def read_state(data, base, key_lo, key_hi, link, with_owners):
     return 0, v, val, owners
 
 
-@njit(inline="always")
+@helper
 def max_probe(data, geom):
     """How many slots past its home a lookup may look: the writer's recorded
     maximum, bounded by the index size whatever the header says."""
     return min(np.int64(load_relaxed(data, H_MAX_PROBE)), geom[G_SLOTS] - 1)
 
 
-@njit(inline="always")
+@helper
 def lookup(data, index, n_slots, states, capacity, probes, key_lo, key_hi, link, with_owners):
     """Look a block key up in the index; ``(state, version, value, owners)``
     or state -1 (``owners`` is read only ``with_owners``).
@@ -173,7 +174,7 @@ def lookup(data, index, n_slots, states, capacity, probes, key_lo, key_hi, link,
     return np.int64(-1), np.uint64(0), np.uint64(0), np.uint64(0)
 
 
-@njit(inline="always")
+@helper
 def find_state(data, geom, key_lo, key_hi, link, probes):
     """``lookup`` with the geometry taken from a ``G_*`` vector; ``(state,
     version, value)``."""
@@ -182,7 +183,7 @@ def find_state(data, geom, key_lo, key_hi, link, probes):
     return s, version, value
 
 
-@njit(inline="always")
+@helper
 def finish_walk(data, geom, g0, n, path, versions):
     """Close a walk that matched ``n`` states: the one-instant check.
 
@@ -198,7 +199,7 @@ def finish_walk(data, geom, g0, n, path, versions):
     return n
 
 
-@njit(inline="always")
+@helper
 def walk_keys(data, index, n_slots, states, capacity, probes, keys, c, link, n, path, versions, values, owners,
               with_owners, follow):
     """Match ``keys[:c]`` as blocks ``n, n + 1, ...`` of a path whose last
@@ -238,7 +239,7 @@ def walk_keys(data, index, n_slots, states, capacity, probes, keys, c, link, n, 
     return n, link, strays
 
 
-@njit(inline="always")
+@helper
 def walk(data, geom, start, keys, n_blocks, path, versions, values, owners, with_owners):
     """Match ``keys[:n_blocks]`` below state ``start`` (-1: the root); returns
     the matched block count, the states as in ``walk_keys``.
@@ -249,18 +250,18 @@ def walk(data, geom, start, keys, n_blocks, path, versions, values, owners, with
     g0 = load_acquire(data, H_MUTATIONS)
     link = np.uint64(LINK_ROOT) if start < 0 else np.uint64(start + LINK_PARENT_BIAS)
     n, _, _ = walk_keys(data, geom[G_INDEX], geom[G_SLOTS], geom[G_STATES], geom[G_CAPACITY], max_probe(data, geom),
-                        keys, n_blocks, link, 0, path, versions, values, owners, with_owners, True)
+                        keys, n_blocks, link, np.int64(0), path, versions, values, owners, with_owners, np.bool_(True))
     return finish_walk(data, geom, g0, n, path, versions)
 
 
-@njit(inline="always")
+@helper
 def add_relaxed(words, at, delta):
     """``words[at] += delta`` as two relaxed atomics: one process owns the
     word, others only read it."""
     store_relaxed(words, at, load_relaxed(words, at) + delta)
 
 
-@njit(inline="always")
+@helper
 def note_hits(data, wdata, geom, path, n, n_blocks):
     """Stamp the deepest matched state with the clock and count the query.
 
@@ -353,7 +354,7 @@ def match_keys_kernel(keys, ws, values):
     return n
 
 
-@njit(inline="always")
+@helper
 def prefetch_chunk(data, index, n_slots, keys, c):
     """Ask for the home index slot of each of ``keys[:c]`` before the walk
     reads any: on a cold segment their misses then overlap. (Asking for
@@ -410,14 +411,14 @@ def walk_tokens(data, geom, tokens, ws, chain, n_blocks, path, versions, values,
     g0 = load_acquire(data, H_MUTATIONS)
     probes = max_probe(data, geom)
     link = _ROOT
-    n = 0
+    n = np.int64(0)
     by_index = False
     if n_blocks > 0:
         c = min(CHUNK, n_blocks)
         bad = hash_chunk(tokens, scratch, chain, block_size, 0, c, ws[WS_ROOT], ws[WS_ROOT + 1], cur)
         if bad >= 0:
             return -bad - 1
-        prefetch_chunk(data, index, n_slots, cur, 1)
+        prefetch_chunk(data, index, n_slots, cur, np.int64(1))
     while n < n_blocks:
         c = min(CHUNK, n_blocks - n)
         after = n + c
@@ -461,7 +462,7 @@ def match_tokens(tokens, ws, values, chain):
     return n
 
 
-@njit(inline="always")
+@helper
 def owner_lengths(owners, n, entries, out, block_size):
     """For each owner-table entry of ``entries``, how many leading tokens of
     a matched path it holds: the blocks before the first one whose

@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit
 
 from .atomics import load_relaxed, prefetch, store_relaxed, store_release
+from .jitcache import helper
 from .layout import (
     G_CAPACITY,
     G_HITS,
@@ -70,7 +71,6 @@ from .wstate import (
     effective_recency,
     end,
     field,
-    helper,
     is_live,
     is_protected,
     note,
@@ -95,7 +95,7 @@ ERR_STALE = 6  # the state to insert below is gone, or not held by the inserting
 _ONE = np.uint64(1)
 # Ints passed to helpers as NumPy scalars, not Python literals: Numba
 # compiles a separate copy of a function for each literal value an argument
-# is called with (1-2 s each on a fresh machine). See ``wstate.helper``.
+# is called with (1-2 s each on a fresh machine). See ``jitcache.helper``.
 _NONE = np.int64(0)
 _PIN = np.int64(1)
 _LOW32 = np.uint64(LOW32)
@@ -141,7 +141,7 @@ def drop_state(A, s, out, n_out):
     detach_child(A, parent_of(A, s), s)
     A.gen[s] += _ONE  # writer pin handles naming it no longer hold anything here
     if pins_of(A, s) > 0:
-        adjust_protect(A, s, -1)
+        adjust_protect(A, s, np.int64(-1))
     count_owners(A, owners_of(A, s), np.uint64(0))
     free = np.uint64(0)
     publish(A, s, free, free, free, np.uint64(LINK_FREE), free, free, free)

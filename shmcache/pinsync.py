@@ -12,9 +12,10 @@ import numpy as np
 from numba import njit
 
 from .atomics import fence_seq_cst, load_acquire, load_relaxed, store_release
+from .jitcache import helper
 from .layout import G_CAPACITY, G_PINS, G_READER_PINS, G_READER_SLOTS, H_EVICTING, RD_PIN_SEQ, W_PIN_SEQ, reader_word
 from .tree import free_record, push_if_evictable
-from .wstate import M_PIN_SEQ, M_RPINNED, helper, is_live
+from .wstate import M_PIN_SEQ, M_RPINNED, is_live
 
 
 @helper

@@ -25,11 +25,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .jitcache import helper
 from .layout import G_CAPACITY, G_OWNERS, H_REMOVED, O_BLOCKS, OWNER_WORDS
 from .matcher import walk
 from .mutate import drop_subtree, subtree_size
 from .tree import node, push_if_evictable
-from .wstate import FC, NEXT, NIL, begin, bump, end, helper, is_live, owners_of, parent_of, set_owners
+from .wstate import FC, NEXT, NIL, begin, bump, end, is_live, owners_of, parent_of, set_owners
 
 _ONE = np.uint64(1)
 

@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit
 
 from .atomics import store_relaxed
+from .jitcache import helper
 from .layout import (
     G_CAPACITY,
     G_INDEX,
@@ -50,7 +51,6 @@ from .wstate import (
     count_owners,
     end,
     field,
-    helper,
     is_live,
     owners_of,
     parent_of,

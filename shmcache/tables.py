@@ -17,9 +17,10 @@ import numpy as np
 from numba import njit
 
 from .atomics import store_relaxed, store_release
+from .jitcache import helper
 from .layout import G_INDEX, G_SLOTS, H_MAX_PROBE, R_KEY_HI, R_KEY_LO, R_VALUE, SLOT_STATE_MASK, TAG_MASK
 from .matcher import home_slot
-from .wstate import field, helper, client_of, step
+from .wstate import field, client_of, step
 
 K_INDEX = np.int64(0)
 K_VMAP = np.int64(1)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .jitcache import helper
 from .layout import G_CAPACITY
-from .wstate import FC, M_FREE_TOP, M_HEAP_SIZE, NEXT, NIL, PREV, effective_recency, helper, is_live, is_protected
+from .wstate import FC, M_FREE_TOP, M_HEAP_SIZE, NEXT, NIL, PREV, effective_recency, is_live, is_protected
 
 
 @njit(inline="always")

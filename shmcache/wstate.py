@@ -34,6 +34,7 @@ import numpy as np
 from numba import njit
 
 from .atomics import fence_release, load_relaxed, store_relaxed, store_release
+from .jitcache import helper
 from .layout import (
     G_CAPACITY,
     G_HITS,
@@ -61,26 +62,6 @@ from .layout import (
 )
 from .matcher import CLOCK_TICK
 
-
-#: Decorator of the writer's helpers: functions that take ``Arrays`` and
-#: never allocate, create or return an array. They are compiled without
-#: Numba's reference counting (NRT). With it, every field of the 13-array
-#: ``Arrays`` tuple a helper touches costs an incref/decref call pair that
-#: LLVM cannot prune in branchy code: a 128-block insert measured 5.6x
-#: slower per block. The kernels that call them (and allocate) keep NRT and
-#: own every reference, so the helpers only borrow. ``_nrt`` is a Numba
-#: compiler option (``numba.core.options``); tests exercise every helper.
-#: Call helpers with ints that are NumPy scalars or variables, never Python
-#: literals (``np.int64(0)``, not ``0``; table kinds are ``np.int64``): Numba
-#: compiles a separate copy of a function for each literal value passed,
-#: 1-2 s each on a fresh machine (``tools/compile_times.py``).
-#: Helpers are cached on disk like kernels (``cache=True``): a process that
-#: compiles a new kernel loads the helpers another process already compiled
-#: instead of compiling them again. The demo's process compiles the owners'
-#: release kernels while its daemon compiles the insert's, which share the
-#: dropping helpers: 8.5 s instead of 25 s on a fresh machine. The stale-code
-#: protection covers them as it does kernels (``shmcache.jitcache``).
-helper = njit(_nrt=False, cache=True)
 
 
 class WriterCrashed(Exception):

@@ -232,6 +232,27 @@ def test_every_compiled_function_of_the_kernel_modules_is_cached_or_inlined():
     assert uncached == []
 
 
+def test_no_compiled_function_has_an_int_literal_argument():
+    """Numba compiles a function again for each Python int literal passed to
+    it, 1-2 s each on a fresh machine, so kernels pass helpers NumPy scalars
+    (``jitcache.helper``). The session's ``compile_all`` has loaded every
+    kernel: none has such a signature. On an empty cache (CI's fresh
+    install) it also compiled, in this process, every helper the kernels
+    call, so they are all checked; a kernel loaded from the cache brings
+    its helpers' code without their signatures."""
+    import importlib
+
+    from numba.core import types
+    from numba.core.dispatcher import Dispatcher
+
+    signatures = [(f"{m}.{name}", sig) for m in jitcache.KERNEL_MODULES
+                  for name, f in vars(importlib.import_module(f"shmcache.{m}")).items()
+                  if isinstance(f, Dispatcher) and f.__module__ == f"shmcache.{m}" for sig in f.signatures]
+    assert len(signatures) > 20
+    literal = [f"{name}{sig}" for name, sig in signatures if any(isinstance(a, types.IntegerLiteral) for a in sig)]
+    assert literal == []
+
+
 def test_numbas_cache_saves_hold_the_save_lock_one_process_at_a_time(tmp_path, monkeypatch):
     """Two processes saving different signatures of one function at once
     could give both the same data file (wrong code for one of them): every
