@@ -26,7 +26,8 @@ class PrefixMatch(NamedTuple):
     """How much of a prompt is cached.
 
     ``length`` is in tokens (a multiple of the block size); ``values`` holds
-    one int64 per matched block, root first. The array is the caller's.
+    one int64 per matched block, root first. The array is the caller's,
+    except when no block matched: then it is one shared, read-only empty array.
     """
 
     length: int

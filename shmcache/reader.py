@@ -104,6 +104,14 @@ def checked_tokens(tokens: object, block_size: int, owners: bool = False) -> tup
     return toks, entry[1]
 
 
+#: The values of a match that found no block, when the prompt had some: one
+#: shared read-only empty array instead of an empty view of the array the
+#: kernel filled. A miss is a new prompt's usual answer, and on a reader
+#: woken for a request (caches cold) the view cost about 0.8 of 8.4 µs.
+_NO_VALUES = np.empty(0, dtype=np.int64)
+_NO_VALUES.flags.writeable = False
+
+
 def _match(length: int, values: np.ndarray) -> PrefixMatch:
     return _new_tuple(PrefixMatch, (length, values))
 
@@ -248,7 +256,7 @@ class Reader:
         k = kernel(tokens, self._ws, values)
         if k < 0:
             k = self._match_failed(k, tokens, values)
-        return _new_tuple(PrefixMatch, (k * self.block_size, values if k == n else values[:k]))
+        return _new_tuple(PrefixMatch, (k * self.block_size, values if k == n else values[:k] if k else _NO_VALUES))
 
     def _match_failed(self, code: int, toks: np.ndarray, values: np.ndarray) -> int:
         """Handle a negative kernel answer: raise, or grow the workspace and
@@ -381,7 +389,7 @@ class Reader:
         k = match_keys_kernel(keys, self._ws, values)
         if k == RETIRED:
             raise self._retired()
-        return _match(k * self.block_size, values if k == n else values[:k])
+        return _match(k * self.block_size, values if k == n else values[:k] if k else _NO_VALUES)
 
     def block_keys(self, tokens: object, namespace: Namespace = None) -> np.ndarray:
         """Chained keys of ``tokens`` under this segment's block size and seed."""

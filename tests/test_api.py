@@ -52,6 +52,22 @@ def test_reader_sees_writer_content_and_match_keys_agrees(shm_name, w):
         assert s["queries"] == 5 and s["hit_blocks"] == 12 and s["live_blocks"] == 3
 
 
+def test_matched_values_are_the_callers_and_a_miss_shares_one_read_only_empty_array(shm_name, w):
+    w.insert(prompt(1, 2, 3), [10, 11, 12])
+    with Reader.attach(shm_name) as r:
+        full, part = r.match_prefix(prompt(1, 2, 3)), r.match_prefix(prompt(1, 2, 9))
+        full.values[0] = part.values[0] = -1  # the caller's: writing them changes nothing else
+        assert r.match_prefix(prompt(1, 2, 3)).values.tolist() == [10, 11, 12]
+        assert r.match_keys(r.block_keys(prompt(1, 9))).values.tolist() == [10]
+        misses = [r.match_prefix(prompt(9, 9)), r.match_keys(r.block_keys(prompt(9)))]
+        for m in misses:
+            assert m.length == 0 and m.values.shape == (0,) and m.values.dtype == np.int64
+            assert not m.values.flags.writeable
+            with pytest.raises(ValueError):
+                m.values.resize(4)
+        assert misses[0].values is misses[1].values
+
+
 def token_forms(toks: np.ndarray) -> dict[str, object]:
     """The same ids in every form a caller may hold them: each dtype and byte
     order, strided, reversed, read-only, misaligned, an ndarray subclass, a
