@@ -79,12 +79,13 @@ _PACKAGE_DIR = Path(__file__).parent
 #: Decorator of the functions kernels call (the writer's helpers over
 #: ``wstate.Arrays``, the matcher's walk): each is compiled once per
 #: signature as a function of its own, cached on disk like a kernel, and
-#: linked into every kernel that calls it, where LLVM inlines it. Numba's
+#: linked into every kernel that calls it, where LLVM may inline it. Numba's
 #: ``inline="always"`` instead copies the callee's IR into each call site
 #: and types it again there, which is most of what a kernel's compile
 #: spends beyond LLVM: with the matcher's walk as helpers, loading every
 #: reader kernel on an empty cache (``warmup.warm_reader``) took 22.4 s
-#: against 38.6-56.1 s, and the compiled match is the same code. And a
+#: against 38.6-56.1 s, and the compiled match is the same code (LLVM
+#: inlined every helper there). And a
 #: process compiling a new kernel loads the helpers another process
 #: compiled: the demo's process compiles the owners' release kernels while
 #: its daemon compiles the insert's, sharing the dropping helpers.
@@ -99,8 +100,9 @@ _PACKAGE_DIR = Path(__file__).parent
 #: Such functions, and those that take a function as an argument (which
 #: Numba cannot cache), stay ``inline="always"``.
 #:
-#: Call helpers with ints that are NumPy scalars or variables, never Python
-#: literals (``np.int64(0)``, not ``0``): Numba compiles a separate copy of a
+#: Call helpers with ints that are NumPy scalars or computed values, never
+#: Python literals nor names bound only to one (``np.int64(0)``, not ``0``,
+#: and not ``x = 0`` then ``x``): Numba compiles a separate copy of a
 #: function for each literal value passed, 1-2 s each on a fresh machine.
 #: A literal bool that selects a variant (the matcher's ``with_owners``) is
 #: the exception: there the copy is the point. ``_nrt`` is a Numba compiler

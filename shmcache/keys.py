@@ -27,11 +27,20 @@ class PrefixMatch(NamedTuple):
 
     ``length`` is in tokens (a multiple of the block size); ``values`` holds
     one int64 per matched block, root first. The array is the caller's,
-    except when no block matched: then it is one shared, read-only empty array.
+    except when no block matched: then it is ``NO_VALUES``, shared and
+    read-only (copy it before writing to it).
     """
 
     length: int
     values: np.ndarray
+
+
+#: The values of a match that found no block: one shared read-only empty
+#: array instead of an empty view of the array the kernel filled. A miss is
+#: a new prompt's usual answer, and on a reader woken for a request (caches
+#: cold) the view cost about 0.8 of 8.4 µs. Made over immutable bytes, so it
+#: owns no memory: no caller can make it writable or resize it.
+NO_VALUES = np.frombuffer(b"", dtype=np.int64)
 
 
 def _first_bad_token(seq) -> str:

@@ -37,7 +37,7 @@ from .atomics import publish_word
 from .checks import check_segment
 from .errors import ClosedError, InvalidInputError, PinLimitError, SegmentCorruptError, SegmentRetiredError
 from .identity import me
-from .keys import KeyChain, Namespace, PrefixMatch, as_keys, as_tokens, bad_token_error
+from .keys import NO_VALUES, KeyChain, Namespace, PrefixMatch, as_keys, as_tokens, bad_token_error
 from .layout import (
     G_READER_SLOTS,
     G_SLOT,
@@ -102,14 +102,6 @@ def checked_tokens(tokens: object, block_size: int, owners: bool = False) -> tup
     if entry is None:
         entry = kernels[toks.dtype] = ((toks.dtype.itemsize,), token_kernel(toks.dtype, block_size, owners))
     return toks, entry[1]
-
-
-#: The values of a match that found no block, when the prompt had some: one
-#: shared read-only empty array instead of an empty view of the array the
-#: kernel filled. A miss is a new prompt's usual answer, and on a reader
-#: woken for a request (caches cold) the view cost about 0.8 of 8.4 µs.
-_NO_VALUES = np.empty(0, dtype=np.int64)
-_NO_VALUES.flags.writeable = False
 
 
 def _match(length: int, values: np.ndarray) -> PrefixMatch:
@@ -256,7 +248,7 @@ class Reader:
         k = kernel(tokens, self._ws, values)
         if k < 0:
             k = self._match_failed(k, tokens, values)
-        return _new_tuple(PrefixMatch, (k * self.block_size, values if k == n else values[:k] if k else _NO_VALUES))
+        return _new_tuple(PrefixMatch, (k * self.block_size, NO_VALUES if not k else values if k == n else values[:k]))
 
     def _match_failed(self, code: int, toks: np.ndarray, values: np.ndarray) -> int:
         """Handle a negative kernel answer: raise, or grow the workspace and
@@ -343,7 +335,7 @@ class Reader:
         if self._unreturned is not None:
             self._release_unreturned()
         match = self.match_prefix(toks, namespace)
-        k = len(match.values)
+        k = match.length // self.block_size  # not len(values): a caller may reshape the shared empty array of a miss
         in_use = int(self._wdata[reader_word(self._slot, RD_PINNED)])
         if in_use + k > self.reader_pins:
             raise PinLimitError(
@@ -389,7 +381,7 @@ class Reader:
         k = match_keys_kernel(keys, self._ws, values)
         if k == RETIRED:
             raise self._retired()
-        return _match(k * self.block_size, values if k == n else values[:k] if k else _NO_VALUES)
+        return _match(k * self.block_size, NO_VALUES if not k else values if k == n else values[:k])
 
     def block_keys(self, tokens: object, namespace: Namespace = None) -> np.ndarray:
         """Chained keys of ``tokens`` under this segment's block size and seed."""

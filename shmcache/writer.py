@@ -50,7 +50,7 @@ from .errors import (
     WriterLostError,
 )
 from .identity import me, who
-from .keys import KeyChain, Namespace, PrefixMatch, as_int64_array, as_tokens, as_values, check_seed
+from .keys import NO_VALUES, KeyChain, Namespace, PrefixMatch, as_int64_array, as_tokens, as_values, check_seed
 from .layout import (
     G_STATES,
     H_RETIRED,
@@ -748,7 +748,7 @@ class Writer:
         """The longest cached prefix of ``tokens``; counts as a use for LRU."""
         _, keys = self._keys(tokens, namespace)
         values = self._run(mutate.match_kernel, self._A, keys, keys.shape[0])
-        return PrefixMatch(len(values) * self.block_size, values)
+        return PrefixMatch(len(values) * self.block_size, values if len(values) else NO_VALUES)
 
     @staticmethod
     def _dropped(rows: np.ndarray, with_clients: bool):

@@ -63,7 +63,6 @@ from .layout import (
 from .matcher import CLOCK_TICK
 
 
-
 class WriterCrashed(Exception):
     """Raised by the crash test hook at the chosen step."""
 

@@ -59,13 +59,23 @@ def test_matched_values_are_the_callers_and_a_miss_shares_one_read_only_empty_ar
         full.values[0] = part.values[0] = -1  # the caller's: writing them changes nothing else
         assert r.match_prefix(prompt(1, 2, 3)).values.tolist() == [10, 11, 12]
         assert r.match_keys(r.block_keys(prompt(1, 9))).values.tolist() == [10]
-        misses = [r.match_prefix(prompt(9, 9)), r.match_keys(r.block_keys(prompt(9)))]
+        misses = [r.match_prefix(prompt(9, 9)), r.match_keys(r.block_keys(prompt(9))), r.match_prefix(prompt()),
+                  w.match_prefix(prompt(9))]
         for m in misses:
             assert m.length == 0 and m.values.shape == (0,) and m.values.dtype == np.int64
             assert not m.values.flags.writeable
             with pytest.raises(ValueError):
-                m.values.resize(4)
-        assert misses[0].values is misses[1].values
+                m.values.setflags(write=True)  # it owns no memory: nobody can make it writable
+            with pytest.raises(ValueError):
+                m.values.resize(4, refcheck=False)
+        assert all(m.values is misses[0].values for m in misses)
+        m = misses[0]
+        m.values.shape = (5, 0)  # a caller reshaping the shared array in place ...
+        try:
+            with r.match_and_pin(prompt(9, 9)) as h:  # ... changes no later answer: pins follow the length
+                assert h.length == 0 and len(h.values) == 0
+        finally:
+            m.values.shape = (0,)
 
 
 def token_forms(toks: np.ndarray) -> dict[str, object]:
