@@ -213,19 +213,26 @@ def test_shmcache_compile_fills_the_cache_it_names(tmp_path):
             "wire_tokens.parse_tokens"} <= names
 
 
+def kernel_module_functions() -> list:
+    """``(module, name, dispatcher)`` of every Numba function the kernel
+    modules define."""
+    import importlib
+
+    from numba.core.dispatcher import Dispatcher
+
+    return [(m, name, f) for m in jitcache.KERNEL_MODULES
+            for name, f in vars(importlib.import_module(f"shmcache.{m}")).items()
+            if isinstance(f, Dispatcher) and f.__module__ == f"shmcache.{m}"]
+
+
 def test_every_compiled_function_of_the_kernel_modules_is_cached_or_inlined():
     """A function Numba compiles as a function of its own is cached on disk,
     so that a process compiling a new kernel that calls it loads what
     another process compiled (the writer's helpers above all); only
     functions inlined into their callers are not."""
-    import importlib
-
     from numba.core.caching import NullCache
-    from numba.core.dispatcher import Dispatcher
 
-    compiled = [(m, name, f) for m in jitcache.KERNEL_MODULES
-                for name, f in vars(importlib.import_module(f"shmcache.{m}")).items()
-                if isinstance(f, Dispatcher) and f.__module__ == f"shmcache.{m}"]
+    compiled = kernel_module_functions()
     assert len(compiled) > 100
     uncached = [f"{m}.{name}" for m, name, f in compiled
                 if isinstance(f._cache, NullCache) and f.targetoptions.get("inline") != "always"]
@@ -240,14 +247,9 @@ def test_no_compiled_function_has_an_int_literal_argument():
     install) it also compiled, in this process, every helper the kernels
     call, so they are all checked; a kernel loaded from the cache brings
     its helpers' code without their signatures."""
-    import importlib
-
     from numba.core import types
-    from numba.core.dispatcher import Dispatcher
 
-    signatures = [(f"{m}.{name}", sig) for m in jitcache.KERNEL_MODULES
-                  for name, f in vars(importlib.import_module(f"shmcache.{m}")).items()
-                  if isinstance(f, Dispatcher) and f.__module__ == f"shmcache.{m}" for sig in f.signatures]
+    signatures = [(f"{m}.{name}", sig) for m, name, f in kernel_module_functions() for sig in f.signatures]
     assert len(signatures) > 20
     literal = [f"{name}{sig}" for name, sig in signatures if any(isinstance(a, types.IntegerLiteral) for a in sig)]
     assert literal == []
